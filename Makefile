@@ -1,0 +1,26 @@
+# Two entry points: `make demo` (main job) and `make test` (test suite).
+# Each creates the virtual environment when it is missing.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test venv clean
+
+$(BIN)/pplrl-installed: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch is pinned so that pip takes the local CPU build, never a CUDA one.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+venv: $(BIN)/pplrl-installed
+
+demo: venv
+	MPLBACKEND=Agg $(BIN)/python experiments/risky_arm.py --out runs/risky_arm
+
+test: venv
+	MPLBACKEND=Agg $(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs
