@@ -1,0 +1,398 @@
+"""Finite MDPs and exact dynamic-programming solvers for RL-as-inference.
+
+Everything here is plain NumPy in float64: these are the ground truths the Pyro
+inference code is tested against.
+
+Conventions
+-----------
+* ``P[s, a, s']`` is the transition kernel p(s'|s, a), ``R[s, a, s']`` the reward
+  earned on that transition (a reward that depends on ``(s, a)`` only is the
+  special case ``R[s, a, :] = r(s, a)``).
+* Terminal states are absorbing with zero reward, so every value is 0 there.
+* ``scale`` multiplies rewards inside the optimality likelihood
+  p(O=1 | s, a, s') = exp(scale * R): ``scale = eta`` in VMBPO (000_…, eq. 2),
+  ``scale = 1 / beta`` in beta-VMBPO (001_…, eq. 5). Use :func:`reward_scale`.
+* Discounting is termination with probability 1 - gamma (VMBPO footnote 1): see
+  :meth:`TabularMDP.with_termination`. A transition's reward is earned only if the
+  transition happens, so termination pre-empts the reward of that step.
+
+Soft backups (VMBPO eqs. 9-11, beta-VMBPO eqs. 2-5), written with log-sum-exp::
+
+    Q(s, a) = log sum_s' p(s'|s,a) exp(scale * R(s,a,s') + V(s'))      (9) / (5)
+    V(s)    = log sum_a  pi(a|s)   exp(Q(s, a))                       (Prop. 1) / (2)
+
+Closed-form variational distributions (VMBPO eqs. 14-16)::
+
+    q_d(s'|s,a) = p(s'|s,a) exp(scale * R(s,a,s') + V(s') - Q(s,a))
+    q_c(a|s)    = pi(a|s) exp(Q(s,a) - V(s))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+from scipy.special import logsumexp
+
+ATOL_DISTRIBUTION = 1e-8
+
+
+def reward_scale(eta: float | None = None, beta: float | None = None) -> float:
+    """The factor multiplying rewards in the optimality likelihood.
+
+    Exactly one of ``eta`` (VMBPO temperature, factor ``eta * r``) or ``beta``
+    (risk parameter of beta-VMBPO, factor ``r / beta``) may be given; neither means 1.
+    """
+    if eta is not None and beta is not None:
+        raise ValueError("give either eta (factor eta*r) or beta (factor r/beta), not both")
+    if eta is not None:
+        check_positive("eta", eta)
+        return float(eta)
+    if beta is not None:
+        check_positive("beta", beta)
+        return 1.0 / float(beta)
+    return 1.0
+
+
+def check_positive(name: str, value: float) -> None:
+    if not np.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def check_gamma(gamma: float) -> None:
+    if not np.isfinite(gamma) or not (0.0 < gamma <= 1.0):
+        raise ValueError(f"gamma must lie in (0, 1], got {gamma!r}")
+
+
+def check_horizon(horizon: int | None) -> None:
+    if horizon is not None and (int(horizon) != horizon or horizon <= 0):
+        raise ValueError(f"horizon must be a positive integer, got {horizon!r}")
+
+
+def _check_policy(pi: np.ndarray, n_states: int, n_actions: int, name: str = "policy") -> np.ndarray:
+    pi = np.asarray(pi, dtype=np.float64)
+    if pi.shape != (n_states, n_actions):
+        raise ValueError(f"{name} must have shape {(n_states, n_actions)}, got {pi.shape}")
+    if np.any(pi < 0) or not np.allclose(pi.sum(-1), 1.0, atol=1e-6):
+        raise ValueError(f"{name} rows must be probability distributions over actions")
+    return pi
+
+
+@dataclass(frozen=True)
+class TabularMDP:
+    """A finite MDP with its tables, validated on construction."""
+
+    P: np.ndarray
+    R: np.ndarray
+    p0: np.ndarray
+    terminal: np.ndarray
+    state_names: Sequence[str] | None = None
+    action_names: Sequence[str] | None = None
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        P = np.asarray(self.P, dtype=np.float64)
+        R = np.asarray(self.R, dtype=np.float64)
+        p0 = np.asarray(self.p0, dtype=np.float64)
+        terminal = np.asarray(self.terminal, dtype=bool)
+        if P.ndim != 3 or P.shape[0] != P.shape[2]:
+            raise ValueError(f"P must have shape [S, A, S], got {P.shape}")
+        S, A, _ = P.shape
+        if R.shape == (S, A):
+            R = np.repeat(R[:, :, None], S, axis=2)
+        if R.shape != (S, A, S):
+            raise ValueError(f"R must have shape [S, A] or [S, A, S] = {(S, A, S)}, got {R.shape}")
+        if not np.all(np.isfinite(R)):
+            raise ValueError("R must be finite")
+        if np.any(P < 0) or not np.allclose(P.sum(-1), 1.0, atol=ATOL_DISTRIBUTION):
+            bad = np.argwhere(~np.isclose(P.sum(-1), 1.0, atol=ATOL_DISTRIBUTION) | np.any(P < 0, -1))
+            raise ValueError(
+                "transition table P is not a distribution over next states at (s, a) = "
+                f"{[tuple(map(int, b)) for b in bad[:5]]}"
+            )
+        if p0.shape != (S,) or np.any(p0 < 0) or not np.isclose(p0.sum(), 1.0, atol=ATOL_DISTRIBUTION):
+            raise ValueError("p0 must be a probability distribution over the S states")
+        if terminal.shape != (S,):
+            raise ValueError(f"terminal must be a boolean mask of shape {(S,)}")
+        for s in np.flatnonzero(terminal):
+            if not np.allclose(P[s, :, s], 1.0) or np.any(R[s] != 0):
+                raise ValueError(f"terminal state {s} must be absorbing with zero reward")
+        object.__setattr__(self, "P", P)
+        object.__setattr__(self, "R", R)
+        object.__setattr__(self, "p0", p0)
+        object.__setattr__(self, "terminal", terminal)
+
+    @property
+    def n_states(self) -> int:
+        return self.P.shape[0]
+
+    @property
+    def n_actions(self) -> int:
+        return self.P.shape[1]
+
+    @property
+    def expected_reward(self) -> np.ndarray:
+        """r(s, a) = E_{s'~p}[R(s, a, s')], shape [S, A]."""
+        return np.einsum("ijk,ijk->ij", self.P, self.R)
+
+    def uniform_policy(self) -> np.ndarray:
+        return np.full((self.n_states, self.n_actions), 1.0 / self.n_actions)
+
+    def with_termination(self, gamma: float) -> "TabularMDP":
+        """Discounting as termination (VMBPO footnote 1).
+
+        Adds one absorbing state ``"end"``; from every non-terminal state each action
+        leads there with probability ``1 - gamma`` (reward 0) and to ``s'`` with
+        probability ``gamma * p(s'|s, a)`` (reward ``R(s, a, s')``).
+        """
+        check_gamma(gamma)
+        S, A = self.n_states, self.n_actions
+        P = np.zeros((S + 1, A, S + 1))
+        R = np.zeros((S + 1, A, S + 1))
+        live = ~self.terminal
+        P[:S, :, :S] = self.P
+        P[:S, :, :S][live] *= gamma
+        P[:S, :, S][live] = 1.0 - gamma
+        P[S, :, S] = 1.0
+        R[:S, :, :S] = self.R
+        names = None if self.state_names is None else [*self.state_names, "end"]
+        return TabularMDP(P, R, np.append(self.p0, 0.0), np.append(self.terminal, True),
+                          names, self.action_names, {**self.meta, "gamma": gamma})
+
+
+# ----------------------------------------------------------------------------------
+# Soft backups
+# ----------------------------------------------------------------------------------
+
+def soft_q(mdp: TabularMDP, V: np.ndarray, scale: float) -> np.ndarray:
+    """Q(s,a) = log E_{s'~p}[exp(scale R(s,a,s') + V(s'))]  (VMBPO eq. 9, beta eq. 5)."""
+    with np.errstate(divide="ignore"):
+        logP = np.log(mdp.P)
+    return logsumexp(logP + scale * mdp.R + V[None, None, :], axis=-1)
+
+
+def soft_v(Q: np.ndarray, pi: np.ndarray) -> np.ndarray:
+    """V(s) = log E_{a~pi}[exp Q(s,a)]  (VMBPO Prop. 1, beta eq. 2)."""
+    with np.errstate(divide="ignore"):
+        return logsumexp(Q + np.log(pi), axis=-1)
+
+
+def closed_form_dynamics(mdp: TabularMDP, V: np.ndarray, Q: np.ndarray, scale: float) -> np.ndarray:
+    """q_d^V(s'|s,a) = p(s'|s,a) exp(scale R + V(s') - Q(s,a))  (VMBPO eqs. 14, 16)."""
+    with np.errstate(divide="ignore"):
+        logP = np.log(mdp.P)
+    return np.exp(logP + scale * mdp.R + V[None, None, :] - Q[:, :, None])
+
+
+def closed_form_policy(pi: np.ndarray, Q: np.ndarray) -> np.ndarray:
+    """q_c^Q(a|s) = pi(a|s) exp Q(s,a) / E_pi[exp Q(s, .)]  (VMBPO eqs. 15-16)."""
+    with np.errstate(divide="ignore"):
+        logits = np.log(pi) + Q
+    return np.exp(logits - logsumexp(logits, axis=-1, keepdims=True))
+
+
+@dataclass
+class SoftSolution:
+    """Result of an exact E-step solve.
+
+    For a finite horizon ``H`` the arrays carry a leading time axis: ``V[t]`` for
+    ``t = 0..H`` (``V[H]`` is the terminal value), ``Q[t]``, ``q_c[t]``, ``q_d[t]`` for
+    ``t = 0..H-1``. For the infinite-horizon (stationary) case they do not.
+    """
+
+    V: np.ndarray
+    Q: np.ndarray
+    q_c: np.ndarray
+    q_d: np.ndarray
+    iterations: int
+
+    def log_evidence(self, p0: np.ndarray) -> float:
+        """log p_pi(O = 1) = log E_{s0~p0}[exp V(s0)]."""
+        V0 = self.V[0] if self.V.ndim == 2 else self.V
+        with np.errstate(divide="ignore"):
+            return float(logsumexp(np.log(p0) + V0))
+
+
+def soft_value_iteration(
+    mdp: TabularMDP,
+    pi: np.ndarray | None = None,
+    scale: float = 1.0,
+    *,
+    horizon: int | None = None,
+    terminal_value: np.ndarray | None = None,
+    tol: float = 1e-10,
+    max_iter: int = 100_000,
+) -> SoftSolution:
+    """Model-free value iteration for the E-step (VMBPO Sec. 4.2, eq. 11).
+
+    With ``horizon`` the backup runs backwards from ``terminal_value`` (default 0);
+    without it, it iterates to the fixed point, which exists when every trajectory
+    terminates (terminal states reachable, or :meth:`TabularMDP.with_termination`).
+    """
+    check_horizon(horizon)
+    check_positive("scale", scale)
+    pi = mdp.uniform_policy() if pi is None else _check_policy(pi, mdp.n_states, mdp.n_actions)
+    V_end = np.zeros(mdp.n_states) if terminal_value is None else np.asarray(terminal_value, float)
+    if horizon is not None:
+        Vs, Qs = [V_end], []
+        for _ in range(horizon):
+            Q = soft_q(mdp, Vs[0], scale)
+            Qs.insert(0, Q)
+            Vs.insert(0, soft_v(Q, pi))
+        V, Q = np.stack(Vs), np.stack(Qs)
+        q_c = np.stack([closed_form_policy(pi, Qt) for Qt in Q])
+        q_d = np.stack([closed_form_dynamics(mdp, V[t + 1], Q[t], scale) for t in range(horizon)])
+        return SoftSolution(V, Q, q_c, q_d, horizon)
+    V = V_end.copy()
+    for it in range(1, max_iter + 1):
+        Q = soft_q(mdp, V, scale)
+        V_new = soft_v(Q, pi)
+        if not np.all(np.isfinite(V_new)):
+            raise FloatingPointError(f"soft value iteration diverged at iteration {it}")
+        delta = np.max(np.abs(V_new - V))
+        V = V_new
+        if delta < tol:
+            break
+    else:
+        raise RuntimeError(
+            f"soft value iteration did not converge in {max_iter} iterations (last change {delta:.3g}); "
+            "does every trajectory terminate? Use with_termination(gamma) or a horizon."
+        )
+    Q = soft_q(mdp, V, scale)
+    return SoftSolution(V, Q, closed_form_policy(pi, Q), closed_form_dynamics(mdp, V, Q, scale), it)
+
+
+def _policy_value_backup(mdp, pi, q_c, V, scale, model_based):
+    """One application of T_{q_c} (eq. 6 model-based, eq. 10 model-free)."""
+    if model_based:
+        # inner max over q_d solved by (14), then evaluated explicitly as in (6)
+        Qv = soft_q(mdp, V, scale)
+        q_d = closed_form_dynamics(mdp, V, Qv, scale)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            log_ratio = np.where(q_d > 0, np.log(q_d) - np.log(mdp.P), 0.0)
+        Q = np.einsum("ijk,ijk->ij", q_d, scale * mdp.R + V[None, None, :] - log_ratio)
+    else:
+        Q = soft_q(mdp, V, scale)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_ratio_c = np.where(q_c > 0, np.log(q_c) - np.log(pi), 0.0)
+    return np.sum(q_c * (Q - log_ratio_c), axis=-1), Q
+
+
+def soft_policy_iteration(
+    mdp: TabularMDP,
+    pi: np.ndarray | None = None,
+    scale: float = 1.0,
+    *,
+    model_based: bool = True,
+    tol: float = 1e-10,
+    max_iter: int = 1_000,
+    eval_iter: int = 100_000,
+) -> SoftSolution:
+    """Model-based or model-free policy iteration for the E-step (VMBPO Sec. 4.2).
+
+    Policy evaluation iterates T_{q_c} to its fixed point, computing q_d by (14) at
+    every inner step (model-based) or using the log-sum-exp form (10) (model-free);
+    improvement applies (15). q_d* comes from (14) at convergence.
+    """
+    check_positive("scale", scale)
+    pi = mdp.uniform_policy() if pi is None else _check_policy(pi, mdp.n_states, mdp.n_actions)
+    q_c = pi.copy()
+    V = np.zeros(mdp.n_states)
+    for k in range(1, max_iter + 1):
+        for _ in range(eval_iter):
+            V_new, _ = _policy_value_backup(mdp, pi, q_c, V, scale, model_based)
+            done = np.max(np.abs(V_new - V)) < tol
+            V = V_new
+            if done:
+                break
+        else:
+            raise RuntimeError("policy evaluation did not converge; does every trajectory terminate?")
+        Q = soft_q(mdp, V, scale)
+        q_c_new = closed_form_policy(pi, Q)
+        if np.max(np.abs(q_c_new - q_c)) < tol:
+            q_c = q_c_new
+            break
+        q_c = q_c_new
+    V = soft_v(Q, pi)
+    return SoftSolution(V, Q, q_c, closed_form_dynamics(mdp, V, Q, scale), k)
+
+
+def risk_sensitive_value_iteration(
+    mdp: TabularMDP, scale: float = 1.0, *, tol: float = 1e-10, max_iter: int = 100_000
+) -> tuple[np.ndarray, np.ndarray]:
+    """Optimal exponential-utility control: the fixed point of EM on the E-step.
+
+    Alternating the E-step (closed-form q_c*) with the M-step pi <- q_c* drives pi to
+    a deterministic policy maximising (1/scale) log E[exp(scale * return)] (beta paper
+    eq. 6 with scale = 1/beta). Its values obey ``Q = log E_p[exp(scale R + V')]`` and
+    ``V = max_a Q``. Returns (V, Q) in scaled units; as scale -> 0 the greedy policy
+    tends to the risk-neutral optimal one.
+    """
+    check_positive("scale", scale)
+    V = np.zeros(mdp.n_states)
+    for _ in range(max_iter):
+        Q = soft_q(mdp, V, scale)
+        V_new = Q.max(-1)
+        if np.max(np.abs(V_new - V)) < tol:
+            return V_new, soft_q(mdp, V_new, scale)
+        V = V_new
+    raise RuntimeError("risk-sensitive value iteration did not converge; does every trajectory terminate?")
+
+
+def value_iteration(
+    mdp: TabularMDP, *, horizon: int | None = None, tol: float = 1e-10, max_iter: int = 100_000
+) -> tuple[np.ndarray, np.ndarray]:
+    """Risk-neutral optimal values: Q*(s,a) = E_p[R + V*(s')], V* = max_a Q*. Returns (V, Q)."""
+    check_horizon(horizon)
+    V = np.zeros(mdp.n_states)
+    n = horizon if horizon is not None else max_iter
+    for it in range(n):
+        Q = np.einsum("ijk,ijk->ij", mdp.P, mdp.R + V[None, None, :])
+        V_new = Q.max(-1)
+        delta = np.max(np.abs(V_new - V))
+        V = V_new
+        if horizon is None and delta < tol:
+            break
+    else:
+        if horizon is None:
+            raise RuntimeError("value iteration did not converge; does every trajectory terminate?")
+    return V, Q
+
+
+def policy_evaluation(mdp: TabularMDP, policy: np.ndarray, *, tol: float = 1e-10, max_iter: int = 100_000) -> np.ndarray:
+    """Expected return V^pi(s) of a stationary policy under the true dynamics."""
+    policy = _check_policy(policy, mdp.n_states, mdp.n_actions)
+    r = mdp.expected_reward
+    V = np.zeros(mdp.n_states)
+    for _ in range(max_iter):
+        V_new = np.sum(policy * (r + np.einsum("ijk,k->ij", mdp.P, V)), -1)
+        if np.max(np.abs(V_new - V)) < tol:
+            return V_new
+        V = V_new
+    raise RuntimeError("policy evaluation did not converge; does every trajectory terminate?")
+
+
+def kl_categorical(q: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """KL(q || p) over the last axis, with 0 log 0 = 0."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(q > 0, q * (np.log(q) - np.log(p)), 0.0)
+    return terms.sum(-1)
+
+
+def greedy_path(mdp: TabularMDP, policy: np.ndarray, dynamics: np.ndarray | None = None,
+                start: int | None = None, max_len: int = 100) -> list[int]:
+    """Most likely state sequence from ``start``: argmax action, then argmax next state."""
+    dyn = mdp.P if dynamics is None else dynamics
+    s = int(np.argmax(mdp.p0)) if start is None else start
+    path = [s]
+    for _ in range(max_len):
+        if mdp.terminal[s]:
+            break
+        a = int(np.argmax(policy[s]))
+        s = int(np.argmax(dyn[s, a]))
+        if s in path:  # a loop: the path never terminates
+            path.append(s)
+            break
+        path.append(s)
+    return path

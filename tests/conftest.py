@@ -1,0 +1,19 @@
+import numpy as np
+import pyro
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def clean_pyro():
+    """Every test starts with an empty param store, a fixed seed and validation on."""
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    np.random.seed(0)
+    pyro.enable_validation(True)
+    yield
+    pyro.clear_param_store()
+
+
+def as_torch(mdp):
+    return torch.tensor(mdp.P), torch.tensor(mdp.R), torch.tensor(mdp.uniform_policy())
