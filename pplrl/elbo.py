@@ -20,6 +20,7 @@ multiplied by ``beta``. It passes ``beta`` to the model and guide itself.
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict, defaultdict
 
 import torch
@@ -62,7 +63,13 @@ class OptimalityELBO(TraceEnum_ELBO):
         self.last_terms: dict[str, float] = {}
 
     def _get_trace(self, model, guide, args, kwargs):
-        model_trace, guide_trace = super()._get_trace(model, guide, args, kwargs)
+        # Pyro's validation only warns about unmatched sites; here it is an error.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message="Found (non-auxiliary )?vars in", category=UserWarning)
+            try:
+                model_trace, guide_trace = super()._get_trace(model, guide, args, kwargs)
+            except UserWarning as w:
+                raise ValueError(f"model and guide sample sites do not match: {w}") from None
         check_site_match(model_trace, guide_trace)
         return model_trace, guide_trace
 
@@ -134,7 +141,7 @@ class OptimalityELBO(TraceEnum_ELBO):
         loss = self.differentiable_loss(model, guide, *args, **kwargs)
         if loss.requires_grad:
             loss.backward()
-        return float(loss)
+        return float(loss.detach())
 
     def terms(self, model, guide, *args, **kwargs) -> dict[str, float]:
         """The ELBO and its terms (floats), without gradients."""

@@ -207,6 +207,13 @@ class SoftSolution:
     q_d: np.ndarray
     iterations: int
 
+    def elbo_optimum(self, p0: np.ndarray) -> float:
+        """max_q J(q; pi) = E_{s0~p0}[V(s0)]: VMBPO's q keeps the prior's initial
+        distribution (000_…, Sec. 4), so the bound equals :meth:`log_evidence` only
+        when p0 is deterministic; otherwise the gap is Jensen's."""
+        V0 = self.V[0] if self.V.ndim == 2 else self.V
+        return float(np.dot(p0, V0))
+
     def log_evidence(self, p0: np.ndarray) -> float:
         """log p_pi(O = 1) = log E_{s0~p0}[exp V(s0)]."""
         V0 = self.V[0] if self.V.ndim == 2 else self.V

@@ -30,9 +30,11 @@ def test_risky_arm_soft_q_closed_form_and_switch():
     assert below[1] > below[0] and above[0] > above[1]
 
 
-@pytest.mark.parametrize("make", [lambda: cliff_gridworld(), lambda: random_mdp(6, 3, seed=3).with_termination(0.7),
-                                  lambda: random_mdp(4, 2, seed=5).with_termination(0.9)])
-@pytest.mark.parametrize("scale", [1.0, 0.2])
+@pytest.mark.parametrize("make, scale", [
+    (lambda: cliff_gridworld(), 1.0), (lambda: cliff_gridworld(), 0.2),
+    (lambda: random_mdp(6, 3, seed=3).with_termination(0.7), 0.2),
+    (lambda: random_mdp(4, 2, seed=5).with_termination(0.9), 1.0),
+])
 def test_value_and_policy_iteration_agree(make, scale):
     mdp = make()
     rng = np.random.default_rng(0)
