@@ -367,11 +367,18 @@ def value_iteration(
     return V, Q
 
 
-def policy_evaluation(mdp: TabularMDP, policy: np.ndarray, *, tol: float = 1e-10, max_iter: int = 100_000) -> np.ndarray:
-    """Expected return V^pi(s) of a stationary policy under the true dynamics."""
+def policy_evaluation(mdp: TabularMDP, policy: np.ndarray, *, horizon: int | None = None,
+                      tol: float = 1e-10, max_iter: int = 100_000) -> np.ndarray:
+    """Expected return V^pi(s) of a stationary policy under the true dynamics
+    (over ``horizon`` steps if given, else until termination)."""
+    check_horizon(horizon)
     policy = _check_policy(policy, mdp.n_states, mdp.n_actions)
     r = mdp.expected_reward
     V = np.zeros(mdp.n_states)
+    if horizon is not None:
+        for _ in range(horizon):
+            V = np.sum(policy * (r + np.einsum("ijk,k->ij", mdp.P, V)), -1)
+        return V
     for _ in range(max_iter):
         V_new = np.sum(policy * (r + np.einsum("ijk,k->ij", mdp.P, V)), -1)
         if np.max(np.abs(V_new - V)) < tol:
