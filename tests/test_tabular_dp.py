@@ -85,7 +85,7 @@ def test_large_beta_recovers_risk_neutral_policy():
     path = tb.greedy_path(mdp, np.eye(4)[Q_small.argmax(-1)])
     assert path == [18, 12, 13, 14, 15, 16, 17, 23]
     assert tb.policy_evaluation(mdp, np.eye(4)[Q_small.argmax(-1)])[18] < V_star[18] - 1.0
-    # the risk-neutral optimum goes round, along the top row
+    # the risk-neutral optimum goes round, two rows above the cliff
     assert tb.greedy_path(mdp, np.eye(4)[greedy]) == [18, 12, 6, 7, 8, 9, 10, 11, 17, 23]
 
 

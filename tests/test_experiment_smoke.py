@@ -1,0 +1,16 @@
+"""The README's main job, shrunk: it runs, writes its files, and finds the switch."""
+
+import json
+import math
+
+from experiments_loader import load_experiment
+
+
+def test_risky_arm_experiment_runs(tmp_path):
+    risky = load_experiment("risky_arm")
+    results = risky.main(["--out", str(tmp_path), "--seeds", "2", "--steps", "500", "--svi-steps", "30"])
+    assert abs(results["risky_arm"]["beta_switch_dp"] - 5 / math.log(9)) < 1e-6
+    for name in ("risky_arm.png", "cliff.png", "svi_traces.png", "results.json", "svi_terms_seed0.jsonl"):
+        assert (tmp_path / name).stat().st_size > 0
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert len(saved["cliff_learning"]["Q-learning"]["returns"]) == 2
