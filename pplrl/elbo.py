@@ -170,3 +170,43 @@ class RiskSensitiveELBO(OptimalityELBO):
 
     def _factor(self) -> float:
         return self.beta
+
+
+class ReparamOptimalityELBO(OptimalityELBO):
+    """The same ELBO and term report for models whose latent sites are all
+    reparameterised (continuous actions and states), via plain Monte Carlo.
+
+    It skips TraceEnum's Dice bookkeeping (nothing is enumerated, no score-function
+    terms are needed), which makes it the cheap choice for per-update actor losses.
+    A guide site without ``rsample`` raises, since its gradient would be missing.
+    """
+
+    def _get_trace(self, model, guide, args, kwargs):
+        from pyro.infer.enum import get_importance_trace
+
+        model_trace, guide_trace = get_importance_trace("flat", self.max_plate_nesting, model, guide, args, kwargs)
+        check_site_match(model_trace, guide_trace)
+        return model_trace, guide_trace
+
+    def _get_traces(self, model, guide, args, kwargs):
+        if self.vectorize_particles:
+            guide = self._vectorized_num_particles(guide)
+            model = self._vectorized_num_particles(model)
+        for _ in range(1 if self.vectorize_particles else self.num_particles):
+            yield self._get_trace(model, guide, args, kwargs)
+
+    def _terms(self, model, guide, args, kwargs) -> dict[str, torch.Tensor]:
+        totals: dict[str, torch.Tensor] = defaultdict(float)
+        n = 1 if self.vectorize_particles else self.num_particles
+        for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
+            for name, site in model_trace.nodes.items():
+                if site["type"] == "sample":
+                    totals[site_term(name)] = totals[site_term(name)] + site["log_prob_sum"] / n
+            for name, site in guide_trace.nodes.items():
+                if site["type"] == "sample":
+                    if not site["fn"].has_rsample:
+                        raise ValueError(f"guide site {name!r} is not reparameterisable; use OptimalityELBO")
+                    totals[site_term(name)] = totals[site_term(name)] - site["log_prob_sum"] / n
+        if self.vectorize_particles:
+            totals = {k: v / self.num_particles for k, v in totals.items()}
+        return dict(totals)

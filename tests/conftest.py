@@ -3,6 +3,10 @@ import pyro
 import pytest
 import torch
 
+# The suite's tensors are small: one intra-op thread avoids OpenMP oversubscription
+# (which slows everything down many-fold when other processes share the 2 cores).
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def clean_pyro():

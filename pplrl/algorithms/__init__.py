@@ -1,0 +1,25 @@
+"""The algorithms pplrl trains, by CLI name."""
+
+from __future__ import annotations
+
+from pplrl.algorithms.base import Agent, apply_overrides
+from pplrl.algorithms.sac import SAC, SACConfig
+
+ALGORITHMS: dict[str, type[Agent]] = {SAC.algo: SAC}
+
+
+def make_agent(algo: str, config, obs_dim: int, act_dim: int) -> Agent:
+    if algo not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {algo!r}; known: {sorted(ALGORITHMS)}")
+    return ALGORITHMS[algo](config, obs_dim, act_dim)
+
+
+def default_config(algo: str, **overrides):
+    if algo not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {algo!r}; known: {sorted(ALGORITHMS)}")
+    import dataclasses
+
+    return dataclasses.replace(ALGORITHMS[algo].Config(), **overrides)
+
+
+__all__ = ["ALGORITHMS", "Agent", "SAC", "SACConfig", "apply_overrides", "default_config", "make_agent"]

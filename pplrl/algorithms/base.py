@@ -1,0 +1,94 @@
+"""What every pplrl agent provides, and how configs are built and overridden."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any
+
+import numpy as np
+import torch
+
+from pplrl.diagnostics import check_finite
+
+
+class Agent:
+    """An off-policy agent driven by :func:`pplrl.runner.train`.
+
+    Subclasses set ``algo`` (the CLI name) and ``Config`` (a dataclass), and implement
+    :meth:`act`, :meth:`observe` and :meth:`update`; :meth:`state_dict` must hold
+    everything needed to continue training bit for bit (networks, optimisers, replay,
+    the agent's RNG).
+    """
+
+    algo: str = ""
+    Config: type = object
+
+    def act(self, obs: np.ndarray, deterministic: bool = False) -> np.ndarray:
+        raise NotImplementedError
+
+    def observe(self, obs, act, rew, next_obs, terminated: bool) -> None:
+        raise NotImplementedError
+
+    def update(self, step: int) -> dict[str, float]:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    @staticmethod
+    def checked(step: int, **losses: torch.Tensor) -> dict[str, float]:
+        """Floats of the losses, stopping with the step and the loss name on NaN/inf."""
+        out = {}
+        for name, value in losses.items():
+            v = float(value.detach()) if torch.is_tensor(value) else float(value)
+            check_finite(name, v, step)
+            out[name] = v
+        return out
+
+
+def apply_overrides(config, overrides: dict[str, str] | list[str]):
+    """A copy of the dataclass ``config`` with ``key=value`` strings applied, each
+    value parsed by the field's type. Unknown keys and unparsable values raise."""
+    if isinstance(overrides, list):
+        pairs = {}
+        for item in overrides:
+            if "=" not in item:
+                raise ValueError(f"config override {item!r} is not of the form key=value")
+            k, v = item.split("=", 1)
+            pairs[k.strip()] = v.strip()
+        overrides = pairs
+    fields = {f.name: f for f in dataclasses.fields(config)}
+    hints = typing.get_type_hints(type(config))
+    changes = {}
+    for key, raw in overrides.items():
+        if key not in fields:
+            raise ValueError(f"unknown config key {key!r} for {type(config).__name__}; known: {sorted(fields)}")
+        changes[key] = _parse(raw, hints[key], key)
+    return dataclasses.replace(config, **changes)
+
+
+def _parse(raw: str, typ, key: str):
+    origin = typing.get_origin(typ)
+    args = typing.get_args(typ)
+    if origin in (typing.Union, types.UnionType):
+        if raw.lower() == "none" and type(None) in args:
+            return None
+        typ = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(typ), typing.get_args(typ)
+    try:
+        if typ is bool:
+            if raw.lower() in ("1", "true", "yes"):
+                return True
+            if raw.lower() in ("0", "false", "no"):
+                return False
+            raise ValueError(raw)
+        if origin is tuple:
+            return tuple(int(x) for x in raw.strip("()[] ").split(",") if x.strip())
+        return typ(raw)
+    except (TypeError, ValueError):
+        raise ValueError(f"cannot parse {raw!r} as {typ} for config key {key!r}") from None

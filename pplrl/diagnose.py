@@ -1,0 +1,42 @@
+"""``pplrl diagnose``: ArviZ summaries of training runs, seeds as chains."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from pplrl import diagnostics
+from pplrl.runner import CONFIG, METRICS
+
+
+def load_run_traces(run: Path, kind: str = "train") -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Steps and per-term arrays of one run's ``metrics.jsonl`` records of ``kind``."""
+    rows = [json.loads(line) for line in (run / METRICS).read_text().splitlines() if line]
+    rows = [r for r in rows if r["kind"] == kind]
+    keys = sorted({k for r in rows for k, v in r.items() if k not in ("step", "kind") and isinstance(v, (int, float))})
+    steps = np.array([r["step"] for r in rows])
+    return steps, {k: np.array([r.get(k, np.nan) for r in rows], dtype=float) for k in keys}
+
+
+def diagnose(folder: Path, plot: Path | None = None) -> str:
+    runs = sorted(p.parent for p in Path(folder).rglob(CONFIG) if (p.parent / METRICS).exists())
+    if not runs:
+        raise FileNotFoundError(f"no run folders (with {CONFIG} and {METRICS}) under {folder}")
+    text = []
+    for kind in ("train", "eval"):
+        traces = [load_run_traces(r, kind) for r in runs]
+        traces = [(s, t) for s, t in traces if len(s) > 1]
+        if not traces:
+            continue
+        n = min(len(s) for s, _ in traces)
+        names = sorted(set.intersection(*(set(t) for _, t in traces)))
+        dt = diagnostics.runs_to_datatree([{k: t[k][:n] for k in names} for _, t in traces], steps=traces[0][0][:n])
+        text.append(f"== {kind} records, {len(traces)} runs: {', '.join(str(r) for r in runs)}")
+        text.append(diagnostics.format_summary(diagnostics.summarize(dt, skipna=True)))
+        target = (plot or Path(folder) / "diagnostics.png")
+        target = target.with_name(f"{target.stem}_{kind}{target.suffix}")
+        diagnostics.plot_traces(dt, target)
+        text.append(f"trace plots: {target}")
+    return "\n".join(text)

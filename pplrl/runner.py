@@ -1,0 +1,200 @@
+"""Runs: training with progress bar, periodic deterministic evaluation, metrics in a
+line-per-record file, the resolved config, checkpoints and resume.
+
+Layout of a run folder::
+
+    config.json       algorithm name + resolved config
+    metrics.jsonl     one JSON record per line: {"step", "kind": "train"|"eval"|"episode", ...}
+    checkpoint.pt     everything needed to continue (written atomically)
+
+Checkpoints are written at episode boundaries (the first one after every
+``checkpoint_every`` steps), so resuming restarts a fresh episode exactly as the
+uninterrupted run did: same seed and config give the same evaluation returns, and a
+run interrupted (Ctrl-C, a crash, NaN) and resumed ends where an uninterrupted one
+ends. On interruption the last checkpoint and the logs up to it are kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pplrl.algorithms import ALGORITHMS, make_agent
+from pplrl.algorithms.base import Agent
+from pplrl.diagnostics import NonFiniteError
+from pplrl.envs.continuous import make_continuous_env
+
+CHECKPOINT = "checkpoint.pt"
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+FORMAT_VERSION = 1
+
+
+class RunError(RuntimeError):
+    """A run folder or checkpoint that cannot be used."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def evaluate(agent: Agent, env_id: str, episodes: int, seed: int) -> list[float]:
+    """Deterministic-policy returns on a separate environment, seeded ``seed + i``."""
+    if episodes <= 0:
+        raise ValueError(f"episodes must be > 0, got {episodes}")
+    env = make_continuous_env(env_id)
+    returns = []
+    for i in range(episodes):
+        obs, _ = env.reset(seed=seed + i)
+        done, total = False, 0.0
+        while not done:
+            obs, r, term, trunc, _ = env.step(agent.act(obs, deterministic=True))
+            total += float(r)
+            done = term or trunc
+        returns.append(total)
+    env.close()
+    return returns
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def save_checkpoint(out: Path, agent: Agent, step: int, env_rng_state, episode: int) -> None:
+    state = {"format": FORMAT_VERSION, "algo": agent.algo, "config": dataclasses.asdict(agent.config),
+             "obs_dim": agent.obs_dim, "act_dim": agent.act_dim, "step": step, "episode": episode,
+             "agent": agent.state_dict(), "env_rng": env_rng_state,
+             "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(), "python_rng": random.getstate()}
+    tmp = out / (CHECKPOINT + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, out / CHECKPOINT)
+
+
+def load_checkpoint(path: Path, expected_algo: str | None = None) -> dict:
+    path = Path(path)
+    file = path / CHECKPOINT if path.is_dir() else path
+    if not file.exists():
+        raise RunError(f"no checkpoint at {file}")
+    try:
+        state = torch.load(file, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means a corrupt file
+        raise RunError(f"checkpoint {file} is corrupt or unreadable: {type(e).__name__}: {e}") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION or "algo" not in state:
+        raise RunError(f"checkpoint {file} is not a pplrl checkpoint (format {FORMAT_VERSION})")
+    if expected_algo is not None and state["algo"] != expected_algo:
+        raise RunError(f"checkpoint {file} was written by algorithm {state['algo']!r}, not {expected_algo!r}")
+    return state
+
+
+def agent_from_checkpoint(path: Path, expected_algo: str | None = None) -> tuple[Agent, dict]:
+    state = load_checkpoint(path, expected_algo)
+    Agent_ = ALGORITHMS[state["algo"]]
+    config = Agent_.Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in state["config"].items()})
+    agent = Agent_(config, state["obs_dim"], state["act_dim"])
+    agent.load_state_dict(state["agent"])
+    return agent, state
+
+
+def _read_metrics(path: Path, up_to_step: int) -> list[str]:
+    if not path.exists():
+        return []
+    return [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= up_to_step]
+
+
+def train(algo: str, config, out: Path | str, total_steps: int, *, eval_every: int = 1000, eval_episodes: int = 5,
+          checkpoint_every: int = 1000, resume: bool = False, progress: bool = True,
+          callback: Callable[[int, dict], None] | None = None) -> Agent:
+    """Train ``algo`` with ``config`` for ``total_steps`` environment steps into ``out``."""
+    out = Path(out)
+    if total_steps <= 0:
+        raise ValueError(f"steps must be > 0, got {total_steps}")
+    if eval_every <= 0 or checkpoint_every <= 0:
+        raise ValueError("eval_every and checkpoint_every must be > 0")
+    if algo not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {algo!r}; known: {sorted(ALGORITHMS)}")
+    out.mkdir(parents=True, exist_ok=True)
+    if resume:
+        state = load_checkpoint(out, algo)
+        saved = json.loads((out / CONFIG).read_text())
+        if saved["config"] != dataclasses.asdict(config) and config is not None:
+            config = ALGORITHMS[algo].Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved["config"].items()})
+    else:
+        if (out / CHECKPOINT).exists() or (out / METRICS).exists():
+            raise RunError(f"{out} already holds a run; use --resume to continue it or choose another --out")
+        _write_json(out / CONFIG, {"algo": algo, "config": dataclasses.asdict(config), "steps": total_steps})
+
+    env = make_continuous_env(config.env_id)
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    seed_everything(config.seed)
+    agent = make_agent(algo, config, obs_dim, act_dim)
+    start, episode = 0, 0
+    obs, _ = env.reset(seed=config.seed)
+    if resume:
+        agent.load_state_dict(state["agent"])
+        start, episode = state["step"], state["episode"]
+        torch.set_rng_state(state["torch_rng"])
+        np.random.set_state(state["numpy_rng"])
+        random.setstate(state["python_rng"])
+        env.unwrapped.np_random.bit_generator.state = state["env_rng"]
+        obs, _ = env.reset()
+        kept = _read_metrics(out / METRICS, start)
+        (out / METRICS).write_text("".join(line + "\n" for line in kept))
+    metrics_file = open(out / METRICS, "a")
+
+    def log(step: int, kind: str, **values) -> None:
+        metrics_file.write(json.dumps({"step": step, "kind": kind, **values}) + "\n")
+        metrics_file.flush()
+
+    ep_return, ep_len, last_eval = 0.0, 0, None
+    due_checkpoint = False
+    bar = tqdm(range(start + 1, total_steps + 1), initial=start, total=total_steps, disable=not progress,
+               desc=f"{algo} {config.env_id} seed {config.seed}", dynamic_ncols=True)
+    try:
+        for step in bar:
+            act = agent.act(obs)
+            next_obs, rew, term, trunc, _ = env.step(act)
+            agent.observe(obs, act, rew, next_obs, term)
+            obs = next_obs
+            ep_return += float(rew)
+            ep_len += 1
+            metrics = agent.update(step)
+            if metrics and step % 100 == 0:
+                log(step, "train", **metrics)
+            if callback is not None:
+                callback(step, metrics)
+            if step % eval_every == 0:
+                returns = evaluate(agent, config.env_id, eval_episodes, seed=config.seed + 10_000)
+                last_eval = float(np.mean(returns))
+                log(step, "eval", mean_return=last_eval, returns=returns)
+            if step % checkpoint_every == 0:
+                due_checkpoint = True
+            if term or trunc:
+                episode += 1
+                log(step, "episode", episode_return=ep_return, episode_length=ep_len)
+                bar.set_postfix(ep_return=f"{ep_return:.1f}", eval=None if last_eval is None else f"{last_eval:.1f}")
+                ep_return, ep_len = 0.0, 0
+                if due_checkpoint or step == total_steps:
+                    save_checkpoint(out, agent, step, env.unwrapped.np_random.bit_generator.state, episode)
+                    due_checkpoint = False
+                obs, _ = env.reset()
+        if ep_len:  # the run ended mid-episode: checkpoint its final state anyway
+            save_checkpoint(out, agent, total_steps, env.unwrapped.np_random.bit_generator.state, episode)
+    except NonFiniteError as e:
+        raise NonFiniteError(f"{e}; the last checkpoint in {out} was kept") from None
+    finally:
+        metrics_file.close()
+        bar.close()
+        env.close()
+    return agent

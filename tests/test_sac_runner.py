@@ -1,0 +1,166 @@
+"""SAC as an ELBO, runs, checkpoints, resume, bad input."""
+
+import json
+
+import numpy as np
+import pyro
+import pytest
+import torch
+
+from pplrl.algorithms import SAC, SACConfig, apply_overrides, default_config
+from pplrl.cli import main as cli
+from pplrl.diagnostics import NonFiniteError
+from pplrl.nets import TwinQ, polyak_update, target_copy
+from pplrl.replay import Batch
+from pplrl.runner import RunError, agent_from_checkpoint, evaluate, load_checkpoint, train
+
+TINY = dict(hidden=(32, 32), batch_size=32, learning_starts=50)
+
+
+def tiny(**kw):
+    return default_config("sac", **{**TINY, **kw})
+
+
+def test_actor_elbo_equals_hand_computed_sac_loss():
+    """-alpha ELBO / B from the Pyro model/guide = mean(alpha log q(a|x) - min Q(x, a))
+    with the same reparameterised sample."""
+    agent = SAC(tiny(init_alpha=0.3), 3, 1)
+    obs = torch.randn(16, 3)
+    pyro.set_rng_seed(5)
+    loss, terms = agent.actor_loss(obs)
+    pyro.set_rng_seed(5)
+    d = agent.policy(obs)
+    a = d.rsample()
+    expected = (0.3 * d.log_prob(a) - agent.critic.min(obs, a)).mean()
+    assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
+    assert terms["kl_policy"] / 16 == pytest.approx(float(d.log_prob(a).mean().detach()), rel=1e-5)
+    # and the gradient reaches the policy
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in agent.policy.parameters())
+
+
+def test_polyak_update():
+    net = TwinQ(2, 1, (8,))
+    tgt = target_copy(net)
+    before = [p.clone() for p in tgt.parameters()]
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    polyak_update(net, tgt, 0.1)
+    for b, p, t in zip(before, net.parameters(), tgt.parameters()):
+        torch.testing.assert_close(t, 0.9 * b + 0.1 * p)
+        assert not t.requires_grad
+    with pytest.raises(ValueError, match="tau"):
+        polyak_update(net, tgt, 0.0)
+
+
+def test_critic_target_value_by_hand():
+    agent = SAC(tiny(init_alpha=0.5), 3, 1)
+    b = Batch.from_numpy(np.zeros((4, 3)), np.zeros((4, 1)), np.array([1, 2, 3, 4.0]), np.ones((4, 3)),
+                         np.array([0, 0, 1, 0.0]))
+    pyro.set_rng_seed(1)
+    torch.manual_seed(1)
+    y = agent.critic_target_value(b)
+    torch.manual_seed(1)
+    d = agent.policy(b.next_obs)
+    a2 = d.rsample()
+    v = agent.critic_target.min(b.next_obs, a2) - 0.5 * d.log_prob(a2)
+    torch.testing.assert_close(y, b.rew + 0.99 * (1 - b.done) * v)
+
+
+def test_short_run_writes_everything_and_is_reproducible(tmp_path):
+    a1 = train("sac", tiny(), tmp_path / "a", 400, eval_every=200, eval_episodes=1, checkpoint_every=200, progress=False)
+    a2 = train("sac", tiny(), tmp_path / "b", 400, eval_every=200, eval_episodes=1, checkpoint_every=200, progress=False)
+    for run in ("a", "b"):
+        assert {p.name for p in (tmp_path / run).iterdir()} >= {"config.json", "metrics.jsonl", "checkpoint.pt"}
+    evals = [[json.loads(l)["mean_return"] for l in (tmp_path / r / "metrics.jsonl").read_text().splitlines()
+              if json.loads(l)["kind"] == "eval"] for r in ("a", "b")]
+    assert len(evals[0]) == 2 and evals[0] == evals[1]
+    for p1, p2 in zip(a1.policy.parameters(), a2.policy.parameters()):
+        assert torch.equal(p1, p2)
+    # checkpoint round trip: the loaded agent acts exactly like the trained one
+    loaded, state = agent_from_checkpoint(tmp_path / "a", "sac")
+    assert state["step"] == 400
+    obs = np.array([0.1, -0.2, 0.3], dtype=np.float32)
+    np.testing.assert_array_equal(loaded.act(obs, True), a1.act(obs, True))
+    assert evaluate(loaded, "Pendulum-v1", 1, seed=3) == evaluate(a1, "Pendulum-v1", 1, seed=3)
+
+
+def test_interrupted_then_resumed_equals_uninterrupted(tmp_path):
+    full = train("sac", tiny(), tmp_path / "full", 600, eval_every=200, eval_episodes=1, checkpoint_every=200,
+                 progress=False)
+
+    def interrupt(step, metrics):
+        if step == 450:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train("sac", tiny(), tmp_path / "cut", 600, eval_every=200, eval_episodes=1, checkpoint_every=200,
+              progress=False, callback=interrupt)
+    assert load_checkpoint(tmp_path / "cut")["step"] == 400  # the last checkpoint is kept
+    resumed = train("sac", tiny(), tmp_path / "cut", 600, eval_every=200, eval_episodes=1, checkpoint_every=200,
+                    progress=False, resume=True)
+    for p1, p2 in zip(full.policy.parameters(), resumed.policy.parameters()):
+        assert torch.equal(p1, p2)
+    assert (tmp_path / "full" / "metrics.jsonl").read_text() == (tmp_path / "cut" / "metrics.jsonl").read_text()
+
+
+def test_nan_loss_stops_with_step_and_name_and_keeps_checkpoint(tmp_path, monkeypatch):
+    original = SAC.critic_target_value
+
+    def poisoned(self, batch):  # the critic's target blows up from step 250 on
+        y = original(self, batch)
+        return y * float("nan") if self.steps_seen >= 250 else y
+
+    monkeypatch.setattr(SAC, "critic_target_value", poisoned)
+    with pytest.raises(NonFiniteError, match=r"critic_loss.*step 250.*checkpoint.*kept"):
+        train("sac", tiny(), tmp_path, 400, eval_every=200, eval_episodes=1, checkpoint_every=200, progress=False)
+    assert load_checkpoint(tmp_path)["step"] == 200
+    assert (tmp_path / "metrics.jsonl").stat().st_size > 0
+
+
+def test_checked_losses_raise_on_nan():
+    with pytest.raises(NonFiniteError, match="actor_loss.*7"):
+        SAC.checked(7, actor_loss=torch.tensor(float("nan")))
+
+
+def test_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="unknown environment id"):
+        train("sac", tiny(env_id="Pendulum-v99"), tmp_path / "x", 10, progress=False)
+    with pytest.raises(ValueError, match="continuous actions"):
+        train("sac", tiny(env_id="CartPole-v1"), tmp_path / "y", 10, progress=False)
+    with pytest.raises(ValueError, match="unknown algorithm"):
+        train("nope", tiny(), tmp_path / "z", 10, progress=False)
+    with pytest.raises(ValueError, match="gamma"):
+        SAC(tiny(gamma=1.5), 3, 1)
+    with pytest.raises(ValueError, match="unknown config key"):
+        apply_overrides(SACConfig(), ["lrr=3"])
+    assert apply_overrides(SACConfig(), ["lr=0.001", "hidden=64,64", "target_entropy=none"]).hidden == (64, 64)
+    # a folder that already holds a run is not overwritten
+    train("sac", tiny(), tmp_path / "run", 200, eval_every=200, eval_episodes=1, checkpoint_every=200, progress=False)
+    before = (tmp_path / "run" / "metrics.jsonl").read_text()
+    with pytest.raises(RunError, match="already holds a run"):
+        train("sac", tiny(), tmp_path / "run", 200, progress=False)
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
+    # a checkpoint from another algorithm, and a corrupt one
+    with pytest.raises(RunError, match="written by algorithm 'sac'"):
+        load_checkpoint(tmp_path / "run", expected_algo="mbpo")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(RunError, match="corrupt"):
+        load_checkpoint(tmp_path / "bad")
+
+
+def test_cli_train_eval_diagnose(tmp_path, capsys):
+    args = ["--steps", "200", "--quiet", "--eval-every", "200", "--eval-episodes", "1", "--checkpoint-every", "200",
+            "--set", "hidden=16,16", "batch_size=16", "learning_starts=50"]
+    for seed in (0, 1):
+        assert cli(["train", "sac", "--env", "Pendulum-v1", "--seed", str(seed), "--out", str(tmp_path / f"s{seed}"), *args]) == 0
+    assert "final evaluation return" in capsys.readouterr().out
+    assert cli(["eval", str(tmp_path / "s0"), "--episodes", "1"]) == 0
+    assert "mean return" in capsys.readouterr().out
+    assert cli(["diagnose", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "Agreement between seeds" in out and "critic_loss" in out
+    assert cli(["train", "sac", "--env", "NoSuchEnv-v0", "--out", str(tmp_path / "e"), "--steps", "10", "--quiet"]) == 2
+    assert "unknown environment id" in capsys.readouterr().err
