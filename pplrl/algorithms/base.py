@@ -3,18 +3,38 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from typing import Any
 
 import numpy as np
+import pyro
 import torch
 
 from pplrl.diagnostics import check_finite
 
 
+def module_local(method):
+    """Run ``method`` with ``pyro.settings module_local_params=True``: the agent's
+    PyroModules keep their own parameters (Pyro's recommendation for nn.Module-based
+    code), so target networks, copies and several agents in one process never share
+    parameters by name through the global param store, and optimisers are plain
+    torch optimisers whose state checkpoints by module."""
+
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        with pyro.settings.context(module_local_params=True):
+            return method(*args, **kwargs)
+
+    return wrapper
+
+
 class Agent:
     """An off-policy agent driven by :func:`pplrl.runner.train`.
+
+    Every public method of a subclass runs under :func:`module_local` (applied in
+    ``__init_subclass__``), so agents never touch Pyro's global param store.
 
     Subclasses set ``algo`` (the CLI name) and ``Config`` (a dataclass), and implement
     :meth:`act`, :meth:`observe` and :meth:`update`; :meth:`state_dict` must hold
@@ -24,6 +44,13 @@ class Agent:
 
     algo: str = ""
     Config: type = object
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        for name, value in list(vars(cls).items()):
+            if callable(value) and not isinstance(value, (staticmethod, classmethod, type)) and (
+                    not name.startswith("_") or name == "__init__"):
+                setattr(cls, name, module_local(value))
 
     def act(self, obs: np.ndarray, deterministic: bool = False) -> np.ndarray:
         raise NotImplementedError

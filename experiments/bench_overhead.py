@@ -1,0 +1,136 @@
+"""Pyro overhead per update: each Pyro-computed objective against a plain-torch
+function computing the same loss on the same batch (forward + backward + optimiser
+step), timed in the same process, interleaved, median over repeats.
+
+Objectives:
+* SAC actor ELBO (models.actor / guides.actor through ReparamOptimalityELBO) vs
+  ``mean(alpha * log q(a|x) - min Q(x, a))``;
+* the full SAC update using that ELBO vs the same update with the plain actor loss;
+* the dynamics-ensemble likelihood through SVI with an empty guide vs the same
+  Gaussian negative log-likelihood in plain torch (if pplrl.dynamics is available).
+
+Prints a table and writes JSON (default runs/bench_overhead.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import pyro
+import torch
+
+
+def timed(fn, repeats: int, inner: int) -> list[float]:
+    out = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        out.append((time.perf_counter() - t) / inner * 1e3)
+    return out
+
+
+def bench_pair(name: str, pyro_fn, torch_fn, repeats: int, inner: int) -> dict:
+    for _ in range(5):  # warm-up
+        pyro_fn(), torch_fn()
+    py, pt = [], []
+    for _ in range(repeats):  # interleave so load changes hit both alike
+        py += timed(pyro_fn, 1, inner)
+        pt += timed(torch_fn, 1, inner)
+    mp, mt = statistics.median(py), statistics.median(pt)
+    return {"objective": name, "pyro_ms": mp, "torch_ms": mt, "ratio": mp / mt, "repeats": repeats, "inner": inner}
+
+
+def sac_rows(repeats: int, inner: int, batch_size: int) -> list[dict]:
+    from pplrl.algorithms import SAC, default_config
+
+    agent = SAC(default_config("sac", batch_size=batch_size), 3, 1)
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        agent.observe(rng.normal(size=3).astype(np.float32), rng.uniform(-1, 1, 1).astype(np.float32),
+                      float(rng.normal()), rng.normal(size=3).astype(np.float32), False)
+    batch = agent.sample_batch()
+
+    def plain_actor_loss(obs):
+        d = agent.policy(obs)
+        a = d.rsample()
+        return (agent.alpha * d.log_prob(a) - agent.critic.min(obs, a)).mean()
+
+    def step(loss):
+        agent.actor_opt.zero_grad()
+        loss.backward()
+        agent.actor_opt.step()
+
+    rows = [bench_pair("SAC actor ELBO (fwd+bwd+step)", lambda: step(agent.actor_loss(batch.obs)[0]),
+                       lambda: step(plain_actor_loss(batch.obs)), repeats, inner)]
+
+    original = SAC.actor_loss
+
+    def plain_update():
+        SAC.actor_loss = lambda self, obs: (plain_actor_loss(obs), {"kl_policy": 0.0, "elbo": 0.0, "reward": 0.0})
+        try:
+            agent.sac_update(batch, 0)
+        finally:
+            SAC.actor_loss = original
+
+    rows.append(bench_pair("full SAC update (critic+actor+alpha)", lambda: agent.sac_update(batch, 0), plain_update,
+                           repeats, max(1, inner // 2)))
+    return rows
+
+
+def ensemble_rows(repeats: int, inner: int, batch_size: int) -> list[dict]:
+    try:
+        from pplrl.dynamics import GaussianEnsemble
+    except ImportError:
+        return []
+    import inspect
+
+    model = GaussianEnsemble(3, 1)
+    obs, act = torch.randn(batch_size, 3), torch.randn(batch_size, 1)
+    nxt, rew = obs + 0.1 * torch.randn(batch_size, 3), torch.randn(batch_size)
+    model.normalizer.update(torch.cat([obs, act], -1)) if hasattr(model, "normalizer") else None
+    svi = pyro.infer.SVI(model.model, model.guide, pyro.optim.Adam({"lr": 1e-3}), pyro.infer.Trace_ELBO())
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    svi.step(obs, act, nxt, rew)
+
+    def plain():
+        d = model.sample_member_dist(obs, act)
+        target = torch.cat([nxt - obs, rew[:, None]], -1)
+        loss = -d.log_prob(target).sum() + 0.01 * (model.max_logvar.sum() - model.min_logvar.sum())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    return [bench_pair("dynamics ensemble likelihood (SVI step)", lambda: svi.step(obs, act, nxt, rew), plain,
+                       repeats, inner)]
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--inner", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--out", type=Path, default=Path("runs/bench_overhead.json"))
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    rows = sac_rows(args.repeats, args.inner, args.batch_size) + ensemble_rows(args.repeats, args.inner, args.batch_size)
+    print(f"Pyro overhead per update, batch {args.batch_size}, median of {args.repeats} x {args.inner}, "
+          f"{torch.get_num_threads()} torch threads")
+    print(f"{'objective':42s} {'pyro ms':>9s} {'torch ms':>9s} {'ratio':>7s}")
+    for r in rows:
+        print(f"{r['objective']:42s} {r['pyro_ms']:9.3f} {r['torch_ms']:9.3f} {r['ratio']:7.2f}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"threads": torch.get_num_threads(), "rows": rows}, indent=1))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

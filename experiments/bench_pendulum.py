@@ -1,0 +1,166 @@
+"""Benchmark on Pendulum-v1 (or any continuous env): pplrl agents beside
+stable-baselines3 SAC.
+
+Every run: evaluation every ``--eval-every`` env steps (deterministic policy,
+``--eval-episodes`` episodes on a separately seeded env, the same seeds for every
+algorithm), wall-clock of the whole run. Runs go to a pool of ``--jobs`` worker
+processes with one torch thread each, so all algorithms are timed under the same
+load. Prints a table (mean and median over seeds of the evaluation return at each
+checkpoint, median wall-clock, ratios to SB3) and writes JSON.
+
+    python experiments/bench_pendulum.py                       # sac, mbpo, sb3-sac; 3 seeds; 10k steps
+    python experiments/bench_pendulum.py --algos sac --steps 150000 --env Hopper-v5
+
+stable-baselines3 is optional (``pip install stable-baselines3``); without it the
+SB3 rows are skipped with a note.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def run_pplrl(algo: str, env_id: str, seed: int, steps: int, eval_every: int, eval_episodes: int,
+              overrides: list[str]) -> dict:
+    import torch
+
+    torch.set_num_threads(1)
+    from pplrl.algorithms import apply_overrides, default_config
+    from pplrl.runner import train
+
+    config = apply_overrides(default_config(algo, env_id=env_id, seed=seed), overrides)
+    with tempfile.TemporaryDirectory() as out:
+        t0 = time.perf_counter()
+        train(algo, config, out, steps, eval_every=eval_every, eval_episodes=eval_episodes,
+              checkpoint_every=steps, progress=False)
+        wall = time.perf_counter() - t0
+        evals = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in evals if r["kind"] == "eval"]
+    return {"algo": algo, "seed": seed, "steps": [r["step"] for r in evals],
+            "returns": [r["mean_return"] for r in evals], "wall_s": wall}
+
+
+def run_sb3(env_id: str, seed: int, steps: int, eval_every: int, eval_episodes: int) -> dict:
+    import torch
+
+    torch.set_num_threads(1)
+    from stable_baselines3 import SAC as SB3SAC
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    from pplrl.envs.continuous import make_continuous_env
+
+    class Evaluator(BaseCallback):
+        def __init__(self):
+            super().__init__()
+            self.steps, self.returns = [], []
+
+        def _on_step(self) -> bool:
+            if self.num_timesteps % eval_every == 0:
+                env = make_continuous_env(env_id)
+                rets = []
+                for i in range(eval_episodes):
+                    obs, _ = env.reset(seed=seed + 10_000 + i)
+                    done, total = False, 0.0
+                    while not done:
+                        act, _ = self.model.predict(obs, deterministic=True)
+                        obs, r, term, trunc, _ = env.step(act)
+                        total += float(r)
+                        done = term or trunc
+                    rets.append(total)
+                self.steps.append(self.num_timesteps)
+                self.returns.append(float(np.mean(rets)))
+            return True
+
+    env = make_continuous_env(env_id)
+    cb = Evaluator()
+    t0 = time.perf_counter()
+    model = SB3SAC("MlpPolicy", env, seed=seed, learning_starts=1000, verbose=0, device="cpu")
+    model.learn(steps, callback=cb)
+    return {"algo": "sb3-sac", "seed": seed, "steps": cb.steps, "returns": cb.returns,
+            "wall_s": time.perf_counter() - t0}
+
+
+def _job(args):
+    kind, kwargs = args
+    try:
+        return run_sb3(**kwargs) if kind == "sb3" else run_pplrl(**kwargs)
+    except Exception as e:  # noqa: BLE001 - report, keep the other runs
+        return {"algo": kwargs.get("algo", "sb3-sac"), "seed": kwargs["seed"], "error": f"{type(e).__name__}: {e}"}
+
+
+def table(results: list[dict], checkpoints: list[int]) -> str:
+    algos = list(dict.fromkeys(r["algo"] for r in results))
+    lines = [f"{'algorithm':>12} {'seeds':>5} " + " ".join(f"{c:>14d}" for c in checkpoints)
+             + f" {'wall s (med)':>13} {'wall/sb3':>9}"]
+    sb3_wall = [r["wall_s"] for r in results if r["algo"] == "sb3-sac" and "error" not in r]
+    for algo in algos:
+        runs = [r for r in results if r["algo"] == algo and "error" not in r]
+        if not runs:
+            lines.append(f"{algo:>12} failed: {[r['error'] for r in results if r['algo'] == algo][0]}")
+            continue
+        cells = []
+        for c in checkpoints:
+            vals = [r["returns"][r["steps"].index(c)] for r in runs if c in r["steps"]]
+            cells.append(f"{np.mean(vals):7.1f}/{np.median(vals):6.1f}" if vals else f"{'-':>14}")
+        wall = statistics.median(r["wall_s"] for r in runs)
+        ratio = f"{wall / statistics.median(sb3_wall):9.2f}" if sb3_wall else f"{'-':>9}"
+        lines.append(f"{algo:>12} {len(runs):>5} " + " ".join(cells) + f" {wall:13.0f} {ratio}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--env", default="Pendulum-v1")
+    p.add_argument("--algos", nargs="+", default=["sac", "mbpo", "sb3-sac"])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=10_000)
+    p.add_argument("--eval-every", type=int, default=1000)
+    p.add_argument("--eval-episodes", type=int, default=5)
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for the pplrl agents")
+    p.add_argument("--out", type=Path, default=Path("runs/bench_pendulum.json"))
+    args = p.parse_args(argv)
+    jobs = []
+    for algo in args.algos:
+        for seed in args.seeds:
+            common = dict(env_id=args.env, seed=seed, steps=args.steps, eval_every=args.eval_every,
+                          eval_episodes=args.eval_episodes)
+            if algo == "sb3-sac":
+                try:
+                    import stable_baselines3  # noqa: F401
+                except ImportError:
+                    print("stable-baselines3 is not installed: skipping sb3-sac (pip install stable-baselines3)")
+                    break
+                jobs.append(("sb3", common))
+            else:
+                jobs.append(("pplrl", dict(algo=algo, overrides=args.set, **common)))
+    t0 = time.time()
+    with mp.get_context("spawn").Pool(args.jobs) as pool:
+        results = []
+        for r in pool.imap_unordered(_job, jobs):
+            results.append(r)
+            status = r.get("error") or f"final {r['returns'][-1]:.1f}, {r['wall_s']:.0f} s"
+            print(f"  done {r['algo']} seed {r['seed']}: {status}", flush=True)
+    results.sort(key=lambda r: (args.algos.index(r["algo"]) if r["algo"] in args.algos else 99, r["seed"]))
+    checkpoints = list(range(args.eval_every, args.steps + 1, args.eval_every))
+    print(f"\n{args.env}: evaluation return mean/median over seeds {args.seeds} ({args.eval_episodes} episodes "
+          f"each) at env steps; {args.jobs} runs in parallel, 1 torch thread each")
+    print(table(results, checkpoints))
+    out = {"env": args.env, "steps": args.steps, "seeds": args.seeds, "jobs": args.jobs, "overrides": args.set,
+           "results": results, "total_wall_s": time.time() - t0}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=1))
+    print(f"wrote {args.out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

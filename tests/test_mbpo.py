@@ -1,0 +1,58 @@
+"""MBPO: SAC on ensemble rollouts; its runs checkpoint and resume like SAC's."""
+
+import numpy as np
+import pytest
+import torch
+
+from pplrl.algorithms import MBPO, default_config
+from pplrl.runner import load_checkpoint, train
+
+TINY = dict(hidden=(32, 32), batch_size=32, learning_starts=100, gradient_steps=1, model_train_freq=100,
+            model_epochs=1, ensemble_size=3, num_elites=2, model_hidden=(32, 32), rollout_batch_size=64,
+            model_buffer_size=2000)
+
+
+def tiny(**kw):
+    return default_config("mbpo", **{**TINY, **kw})
+
+
+def test_model_rollouts_fill_the_model_buffer_and_batches_mix():
+    agent = MBPO(tiny(real_ratio=0.25), 3, 1)
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        o = rng.normal(size=3).astype(np.float32)
+        a = rng.uniform(-1, 1, 1).astype(np.float32)
+        agent.observe(o, a, float(-o @ o), o + 0.1 * a.sum(), False)
+    metrics = agent.update(200)
+    assert len(agent.model_replay) == 64 and "model_holdout_mse" in metrics and np.isfinite(metrics["critic_loss"])
+    assert sorted(agent.ensemble.elite_idx.tolist()) == sorted(agent.last_model_fit["elites"])
+    batch = agent.sample_batch()
+    assert batch.obs.shape == (32, 3)
+
+
+def test_mbpo_resume_equals_uninterrupted(tmp_path):
+    full = train("mbpo", tiny(), tmp_path / "full", 600, eval_every=200, eval_episodes=1, checkpoint_every=200,
+                 progress=False)
+
+    def interrupt(step, metrics):
+        if step == 450:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train("mbpo", tiny(), tmp_path / "cut", 600, eval_every=200, eval_episodes=1, checkpoint_every=200,
+              progress=False, callback=interrupt)
+    assert load_checkpoint(tmp_path / "cut", "mbpo")["step"] == 400
+    resumed = train("mbpo", tiny(), tmp_path / "cut", 600, eval_every=200, eval_episodes=1, checkpoint_every=200,
+                    progress=False, resume=True)
+    for p1, p2 in zip(full.policy.parameters(), resumed.policy.parameters()):
+        assert torch.equal(p1, p2)
+    for p1, p2 in zip(full.ensemble.parameters(), resumed.ensemble.parameters()):
+        assert torch.equal(p1, p2)
+    assert (tmp_path / "full" / "metrics.jsonl").read_text() == (tmp_path / "cut" / "metrics.jsonl").read_text()
+
+
+def test_mbpo_bad_input():
+    with pytest.raises(ValueError, match="rollout length"):
+        MBPO(tiny(rollout_length=0), 3, 1)
+    with pytest.raises(ValueError, match="real_ratio"):
+        MBPO(tiny(real_ratio=1.5), 3, 1)
