@@ -4,7 +4,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv clean risky-arm
 
 $(BIN)/pplrl-installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -16,7 +16,14 @@ $(BIN)/pplrl-installed: pyproject.toml
 
 venv: $(BIN)/pplrl-installed
 
+# Main job: SAC (an ELBO-trained actor) on Pendulum-v1 with the defaults, 10k steps,
+# then ArviZ diagnostics of its ELBO terms and returns. Each run gets a new folder.
+DEMO_OUT ?= runs/demo-sac-$(shell date +%Y%m%d-%H%M%S)
 demo: venv
+	MPLBACKEND=Agg $(BIN)/pplrl train sac --env Pendulum-v1 --steps 10000 --seed 0 --out $(DEMO_OUT)
+	MPLBACKEND=Agg $(BIN)/pplrl diagnose $(DEMO_OUT)
+
+risky-arm: venv
 	MPLBACKEND=Agg $(BIN)/python experiments/risky_arm.py --out runs/risky_arm
 
 test: venv

@@ -242,22 +242,25 @@ class GaussianEnsemble(PyroModule):
     # -- eq. (10) as a Pyro model ---------------------------------------------------
     @pyro_method
     def model(self, obs: torch.Tensor, act: torch.Tensor, next_obs: torch.Tensor,
-              reward: torch.Tensor) -> None:
+              reward: torch.Tensor, weight: torch.Tensor | None = None) -> None:
         """log p_theta(target | s, a) for every member and transition, weighted 1/B.
 
-        The log-joint is ``(1/B) sum_{e, b} log N(target_eb; mean_eb, std_eb)
+        The log-joint is ``(1/B) sum_{e, b} w_eb log N(target_eb; mean_eb, std_eb)
         - logvar_bound_penalty()``, so ``Trace_ELBO`` with the empty guide gives the
-        loss ``sum_e J_e(theta) + penalty``, J_e the minibatch estimate of eq. (10)."""
+        loss ``sum_e J_e(theta) + penalty``, J_e the minibatch estimate of eq. (10)
+        (``w = 1``), or of a weighted likelihood: with ``w = exp(TD)`` this is the
+        forward-KL fit of the variational dynamics (VMBPO eq. 19, beta-VMBPO eq. 11)."""
         mean, logvar = self(obs, act)
         target = self.target(obs, next_obs, reward).expand_as(mean)
         n_members, batch = mean.shape[:2]
+        scale = 1.0 / batch if weight is None else weight.expand(n_members, batch) / batch
         with pyro.plate("members", n_members, dim=-2), pyro.plate("data", batch, dim=-1), \
-                poutine.scale(scale=1.0 / batch):
+                poutine.scale(scale=scale):
             pyro.sample("target", dist.Normal(mean, (0.5 * logvar).exp()).to_event(1), obs=target)
         pyro.factor("logvar_bound_penalty", -self.logvar_bound_penalty())
 
     def guide(self, obs: torch.Tensor, act: torch.Tensor, next_obs: torch.Tensor,
-              reward: torch.Tensor) -> None:
+              reward: torch.Tensor, weight: torch.Tensor | None = None) -> None:
         """Empty: the model has no latent sites, so SVI is maximum likelihood."""
 
     # -- training ---------------------------------------------------------------------
@@ -339,7 +342,7 @@ class GaussianEnsemble(PyroModule):
 
     def fit(self, obs, act, next_obs, reward, *, epochs: int = 5, batch_size: int = 256,
             holdout: float = 0.2, lr: float = 1e-3, weight_decay: float = 5e-5, bootstrap: bool = True,
-            seed: int | None = None) -> dict:
+            seed: int | None = None, weights=None) -> dict:
         """Maximum-likelihood fit of eq. (10) by SVI, then elite selection on hold-out data.
 
         Shuffles the ``N`` transitions and keeps ``int(holdout * N)`` of them aside;
@@ -355,10 +358,18 @@ class GaussianEnsemble(PyroModule):
         configuration). ``seed`` fixes the split, bootstrap and minibatch order (not the
         network initialisation).
 
+        ``weights`` (``[N]``, >= 0) weight each transition's log-likelihood (a weighted
+        maximum-likelihood fit, see :meth:`model`); each minibatch's weights are
+        divided by their mean, so the step size does not depend on their scale.
+
         Returns ``{"train_loss": [mean SVI loss per epoch], "holdout_mse": [per member],
         "elites": [indices, best first], "num_train", "num_holdout", "steps"}``.
         """
         obs, act, next_obs, reward = self.check_transitions(obs, act, next_obs, reward)
+        if weights is not None:
+            weights = torch.as_tensor(weights, dtype=obs.dtype, device=obs.device).reshape(-1)
+            if weights.shape[0] != obs.shape[0] or not torch.all(torch.isfinite(weights)) or torch.any(weights < 0):
+                raise ValueError("weights must be finite, >= 0 and one per transition")
         if int(epochs) < 1 or int(batch_size) < 1:
             raise ValueError(f"epochs and batch_size must be >= 1, got {epochs}, {batch_size}")
         if not 0.0 <= holdout < 1.0:
@@ -386,6 +397,9 @@ class GaussianEnsemble(PyroModule):
             for start in range(0, n_train, int(batch_size)):
                 idx = members[:, order[start:start + int(batch_size)]]
                 batch = (obs[idx], act[idx], next_obs[idx], reward[idx])
+                if weights is not None:
+                    w = weights[idx]
+                    batch = (*batch, w / w.mean(-1, keepdim=True).clamp_min(1e-12))
                 if steps == 0:
                     self._check_svi_sees_parameters(*batch)
                 total += svi_step(*batch) * idx.shape[1]

@@ -1,0 +1,468 @@
+"""VMBPO, VMBPO-MFE and beta-VMBPO: one implementation, three presets.
+
+Papers: VMBPO (000_…, Sec. 5, Algorithms 1-2, App. B-D) and beta-VMBPO (001_…,
+Sec. 3, App. C-D, Algorithm 1). All three maximise the same ELBO (VMBPO eq. 4 =
+beta-VMBPO eq. 7 with beta = 1/eta) over a variational policy q_c and variational
+dynamics q_d; they differ in how the E-step estimates its pieces. The shared code:
+
+* **units.** Critics live in reward units. With ``scale = eta`` (VMBPO) or ``1/beta``
+  (beta-VMBPO) the paper's soft values are ``scale * Q``; beta-VMBPO's "stable
+  critic" (App. C.3) is exactly this choice, and VMBPO with eta = 1 is the same
+  thing with ``scale = 1``. So ``beta = 1`` fixed gives VMBPO's losses (a test
+  checks it).
+* **step 1, q_d** (:meth:`VariationalAgent.dynamics_weights`): a second
+  :class:`pplrl.dynamics.GaussianEnsemble`, fitted by the weighted likelihood of
+  VMBPO eq. (19) / beta eq. (11), weights ``exp(scale (r + gamma V'(x') - Q'(x, a)))``
+  computed in log space and, for beta-VMBPO, with the scaled TD error clamped to
+  (-4, 4) (App. C.1). The weighted likelihood is the ensemble's Pyro model under
+  ``poutine.scale``; SVI with the empty guide maximises it.
+* **step 2, log q_d/p** (:meth:`VariationalAgent.log_ratio`): VMBPO's network nu by
+  the f-divergence dual (eqs. 20-21, ``log_ratio="nu"``), or beta-VMBPO's difference
+  of the two ensembles' elite-mixture log-densities (``log_ratio="ensembles"``).
+* **step 3, critic** (:meth:`VariationalAgent.critic_loss`): twin Q on model samples
+  (x from D_env, a ~ q_c, x' ~ q_d, r from the prior model): target
+  ``r + gamma V'(x') - (1/scale) log q_d/p`` (eq. 23 / eq. 12 in App. C.3's form;
+  ``critic_log_ratio=False`` drops the log term as beta-VMBPO's App. C.1 does). V' is
+  a V network fitted by eq. (24) (VMBPO) or the implicit soft value
+  ``E_{a~q_c}[Q'(x', a) - (1/scale) log q_c/pi]`` (beta-VMBPO).
+  VMBPO-MFE (``e_step="model_free"``) instead fits Q on real data with the
+  exponential-TD loss (eq. 39), ``(exp(scale (Q - r - gamma V'(x'))) - 1)^2``, and V by
+  eq. (40); q_d is refitted by step 1 only at the end of each E-step.
+* **step 4, actor**: the ELBO of :func:`models.actor.actor_model` with the prior
+  policy pi and optimality factor ``scale * Q`` against the guide q_c (eq. 25 /
+  eq. 13), computed by Pyro (:class:`pplrl.elbo.ReparamOptimalityELBO`).
+* **M-step**: pi <- q_c (eq. 26 solved by copying; beta eq. 14's hard update), or the
+  regularised MAP of eq. (27) (``m_step="map"``).
+* **dual beta** (beta eq. 9): ``J(beta) = beta (epsilon - KL(q_d || p))``, KL the
+  batch estimate from the two ensembles; Adam on log beta, beta clamped to
+  [beta_min, beta_max] (beta_max = 1e7, App. C.4).
+
+Numerics: exponentiated TD errors are formed as ``exp(logit)`` with the logit
+clamped where the papers clamp; elsewhere (VMBPO's unclamped weights, exp(nu),
+the exp-TD critic) a logit above ``max_log_weight`` (default 30) stops training with
+a :class:`pplrl.diagnostics.NonFiniteError` naming the term and the step.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+import pyro
+import torch
+import torch.nn.functional as F
+
+from guides.actor import actor_guide
+from guides.continuous import GaussianPolicy
+from models.actor import actor_model
+from pplrl.algorithms.base import Agent
+from pplrl.algorithms.mbpo import MBPO, MBPOConfig, _names
+from pplrl.diagnostics import NonFiniteError
+from pplrl.dynamics import GaussianEnsemble
+from pplrl.nets import VNetwork, mlp, polyak_update, target_copy
+from pplrl.replay import Batch
+
+
+@dataclass
+class VMBPOConfig(MBPOConfig):
+    """Shared settings; the presets :func:`vmbpo_config` etc. fix the variant."""
+
+    eta: float = 1.0
+    """VMBPO temperature: optimality factor eta * r (ignored when use_beta)"""
+    use_beta: bool = False
+    """scale rewards by 1/beta (beta-VMBPO) instead of eta"""
+    beta_init: float = 1.0
+    learn_beta: bool = False
+    epsilon_kl: float = 0.1
+    """KL constraint of the dual on beta (beta paper App. C.2: 0.1; App. C.4: 10 for simple envs)"""
+    beta_lr: float = 3e-4
+    beta_min: float = 1e-3
+    beta_max: float = 1e7
+    td_clamp: float | None = None
+    """clamp of the scaled TD error in the q_d weights (beta paper App. C.1: 4)"""
+    max_log_weight: float = 30.0
+    """unclamped exponent above this stops training with a clear error"""
+    log_ratio: str = "nu"
+    """'nu' (VMBPO step 2 network) or 'ensembles' (log q_phi - log p_theta)"""
+    critic_log_ratio: bool = True
+    value_network: bool = True
+    """fit V by eq. (24)/(40); False: implicit soft value from Q' (beta-VMBPO)"""
+    e_step: str = "model_based"
+    """'model_based' (VMBPO) or 'model_free' (VMBPO-MFE, exp-TD critic on real data)"""
+    m_step: str = "copy"
+    """'copy' (pi <- q_c) or 'map' (eq. 27)"""
+    m_step_every: int = 1
+    """E-step updates per M-step"""
+    map_lambda: float = 1.0
+    map_steps: int = 1
+    real_ratio: float = 0.0
+    """share of real transitions in critic batches (the papers use model samples only)"""
+
+    def validate(self) -> None:
+        super().validate()
+        if not np.isfinite(self.eta) or self.eta <= 0:
+            raise ValueError(f"eta must be > 0, got {self.eta}")
+        if not np.isfinite(self.beta_init) or self.beta_init <= 0:
+            raise ValueError(f"beta init must be > 0, got {self.beta_init}")
+        if self.epsilon_kl < 0:
+            raise ValueError(f"epsilon must be >= 0, got {self.epsilon_kl}")
+        if not 0 < self.beta_min <= self.beta_max:
+            raise ValueError("need 0 < beta_min <= beta_max")
+        if self.td_clamp is not None and self.td_clamp <= 0:
+            raise ValueError("td_clamp must be > 0 or None")
+        if self.log_ratio not in ("nu", "ensembles"):
+            raise ValueError(f"log_ratio must be 'nu' or 'ensembles', got {self.log_ratio!r}")
+        if self.e_step not in ("model_based", "model_free"):
+            raise ValueError(f"e_step must be 'model_based' or 'model_free', got {self.e_step!r}")
+        if self.m_step not in ("copy", "map"):
+            raise ValueError(f"m_step must be 'copy' or 'map', got {self.m_step!r}")
+        if self.m_step_every <= 0 or self.map_steps <= 0 or self.map_lambda < 0:
+            raise ValueError("m_step_every and map_steps must be > 0, map_lambda >= 0")
+
+
+class VariationalAgent(MBPO):
+    """The VMBPO family. Reuses MBPO's prior-dynamics ensemble (p_theta, eq. 10),
+    replay and rollout machinery; adds q_d, nu, V, the prior policy and beta."""
+
+    algo = "vmbpo-family"
+    Config = VMBPOConfig
+
+    def __init__(self, config: VMBPOConfig, obs_dim: int, act_dim: int):
+        super().__init__(config, obs_dim, act_dim)
+        c = config
+        # q_c is self.policy (SAC's); pi is the prior policy, a copy that acts in the env
+        self.prior_policy = copy.deepcopy(self.policy)
+        for p in self.prior_policy.parameters():
+            p.requires_grad_(False)
+        self.q_dynamics = GaussianEnsemble(obs_dim, act_dim, ensemble_size=c.ensemble_size, num_elites=c.num_elites,
+                                           hidden=c.model_hidden, name=f"vmbpo{next(_names)}.q_dynamics")
+        self.q_dynamics_fitted = False
+        self.nu = mlp(2 * obs_dim + act_dim, 1, c.hidden)
+        self.nu_opt = torch.optim.Adam(self.nu.parameters(), lr=c.lr)
+        self.value = VNetwork(obs_dim, c.hidden)
+        self.value_target = target_copy(self.value)
+        self.value_opt = torch.optim.Adam(self.value.parameters(), lr=c.lr)
+        self.log_beta = torch.tensor(float(np.log(c.beta_init)), requires_grad=True)
+        self.beta_opt = torch.optim.Adam([self.log_beta], lr=c.beta_lr)
+        self.map_opt = torch.optim.Adam(self.prior_policy.parameters(), lr=c.lr)
+        self.e_steps = 0
+        self.last_kl = float("nan")
+
+    # -- units ------------------------------------------------------------------------
+    @property
+    def beta(self) -> float:
+        return float(self.log_beta.detach().exp())
+
+    @property
+    def scale(self) -> float:
+        """eta (VMBPO) or 1/beta (beta-VMBPO): soft values are scale * (reward-unit values)."""
+        return 1.0 / self.beta if self.config.use_beta else self.config.eta
+
+    def _check_exponent(self, logit: torch.Tensor, name: str, step: int) -> None:
+        """Stop, naming the term and the step, before exp() of a diverging exponent."""
+        logit = logit.detach()
+        if not torch.all(torch.isfinite(logit)) or torch.any(logit > self.config.max_log_weight):
+            raise NonFiniteError(f"exponentiated term {name} diverged at step {step}: max exponent "
+                                 f"{float(logit.max()):.3g} > {self.config.max_log_weight}")
+
+    def _exp_weight(self, logit: torch.Tensor, name: str, step: int) -> torch.Tensor:
+        """exp(logit), clamped to (-td_clamp, td_clamp) where the paper clamps, checked otherwise."""
+        if self.config.td_clamp is not None:
+            logit = logit.clamp(-self.config.td_clamp, self.config.td_clamp)
+        self._check_exponent(logit, name, step)
+        return logit.exp()
+
+    # -- acting: the prior policy pi acts (Algorithm 1, line 4) ---------------------------
+    def act(self, obs: np.ndarray, deterministic: bool = False) -> np.ndarray:
+        if not deterministic and self.steps_seen < self.config.learning_starts:
+            return self.rng.uniform(-1.0, 1.0, self.act_dim).astype(np.float32)
+        a = self.prior_policy.act(torch.as_tensor(obs, dtype=torch.float32)[None], deterministic)
+        return a[0].numpy()
+
+    # -- values -----------------------------------------------------------------------------
+    def soft_value_target(self, obs: torch.Tensor) -> torch.Tensor:
+        """V'(x) in reward units: the target V network, or E_{a~q_c}[Q'(x,a) - (1/scale) log q_c/pi]."""
+        with torch.no_grad():
+            if self.config.value_network:
+                return self.value_target(obs)
+            d = self.policy(obs)
+            a = d.rsample()
+            kl = d.log_prob(a) - self.prior_policy(obs).log_prob(a)
+            return self.critic_target.min(obs, a) - kl / self.scale
+
+    # -- step 1: variational dynamics ------------------------------------------------------
+    def dynamics_weights(self, batch: Batch, step: int) -> torch.Tensor:
+        """exp(scale (r + gamma (1 - d) V'(x') - Q'(x, a))), VMBPO eq. (19) / beta eq. (11)."""
+        with torch.no_grad():
+            td = batch.rew + self.config.gamma * (1 - batch.done) * self.soft_value_target(batch.next_obs) \
+                - self.critic_target.min(batch.obs, batch.act)
+            return self._exp_weight(self.scale * td, "q_d weight exp(TD)", step)
+
+    def fit_variational_dynamics(self, step: int) -> dict:
+        data = self.replay.all()
+        weights = torch.cat([self.dynamics_weights(Batch(*(t[i:i + 4096] for t in (
+            data.obs, data.act, data.rew, data.next_obs, data.done))), step) for i in range(0, len(data.obs), 4096)])
+        info = self.q_dynamics.fit(data.obs, data.act, data.next_obs, data.rew, epochs=self.config.model_epochs,
+                                   weights=weights, seed=int(self.rng.integers(2**31)))
+        self.q_dynamics_fitted = True
+        return {"q_d_train_loss": info["train_loss"][-1], "q_d_weight_max": float(weights.max()),
+                "q_d_weight_mean": float(weights.mean())}
+
+    # -- step 2: log-likelihood ratio ------------------------------------------------------------
+    def ensemble_log_density(self, ensemble: GaussianEnsemble, obs, act, next_obs) -> torch.Tensor:
+        """log of the elites' equal-weight mixture density of x' (reward marginalised)."""
+        d = ensemble.sample_member_dist(obs, act)
+        target = ensemble.target(obs, next_obs, torch.zeros(obs.shape[0]))
+        lp = d.log_prob(target)[..., :self.obs_dim].sum(-1)[ensemble.elite_idx]  # [elites, B]
+        return torch.logsumexp(lp, 0) - np.log(len(ensemble.elite_idx))
+
+    def log_ratio(self, obs, act, next_obs) -> torch.Tensor:
+        """Estimate of log q_d(x'|x,a) / p(x'|x,a)."""
+        if self.config.log_ratio == "nu":
+            return self.nu(torch.cat([obs, act, next_obs], -1)).squeeze(-1)
+        with torch.no_grad():
+            return self.ensemble_log_density(self.q_dynamics, obs, act, next_obs) \
+                - self.ensemble_log_density(self.ensemble, obs, act, next_obs)
+
+    def nu_loss(self, real: Batch, model_next_obs: torch.Tensor, step: int) -> torch.Tensor:
+        """-(E_{x'~q_d}[nu] - E_{x'~p}[exp nu]), the f-divergence dual (VMBPO eq. 21)."""
+        nu_q = self.nu(torch.cat([real.obs, real.act, model_next_obs], -1)).squeeze(-1)
+        nu_p = self.nu(torch.cat([real.obs, real.act, real.next_obs], -1)).squeeze(-1)
+        return -(nu_q.mean() - self._exp_weight(nu_p, "exp(nu)", step).mean())
+
+    # -- model samples ----------------------------------------------------------------------
+    def model_batch(self, obs: torch.Tensor) -> tuple[Batch, torch.Tensor]:
+        """x from D_env, a ~ q_c, x' ~ q_d, r ~ p_theta (beta Algorithm 1), and log q_d/p."""
+        with torch.no_grad():
+            act = self.policy(obs).sample()
+            next_obs, _, _ = self.q_dynamics.predict(obs, act)
+            _, rew, _ = self.ensemble.predict(obs, act)
+            done = torch.zeros_like(rew)
+            if self.termination_fn is not None:
+                done = torch.as_tensor(self.termination_fn(obs.numpy(), act.numpy(), next_obs.numpy()),
+                                       dtype=torch.float32)
+        return Batch(obs, act, rew, next_obs, done), self.log_ratio(obs, act, next_obs).detach()
+
+    # -- step 3: critic ---------------------------------------------------------------------
+    def critic_td_target(self, batch: Batch, log_ratio: torch.Tensor | None) -> torch.Tensor:
+        """r + gamma (1 - d) V'(x') - (1/scale) log q_d/p  (eq. 23; beta eq. 12, App. C.3)."""
+        y = batch.rew + self.config.gamma * (1 - batch.done) * self.soft_value_target(batch.next_obs)
+        if log_ratio is not None and self.config.critic_log_ratio:
+            y = y - log_ratio / self.scale
+        return y
+
+    def critic_loss(self, batch: Batch, log_ratio: torch.Tensor | None, step: int) -> torch.Tensor:
+        q1, q2 = self.critic(batch.obs, batch.act)
+        if self.config.e_step == "model_free":
+            # eq. (39): (exp(scale (Q - r - gamma V'(x'))) - 1)^2 on real transitions; expm1 for accuracy
+            y = self.critic_td_target(batch, None)
+            loss = torch.zeros(())
+            for q in (q1, q2):
+                logit = self.scale * (q - y)
+                self._check_exponent(logit, "exp-TD critic", step)
+                loss = loss + torch.expm1(logit).square().mean()
+            return loss
+        y = self.critic_td_target(batch, log_ratio)
+        return F.mse_loss(q1, y) + F.mse_loss(q2, y)
+
+    def value_loss(self, obs: torch.Tensor) -> torch.Tensor:
+        """(V(x) - [Q(x,a) - (1/scale) log q_c(a|x)/pi(a|x)])^2, a ~ q_c (eqs. 24, 40)."""
+        with torch.no_grad():
+            d = self.policy(obs)
+            a = d.sample()
+            target = self.critic.min(obs, a) - (d.log_prob(a) - self.prior_policy(obs).log_prob(a)) / self.scale
+        return F.mse_loss(self.value(obs), target)
+
+    # -- step 4: actor ----------------------------------------------------------------------
+    def actor_loss(self, obs: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """-ELBO / (B scale) of actor_model (prior pi, factor scale * Q) vs q_c: eq. (25) / eq. (13)."""
+        loss = self.actor_elbo.differentiable_loss(actor_model, actor_guide, obs, self.prior_policy, self.critic.min,
+                                                   self.scale, policy=self.policy)
+        return loss / (obs.shape[0] * self.scale), self.actor_elbo.last_terms
+
+    # -- M-step ---------------------------------------------------------------------------
+    def m_step(self, obs: torch.Tensor) -> float:
+        if self.config.m_step == "copy":
+            self.prior_policy.load_state_dict(self.policy.state_dict())
+            return 0.0
+        # eq. (27): max E_{a~q_c}[log pi(a|x)] - lambda KL(pi_old || pi)
+        old = copy.deepcopy(self.prior_policy)
+        for p in self.prior_policy.parameters():
+            p.requires_grad_(True)
+        loss = torch.zeros(())
+        for _ in range(self.config.map_steps):
+            with torch.no_grad():
+                a = self.policy(obs).sample()
+                d_old = old(obs)
+                a_old = d_old.sample()
+            d_new = self.prior_policy(obs)
+            kl = (d_old.log_prob(a_old) - d_new.log_prob(a_old)).mean()
+            loss = -d_new.log_prob(a).mean() + self.config.map_lambda * kl
+            self.map_opt.zero_grad()
+            loss.backward()
+            self.map_opt.step()
+        for p in self.prior_policy.parameters():
+            p.requires_grad_(False)
+        return float(loss.detach())
+
+    # -- dual on beta ---------------------------------------------------------------------
+    def dual_beta_loss(self, kl: float) -> torch.Tensor:
+        """beta (epsilon - KL(q_d || p))  (beta eq. 9); descent raises beta when KL > epsilon."""
+        return self.log_beta.exp() * (self.config.epsilon_kl - kl)
+
+    def update_beta(self, kl: float) -> None:
+        loss = self.dual_beta_loss(kl)
+        self.beta_opt.zero_grad()
+        loss.backward()
+        self.beta_opt.step()
+        with torch.no_grad():
+            self.log_beta.clamp_(float(np.log(self.config.beta_min)), float(np.log(self.config.beta_max)))
+
+    # -- the loop -------------------------------------------------------------------------
+    def update(self, step: int) -> dict[str, float]:
+        c = self.config
+        if self.steps_seen < max(c.learning_starts, c.batch_size):
+            return {}
+        out: dict[str, float] = {}
+        if step % c.model_train_freq == 0 or not self.q_dynamics_fitted:
+            # every model_train_freq steps: p_theta by eq. (10), then q_d by step 1 (eq. 19/11);
+            # for VMBPO-MFE this refit is "q_d computed at the end of the E-step"
+            info = self.fit_model()
+            out["model_holdout_mse"] = float(np.mean([info["holdout_mse"][i] for i in info["elites"]]))
+            out.update(self.fit_variational_dynamics(step))
+        for _ in range(c.gradient_steps):
+            out.update(self.e_step_update(step))
+            self.e_steps += 1
+            if self.e_steps % c.m_step_every == 0:
+                out["m_step_loss"] = self.m_step(self.replay.sample(c.batch_size, self.rng).obs)
+        return out
+
+    def e_step_update(self, step: int) -> dict[str, float]:
+        c = self.config
+        real = self.replay.sample(c.batch_size, self.rng)
+        metrics: dict[str, float] = {}
+        # step 2 (VMBPO): nu by the f-divergence dual
+        if c.log_ratio == "nu" and c.e_step == "model_based":
+            with torch.no_grad():
+                model_next, _, _ = self.q_dynamics.predict(real.obs, real.act)
+            nu_loss = self.nu_loss(real, model_next, step)
+            metrics.update(self.checked(step, nu_loss=nu_loss))
+            self.nu_opt.zero_grad()
+            nu_loss.backward()
+            self.nu_opt.step()
+        # step 3: critic on model samples (model-based) or real data (model-free)
+        if c.e_step == "model_based":
+            batch, log_ratio = self.model_batch(real.obs)
+        else:
+            batch, log_ratio = real, None
+        critic_loss = self.critic_loss(batch, log_ratio, step)
+        metrics.update(self.checked(step, critic_loss=critic_loss))
+        self.critic_opt.zero_grad()
+        critic_loss.backward()
+        self.critic_opt.step()
+        if c.value_network:
+            value_loss = self.value_loss(batch.obs)
+            metrics.update(self.checked(step, value_loss=value_loss))
+            self.value_opt.zero_grad()
+            value_loss.backward()
+            self.value_opt.step()
+        # step 4: actor (Pyro ELBO)
+        actor_loss, terms = self.actor_loss(batch.obs)
+        metrics.update(self.checked(step, actor_loss=actor_loss))
+        self.actor_opt.zero_grad()
+        actor_loss.backward()
+        self.actor_opt.step()
+        # KL(q_d || p) and the dual on beta
+        if log_ratio is not None or c.learn_beta:
+            with torch.no_grad():
+                if c.log_ratio == "ensembles" or log_ratio is None:
+                    nxt, _, _ = self.q_dynamics.predict(real.obs, real.act)
+                    kl = float((self.ensemble_log_density(self.q_dynamics, real.obs, real.act, nxt)
+                                - self.ensemble_log_density(self.ensemble, real.obs, real.act, nxt)).mean())
+                else:
+                    kl = float(log_ratio.mean())
+            self.last_kl = kl
+            if c.learn_beta:
+                self.update_beta(kl)
+        polyak_update(self.critic, self.critic_target, c.tau)
+        polyak_update(self.value, self.value_target, c.tau)
+        B = batch.obs.shape[0]
+        metrics.update({"beta": self.beta, "kl_dynamics": self.last_kl, "elbo": terms["elbo"] / B,
+                        "elbo_reward": terms["reward"] / B, "elbo_kl_policy": terms["kl_policy"] / B})
+        return metrics
+
+    # -- checkpoints ---------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        optim = self.q_dynamics._optim
+        state.update({
+            "prior_policy": self.prior_policy.state_dict(), "q_dynamics": self.q_dynamics.state_dict(),
+            "q_dynamics_optim": None if optim is None else (optim[0], optim[1].state_dict()),
+            "q_dynamics_fitted": self.q_dynamics_fitted, "nu": self.nu.state_dict(),
+            "nu_opt": self.nu_opt.state_dict(), "value": self.value.state_dict(),
+            "value_target": self.value_target.state_dict(), "value_opt": self.value_opt.state_dict(),
+            "log_beta": self.log_beta.detach().clone(), "beta_opt": self.beta_opt.state_dict(),
+            "map_opt": self.map_opt.state_dict(), "e_steps": self.e_steps, "last_kl": self.last_kl})
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.prior_policy.load_state_dict(state["prior_policy"])
+        self.q_dynamics.load_state_dict(state["q_dynamics"])
+        if state["q_dynamics_optim"] is not None:
+            key, optim_state = state["q_dynamics_optim"]
+            self.q_dynamics._step_function(key[1], key[2])
+            self.q_dynamics._optim[1].load_state_dict(optim_state)
+        self.q_dynamics_fitted = state["q_dynamics_fitted"]
+        self.nu.load_state_dict(state["nu"])
+        self.nu_opt.load_state_dict(state["nu_opt"])
+        self.value.load_state_dict(state["value"])
+        self.value_target.load_state_dict(state["value_target"])
+        self.value_opt.load_state_dict(state["value_opt"])
+        with torch.no_grad():
+            self.log_beta.copy_(state["log_beta"])
+        self.beta_opt.load_state_dict(state["beta_opt"])
+        self.map_opt.load_state_dict(state["map_opt"])
+        self.e_steps, self.last_kl = state["e_steps"], state["last_kl"]
+
+
+@dataclass
+class VMBPOMFEConfig(VMBPOConfig):
+    e_step: str = "model_free"
+    m_step_every: int = 250
+
+
+@dataclass
+class BetaVMBPOConfig(VMBPOConfig):
+    """beta paper App. C.2 defaults: beta init 100, epsilon 0.1, TD clamp 4; App. C.1: no
+    log term in the critic; Sec. 3.3: V implicit in Q'."""
+
+    use_beta: bool = True
+    beta_init: float = 100.0
+    learn_beta: bool = True
+    td_clamp: float | None = 4.0
+    log_ratio: str = "ensembles"
+    critic_log_ratio: bool = False
+    value_network: bool = False
+
+
+class VMBPO(VariationalAgent):
+    """VMBPO (Algorithm 1): eta = 1, nu network, V network, pi <- q_c."""
+
+    algo = "vmbpo"
+    Config = VMBPOConfig
+
+
+class VMBPOMFE(VariationalAgent):
+    """VMBPO-MFE (Algorithm 2): exp-TD critic on real data, q_d refitted at the end of each E-step."""
+
+    algo = "vmbpo-mfe"
+    Config = VMBPOMFEConfig
+
+
+class BetaVMBPO(VariationalAgent):
+    """beta-VMBPO (Algorithm 1 of 001_…): dual beta, ensemble log-ratio, clamped TD, implicit V."""
+
+    algo = "beta-vmbpo"
+    Config = BetaVMBPOConfig

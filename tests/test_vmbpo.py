@@ -1,0 +1,179 @@
+"""VMBPO, VMBPO-MFE, beta-VMBPO: each step's loss against a hand computation, the
+weighted q_d fit against the closed form (14), the dual on beta, and beta = 1."""
+
+import numpy as np
+import pyro
+import pytest
+import torch
+
+from pplrl.algorithms import BetaVMBPO, VMBPO, VMBPOMFE, default_config
+from pplrl.algorithms.vmbpo import VMBPOConfig
+from pplrl.diagnostics import NonFiniteError
+from pplrl.dynamics import GaussianEnsemble
+from pplrl.replay import Batch
+from pplrl.runner import train
+
+TINY = dict(hidden=(16, 16), batch_size=32, learning_starts=100, gradient_steps=1, model_train_freq=100,
+            model_epochs=1, ensemble_size=3, num_elites=2, model_hidden=(16, 16), rollout_batch_size=32,
+            model_buffer_size=1000)
+
+
+def agent(cls=VMBPO, **kw):
+    torch.manual_seed(0)
+    a = cls(cls.Config(**{**TINY, **kw}), 3, 1)
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        o = rng.normal(size=3).astype(np.float32)
+        act = rng.uniform(-1, 1, 1).astype(np.float32)
+        a.observe(o, act, float(-o @ o), o + 0.1 * act.sum(), False)
+    a.fit_model()
+    a.fit_variational_dynamics(0)
+    return a
+
+
+def batch(n=8, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return Batch(torch.randn(n, 3, generator=g), torch.rand(n, 1, generator=g) * 2 - 1, -torch.rand(n, generator=g),
+                 torch.randn(n, 3, generator=g), (torch.rand(n, generator=g) < 0.2).float())
+
+
+def test_step1_weights_by_hand():
+    a, b = agent(VMBPO, eta=0.5), batch()
+    v = a.value_target(b.next_obs)
+    expected = torch.exp(0.5 * (b.rew + 0.99 * (1 - b.done) * v - a.critic_target.min(b.obs, b.act)))
+    torch.testing.assert_close(a.dynamics_weights(b, 0), expected)
+    beta = agent(BetaVMBPO, beta_init=0.05)  # large 1/beta: the clamp (-4, 4) of App. C.1 bites
+    torch.manual_seed(3)
+    w = beta.dynamics_weights(b, 0)
+    torch.manual_seed(3)
+    d = beta.policy(b.next_obs)
+    a2 = d.rsample()
+    soft_v = beta.critic_target.min(b.next_obs, a2) - (d.log_prob(a2) - beta.prior_policy(b.next_obs).log_prob(a2)) / 20.0
+    td = 20.0 * (b.rew + 0.99 * (1 - b.done) * soft_v - beta.critic_target.min(b.obs, b.act))
+    torch.testing.assert_close(w, td.clamp(-4, 4).exp())
+    assert w.max() <= np.exp(4) + 1e-4 and w.min() >= np.exp(-4) - 1e-6
+
+
+def test_step2_nu_loss_by_hand():
+    a, b = agent(VMBPO), batch()
+    model_next = b.next_obs + 0.3
+    nu_q = a.nu(torch.cat([b.obs, b.act, model_next], -1)).squeeze(-1)
+    nu_p = a.nu(torch.cat([b.obs, b.act, b.next_obs], -1)).squeeze(-1)
+    torch.testing.assert_close(a.nu_loss(b, model_next, 0), -(nu_q.mean() - nu_p.exp().mean()))
+
+
+def test_step3_critic_and_value_losses_by_hand():
+    a, b = agent(VMBPO, eta=2.0), batch()
+    ratio = torch.linspace(-1, 1, 8)
+    y = b.rew + 0.99 * (1 - b.done) * a.value_target(b.next_obs) - ratio / 2.0
+    q1, q2 = a.critic(b.obs, b.act)
+    expected = ((q1 - y) ** 2).mean() + ((q2 - y) ** 2).mean()
+    torch.testing.assert_close(a.critic_loss(b, ratio, 0), expected)
+    torch.manual_seed(4)
+    vl = a.value_loss(b.obs)
+    torch.manual_seed(4)
+    d = a.policy(b.obs)
+    act = d.sample()
+    target = a.critic.min(b.obs, act) - (d.log_prob(act) - a.prior_policy(b.obs).log_prob(act)) / 2.0
+    torch.testing.assert_close(vl, ((a.value(b.obs) - target) ** 2).mean())
+
+
+def test_mfe_exponential_td_critic_by_hand():
+    a, b = agent(VMBPOMFE, eta=0.5), batch()
+    y = b.rew + 0.99 * (1 - b.done) * a.value_target(b.next_obs)
+    q1, q2 = a.critic(b.obs, b.act)
+    expected = torch.expm1(0.5 * (q1 - y)).square().mean() + torch.expm1(0.5 * (q2 - y)).square().mean()
+    torch.testing.assert_close(a.critic_loss(b, None, 0), expected)
+
+
+def test_step4_actor_elbo_by_hand():
+    a, b = agent(VMBPO, eta=2.0), batch()
+    pyro.set_rng_seed(7)
+    loss, terms = a.actor_loss(b.obs)
+    pyro.set_rng_seed(7)
+    d = a.policy(b.obs)
+    act = d.rsample()
+    expected = ((d.log_prob(act) - a.prior_policy(b.obs).log_prob(act)) / 2.0 - a.critic.min(b.obs, act)).mean()
+    assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
+    assert terms["reward"] == pytest.approx(float(2.0 * a.critic.min(b.obs, act).sum().detach()), rel=1e-5)
+
+
+def test_dual_descent_on_beta():
+    a = agent(BetaVMBPO, beta_init=1.0, epsilon_kl=0.5, beta_lr=0.1)
+    a.update_beta(kl=2.0)  # KL above epsilon: beta goes up
+    assert a.beta > 1.0
+    b = agent(BetaVMBPO, beta_init=1.0, epsilon_kl=0.5, beta_lr=0.1)
+    b.update_beta(kl=0.1)  # below: beta goes down
+    assert b.beta < 1.0
+    c = agent(BetaVMBPO, beta_init=9.9e6, beta_lr=1.0)
+    for _ in range(5):
+        c.update_beta(kl=1e3)
+    assert c.beta == pytest.approx(1e7, rel=1e-5)  # clamped, App. C.4
+    torch.testing.assert_close(a.dual_beta_loss(0.2), a.log_beta.exp() * (0.5 - 0.2))
+
+
+def test_beta_one_fixed_reproduces_vmbpo_losses():
+    """beta-VMBPO's code with beta = 1 fixed (and VMBPO's estimator choices) computes
+    exactly VMBPO's losses with eta = 1: one implementation, scale = eta = 1/beta."""
+    shared = dict(log_ratio="nu", critic_log_ratio=True, value_network=True, td_clamp=None)
+    v = agent(VMBPO, eta=1.0, **shared)
+    bv = agent(BetaVMBPO, beta_init=1.0, learn_beta=False, **shared)
+    for p1, p2 in zip(v.critic.parameters(), bv.critic.parameters()):
+        assert torch.equal(p1, p2)
+    b, ratio = batch(), torch.linspace(-1, 1, 8)
+    assert v.scale == bv.scale == 1.0
+    torch.testing.assert_close(v.dynamics_weights(b, 0), bv.dynamics_weights(b, 0))
+    torch.testing.assert_close(v.critic_loss(b, ratio, 0), bv.critic_loss(b, ratio, 0))
+    pyro.set_rng_seed(2)
+    l1 = v.actor_loss(b.obs)[0]
+    pyro.set_rng_seed(2)
+    l2 = bv.actor_loss(b.obs)[0]
+    torch.testing.assert_close(l1, l2)
+
+
+def test_weighted_q_d_fit_matches_closed_form():
+    """p(x'|x,a) = N(x + a, 0.5^2) and V(x') = k x' give q_d* = N(x + a + k 0.25, 0.5^2)
+    (eq. 14: exponential tilting of a Gaussian); the weighted likelihood of step 1 recovers it.
+    TOL: mean shift within 0.05 of 0.25, std within 15 % of 0.5."""
+    torch.manual_seed(0)
+    n, k = 6000, 1.0
+    obs, act = torch.randn(n, 1), torch.rand(n, 1) * 2 - 1
+    nxt = obs + act + 0.5 * torch.randn(n, 1)
+    w = torch.exp(k * (nxt - obs - act)).squeeze(-1)  # exp(V(x') - Q(x,a)) up to a per-(x,a) constant
+    with pyro.settings.context(module_local_params=True):
+        ens = GaussianEnsemble(1, 1, ensemble_size=2, num_elites=2, hidden=(32, 32), name="test_qd")
+        ens.fit(obs, act, nxt, torch.zeros(n), epochs=40, weights=w, seed=0, lr=3e-3)
+        x, a = torch.zeros(200, 1), torch.linspace(-0.8, 0.8, 200)[:, None]
+        _, _, info = ens.predict(x, a, deterministic=True)
+    shift = info["mean"][:, 0] - a[:, 0]
+    assert float(shift.mean()) == pytest.approx(k * 0.25, abs=0.05)
+    assert float(info["var"][:, 0].sqrt().mean()) == pytest.approx(0.5, rel=0.15)
+
+
+def test_diverging_exponent_is_named():
+    a = agent(VMBPO, max_log_weight=1e-3)
+    b = batch()
+    b = Batch(b.obs, b.act, b.rew + 100.0, b.next_obs, b.done)
+    with pytest.raises(NonFiniteError, match=r"q_d weight exp\(TD\).*step 17"):
+        a.dynamics_weights(b, 17)
+
+
+@pytest.mark.parametrize("kw, match", [(dict(beta_init=0.0), "beta init"), (dict(epsilon_kl=-1.0), "epsilon"),
+                                       (dict(eta=0.0), "eta"), (dict(rollout_length=0), "rollout length"),
+                                       (dict(log_ratio="x"), "log_ratio")])
+def test_bad_input(kw, match):
+    with pytest.raises(ValueError, match=match):
+        VMBPOConfig(**kw).validate()
+
+
+@pytest.mark.parametrize("algo", ["vmbpo", "vmbpo-mfe", "beta-vmbpo"])
+def test_short_runs_log_every_term(algo, tmp_path):
+    import json
+
+    cfg = default_config(algo, **TINY)
+    train(algo, cfg, tmp_path, 300, eval_every=300, eval_episodes=1, checkpoint_every=300, progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r["kind"] == "train"]
+    assert train_rows and all(k in train_rows[-1] for k in ("elbo", "elbo_kl_policy", "kl_dynamics", "beta",
+                                                             "critic_loss", "actor_loss"))
+    assert any(r["kind"] == "eval" for r in rows)
