@@ -14,7 +14,7 @@ from pplrl.replay import Batch
 from pplrl.runner import train
 
 TINY = dict(hidden=(16, 16), batch_size=32, learning_starts=100, gradient_steps=1, model_train_freq=100,
-            model_epochs=1, ensemble_size=3, num_elites=2, model_hidden=(16, 16), rollout_batch_size=32,
+            model_epochs=1, model_min_updates=0, ensemble_size=3, num_elites=2, model_hidden=(16, 16), rollout_batch_size=32,
             model_buffer_size=1000)
 
 

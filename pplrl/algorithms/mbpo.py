@@ -17,6 +17,7 @@ a Pendulum run fits on two cores; override them with ``--set``.
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,6 +37,10 @@ class MBPOConfig(SACConfig):
     """SAC updates per environment step (paper: 20)"""
     model_train_freq: int = 250
     model_epochs: int = 5
+    model_min_updates: int = 400
+    """at least this many SVI steps per model fit: 5 epochs of a small early buffer are
+    a few dozen steps and leave the model badly underfit (measured: reward RMSE 1.5 vs
+    0.19 on Pendulum); mbrl-lib's MBPO trains to hold-out convergence instead"""
     ensemble_size: int = 7
     num_elites: int = 5
     model_hidden: tuple[int, ...] = (200, 200, 200, 200)
@@ -50,6 +55,8 @@ class MBPOConfig(SACConfig):
         for name in ("model_train_freq", "model_epochs", "rollout_batch_size", "model_buffer_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.model_min_updates < 0:
+            raise ValueError(f"model_min_updates must be >= 0, got {self.model_min_updates}")
         if self.rollout_length <= 0:
             raise ValueError(f"rollout length must be > 0, got {self.rollout_length}")
         if not 0.0 <= self.real_ratio <= 1.0:
@@ -72,9 +79,14 @@ class MBPO(SAC):
     def sample_batch(self) -> Batch:
         return sample_mixed(self.replay, self.model_replay, self.config.batch_size, self.config.real_ratio, self.rng)
 
+    def model_epochs(self, n: int) -> int:
+        """Epochs for a fit on ``n`` transitions: model_epochs, or more to reach model_min_updates."""
+        steps_per_epoch = max(1, math.ceil(0.8 * n / 256))
+        return max(self.config.model_epochs, math.ceil(self.config.model_min_updates / steps_per_epoch))
+
     def fit_model(self) -> dict:
         data = self.replay.all()
-        info = self.ensemble.fit(data.obs, data.act, data.next_obs, data.rew, epochs=self.config.model_epochs,
+        info = self.ensemble.fit(data.obs, data.act, data.next_obs, data.rew, epochs=self.model_epochs(len(data)),
                                  seed=int(self.rng.integers(2**31)))
         self.last_model_fit = info
         return info

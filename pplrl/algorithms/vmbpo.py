@@ -203,7 +203,7 @@ class VariationalAgent(MBPO):
         data = self.replay.all()
         weights = torch.cat([self.dynamics_weights(Batch(*(t[i:i + 4096] for t in (
             data.obs, data.act, data.rew, data.next_obs, data.done))), step) for i in range(0, len(data.obs), 4096)])
-        info = self.q_dynamics.fit(data.obs, data.act, data.next_obs, data.rew, epochs=self.config.model_epochs,
+        info = self.q_dynamics.fit(data.obs, data.act, data.next_obs, data.rew, epochs=self.model_epochs(len(data)),
                                    weights=weights, seed=int(self.rng.integers(2**31)))
         self.q_dynamics_fitted = True
         return {"q_d_train_loss": info["train_loss"][-1], "q_d_weight_max": float(weights.max()),
