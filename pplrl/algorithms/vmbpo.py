@@ -206,8 +206,13 @@ class VariationalAgent(MBPO):
         info = self.q_dynamics.fit(data.obs, data.act, data.next_obs, data.rew, epochs=self.model_epochs(len(data)),
                                    weights=weights, seed=int(self.rng.integers(2**31)))
         self.q_dynamics_fitted = True
+        with torch.no_grad():
+            real = self.replay.sample(self.config.batch_size, self.rng)
+            nxt, _, _ = self.q_dynamics.predict(real.obs, real.act)
+            kl = float((self.ensemble_log_density(self.q_dynamics, real.obs, real.act, nxt)
+                        - self.ensemble_log_density(self.ensemble, real.obs, real.act, nxt)).mean())
         return {"q_d_train_loss": info["train_loss"][-1], "q_d_weight_max": float(weights.max()),
-                "q_d_weight_mean": float(weights.mean())}
+                "q_d_weight_mean": float(weights.mean()), "kl_dynamics_ensembles": kl}
 
     # -- step 2: log-likelihood ratio ------------------------------------------------------------
     def ensemble_log_density(self, ensemble: GaussianEnsemble, obs, act, next_obs) -> torch.Tensor:
@@ -373,18 +378,12 @@ class VariationalAgent(MBPO):
         self.actor_opt.zero_grad()
         actor_loss.backward()
         self.actor_opt.step()
-        # KL(q_d || p) and the dual on beta
-        if log_ratio is not None or c.learn_beta:
-            with torch.no_grad():
-                if c.log_ratio == "ensembles" or log_ratio is None:
-                    nxt, _, _ = self.q_dynamics.predict(real.obs, real.act)
-                    kl = float((self.ensemble_log_density(self.q_dynamics, real.obs, real.act, nxt)
-                                - self.ensemble_log_density(self.ensemble, real.obs, real.act, nxt)).mean())
-                else:
-                    kl = float(log_ratio.mean())
-            self.last_kl = kl
+        # KL(q_d || p) = E_{x'~q_d}[log q_d/p]: the mean of the log-ratio estimate on the model
+        # samples (model-based E-step); VMBPO-MFE has no model samples here and logs it at fits
+        if log_ratio is not None:
+            self.last_kl = float(log_ratio.mean())
             if c.learn_beta:
-                self.update_beta(kl)
+                self.update_beta(self.last_kl)
         polyak_update(self.critic, self.critic_target, c.tau)
         polyak_update(self.value, self.value_target, c.tau)
         B = batch.obs.shape[0]
