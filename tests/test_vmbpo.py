@@ -48,7 +48,9 @@ def test_step1_weights_by_hand():
     torch.manual_seed(3)
     d = beta.policy(b.next_obs)
     a2 = d.rsample()
-    soft_v = beta.critic_target.min(b.next_obs, a2) - (d.log_prob(a2) - beta.prior_policy(b.next_obs).log_prob(a2)) / 20.0
+    log_q = d.log_prob(a2)
+    soft_v = beta.critic_target.min(b.next_obs, a2) - (log_q - beta.prior_policy(b.next_obs).log_prob(a2)) / 20.0
+    soft_v = soft_v - beta.alpha * log_q  # App. C.1's entropy regulariser (on by default)
     td = 20.0 * (b.rew + 0.99 * (1 - b.done) * soft_v - beta.critic_target.min(b.obs, b.act))
     torch.testing.assert_close(w, td.clamp(-4, 4).exp())
     assert w.max() <= np.exp(4) + 1e-4 and w.min() >= np.exp(-4) - 1e-6
@@ -115,7 +117,8 @@ def test_dual_descent_on_beta():
 def test_beta_one_fixed_reproduces_vmbpo_losses():
     """beta-VMBPO's code with beta = 1 fixed (and VMBPO's estimator choices) computes
     exactly VMBPO's losses with eta = 1: one implementation, scale = eta = 1/beta."""
-    shared = dict(log_ratio="nu", critic_log_ratio=True, value_network=True, td_clamp=None)
+    shared = dict(log_ratio="nu", critic_log_ratio=True, value_network=True, td_clamp=None,
+                  entropy_regularizer=False)
     v = agent(VMBPO, eta=1.0, **shared)
     bv = agent(BetaVMBPO, beta_init=1.0, learn_beta=False, **shared)
     for p1, p2 in zip(v.critic.parameters(), bv.critic.parameters()):

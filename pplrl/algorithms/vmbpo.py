@@ -98,6 +98,9 @@ class VMBPOConfig(MBPOConfig):
     map_steps: int = 1
     real_ratio: float = 0.0
     """share of real transitions in critic batches (the papers use model samples only)"""
+    entropy_regularizer: bool = False
+    """add SAC's auto-tuned entropy bonus to critic and actor (beta paper App. C.1 found
+    it helps exploration); the KL to the prior is zero-gradient right after pi <- q_c"""
 
     def validate(self) -> None:
         super().validate()
@@ -188,8 +191,9 @@ class VariationalAgent(MBPO):
                 return self.value_target(obs)
             d = self.policy(obs)
             a = d.rsample()
-            kl = d.log_prob(a) - self.prior_policy(obs).log_prob(a)
-            return self.critic_target.min(obs, a) - kl / self.scale
+            log_q = d.log_prob(a)
+            v = self.critic_target.min(obs, a) - (log_q - self.prior_policy(obs).log_prob(a)) / self.scale
+            return v - self.alpha * log_q if self.config.entropy_regularizer else v
 
     # -- step 1: variational dynamics ------------------------------------------------------
     def dynamics_weights(self, batch: Batch, step: int) -> torch.Tensor:
@@ -284,7 +288,12 @@ class VariationalAgent(MBPO):
         """-ELBO / (B scale) of actor_model (prior pi, factor scale * Q) vs q_c: eq. (25) / eq. (13)."""
         loss = self.actor_elbo.differentiable_loss(actor_model, actor_guide, obs, self.prior_policy, self.critic.min,
                                                    self.scale, policy=self.policy)
-        return loss / (obs.shape[0] * self.scale), self.actor_elbo.last_terms
+        loss = loss / (obs.shape[0] * self.scale)
+        if self.config.entropy_regularizer:  # + alpha E_q[log q], on its own reparameterised sample
+            d = self.policy(obs)
+            self._log_q = d.log_prob(d.rsample())
+            loss = loss + self.alpha * self._log_q.mean()
+        return loss, self.actor_elbo.last_terms
 
     # -- M-step ---------------------------------------------------------------------------
     def m_step(self, obs: torch.Tensor) -> float:
@@ -378,6 +387,12 @@ class VariationalAgent(MBPO):
         self.actor_opt.zero_grad()
         actor_loss.backward()
         self.actor_opt.step()
+        if c.entropy_regularizer and c.autotune_alpha:
+            alpha_loss = -self.log_alpha * (float(self._log_q.detach().mean()) + self.target_entropy)
+            self.alpha_opt.zero_grad()
+            alpha_loss.backward()
+            self.alpha_opt.step()
+            metrics["alpha"] = float(self.alpha)
         # KL(q_d || p) = E_{x'~q_d}[log q_d/p]: the mean of the log-ratio estimate on the model
         # samples (model-based E-step); VMBPO-MFE has no model samples here and logs it at fits
         if log_ratio is not None:
@@ -444,6 +459,7 @@ class BetaVMBPOConfig(VMBPOConfig):
     log_ratio: str = "ensembles"
     critic_log_ratio: bool = False
     value_network: bool = False
+    entropy_regularizer: bool = True
 
 
 class VMBPO(VariationalAgent):
