@@ -3,14 +3,57 @@
 from __future__ import annotations
 
 import pyro
+import pyro.distributions as dist
+import torch
 
+from guides.continuous import TanhNormal
 from models.trajectory import site_name
 
 
-def actor_guide(obs, prior_policy, q_fn, scale, policy=None) -> None:
+class StickingTheLanding(dist.TorchDistribution):
+    """``rsample`` from ``base``; ``log_prob`` with ``base``'s parameters detached.
+
+    The "sticking the landing" gradient estimator (Roeder, Wu and Duvenaud 2017):
+    it drops the score term E_q[grad_theta log q_theta(a)] of the reparameterised
+    ELBO gradient, which has expectation zero but, multiplied by a large KL weight
+    (beta-VMBPO's 1/scale = beta, ~100), swamps the critic's gradient. Unbiased; the
+    ELBO's value is unchanged.
+    """
+
+    has_rsample = True
+
+    def __init__(self, base, detached):
+        self.base, self.detached = base, detached
+        super().__init__(base.batch_shape, base.event_shape, validate_args=False)
+
+    @property
+    def support(self):
+        return self.base.support
+
+    def rsample(self, sample_shape=torch.Size()):
+        return self.base.rsample(sample_shape)
+
+    def log_prob(self, value):
+        return self.detached.log_prob(value)
+
+
+def detached(d):
+    """A copy of a policy distribution (TanhNormal or Normal.to_event(1)) with detached parameters."""
+    if isinstance(d, TanhNormal):
+        return TanhNormal(d.loc.detach(), d.scale.detach(), d.low, d.high)
+    if isinstance(d, dist.Independent) and isinstance(d.base_dist, dist.Normal):
+        return dist.Normal(d.base_dist.loc.detach(), d.base_dist.scale.detach()).to_event(d.reinterpreted_batch_ndims)
+    raise TypeError(f"no detached copy for {type(d).__name__}")
+
+
+def actor_guide(obs, prior_policy, q_fn, scale, policy=None, sticking_the_landing: bool = False) -> None:
     """Samples ``a_0`` from ``policy(obs)`` (e.g. a :class:`guides.continuous.GaussianPolicy`),
-    reparameterised, on the same plate as the model."""
+    reparameterised, on the same plate as the model; optionally with the
+    :class:`StickingTheLanding` gradient estimator."""
     if policy is None:
         raise ValueError("actor_guide needs the variational policy module (policy=...)")
     with pyro.plate("states", obs.shape[0], dim=-1):
-        pyro.sample(site_name("a", 0), policy(obs))
+        d = policy(obs)
+        if sticking_the_landing:
+            d = StickingTheLanding(d, detached(d))
+        pyro.sample(site_name("a", 0), d)

@@ -37,8 +37,9 @@ def flat_prior(act_dim: int, low: float = -1.0, high: float = 1.0) -> Callable[[
 
 
 def actor_model(obs: torch.Tensor, prior_policy, q_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                scale: float | torch.Tensor, policy=None) -> None:
-    """Prior policy and critic optimality factor on a batch of states ``obs`` [B, d]."""
+                scale: float | torch.Tensor, policy=None, sticking_the_landing: bool = False) -> None:
+    """Prior policy and critic optimality factor on a batch of states ``obs`` [B, d].
+    (``policy`` and ``sticking_the_landing`` are the guide's; the model ignores them.)"""
     with pyro.plate("states", obs.shape[0], dim=-1):
         a = pyro.sample(site_name("a", 0), prior_policy(obs))
         pyro.factor(site_name("opt", 0), scale * q_fn(obs, a))

@@ -180,3 +180,28 @@ def test_short_runs_log_every_term(algo, tmp_path):
     assert train_rows and all(k in train_rows[-1] for k in ("elbo", "elbo_kl_policy", "kl_dynamics", "beta",
                                                              "critic_loss", "actor_loss"))
     assert any(r["kind"] == "eval" for r in rows)
+
+
+def test_sticking_the_landing_keeps_the_value_and_drops_the_score_noise():
+    """Same ELBO value; with pi = q_c the KL gradient is exactly zero under STL."""
+    a, b = agent(VMBPO, eta=0.01, sticking_the_landing=True), batch(64)
+    a.prior_policy.load_state_dict(a.policy.state_dict())
+    critic_min = a.critic.min
+    a.critic.min = lambda o, act: torch.zeros(o.shape[0])  # only the KL term remains
+    try:
+        pyro.set_rng_seed(0)
+        loss, _ = a.actor_loss(b.obs)
+        loss.backward()
+        assert abs(float(loss.detach())) < 1e-5
+        assert all(float(p.grad.abs().max()) < 1e-4 for p in a.policy.parameters())
+        a.policy.zero_grad()
+        plain = agent(VMBPO, eta=0.01, sticking_the_landing=False)
+        plain.prior_policy.load_state_dict(plain.policy.state_dict())
+        plain.critic.min = lambda o, act: torch.zeros(o.shape[0])
+        pyro.set_rng_seed(0)
+        loss2, _ = plain.actor_loss(b.obs)
+        loss2.backward()
+        assert abs(float(loss2.detach())) < 1e-5
+        assert max(float(p.grad.abs().max()) for p in plain.policy.parameters()) > 1e-2  # score noise
+    finally:
+        a.critic.min = critic_min

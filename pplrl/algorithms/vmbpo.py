@@ -98,6 +98,10 @@ class VMBPOConfig(MBPOConfig):
     map_steps: int = 1
     real_ratio: float = 0.0
     """share of real transitions in critic batches (the papers use model samples only)"""
+    sticking_the_landing: bool = True
+    """actor gradient without the zero-mean score term (guides.actor.StickingTheLanding):
+    with pi <- q_c every step the KL term's value is 0 but its score gradient, weighted by
+    1/scale, is pure noise"""
     entropy_regularizer: bool = False
     """add SAC's auto-tuned entropy bonus to critic and actor (beta paper App. C.1 found
     it helps exploration); the KL to the prior is zero-gradient right after pi <- q_c"""
@@ -287,7 +291,8 @@ class VariationalAgent(MBPO):
     def actor_loss(self, obs: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """-ELBO / (B scale) of actor_model (prior pi, factor scale * Q) vs q_c: eq. (25) / eq. (13)."""
         loss = self.actor_elbo.differentiable_loss(actor_model, actor_guide, obs, self.prior_policy, self.critic.min,
-                                                   self.scale, policy=self.policy)
+                                                   self.scale, policy=self.policy,
+                                                   sticking_the_landing=self.config.sticking_the_landing)
         loss = loss / (obs.shape[0] * self.scale)
         if self.config.entropy_regularizer:  # + alpha E_q[log q], on its own reparameterised sample
             d = self.policy(obs)
