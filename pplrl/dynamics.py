@@ -253,7 +253,8 @@ class GaussianEnsemble(PyroModule):
         mean, logvar = self(obs, act)
         target = self.target(obs, next_obs, reward).expand_as(mean)
         n_members, batch = mean.shape[:2]
-        scale = 1.0 / batch if weight is None else weight.expand(n_members, batch) / batch
+        # weights that underflowed to 0 are floored at 1e-30 (poutine.scale needs > 0)
+        scale = 1.0 / batch if weight is None else weight.expand(n_members, batch).clamp_min(1e-30) / batch
         with pyro.plate("members", n_members, dim=-2), pyro.plate("data", batch, dim=-1), \
                 poutine.scale(scale=scale):
             pyro.sample("target", dist.Normal(mean, (0.5 * logvar).exp()).to_event(1), obs=target)

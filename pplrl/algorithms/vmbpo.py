@@ -200,17 +200,28 @@ class VariationalAgent(MBPO):
             return v - self.alpha * log_q if self.config.entropy_regularizer else v
 
     # -- step 1: variational dynamics ------------------------------------------------------
-    def dynamics_weights(self, batch: Batch, step: int) -> torch.Tensor:
-        """exp(scale (r + gamma (1 - d) V'(x') - Q'(x, a))), VMBPO eq. (19) / beta eq. (11)."""
+    def dynamics_log_weights(self, batch: Batch) -> torch.Tensor:
+        """scale (r + gamma (1 - d) V'(x') - Q'(x, a)), clamped to (-td_clamp, td_clamp) if set."""
         with torch.no_grad():
             td = batch.rew + self.config.gamma * (1 - batch.done) * self.soft_value_target(batch.next_obs) \
                 - self.critic_target.min(batch.obs, batch.act)
-            return self._exp_weight(self.scale * td, "q_d weight exp(TD)", step)
+            logit = self.scale * td
+            if self.config.td_clamp is not None:
+                logit = logit.clamp(-self.config.td_clamp, self.config.td_clamp)
+            return logit
+
+    def dynamics_weights(self, batch: Batch, step: int) -> torch.Tensor:
+        """exp(scale (r + gamma (1 - d) V'(x') - Q'(x, a))), VMBPO eq. (19) / beta eq. (11)."""
+        return self._exp_weight(self.dynamics_log_weights(batch), "q_d weight exp(TD)", step)
 
     def fit_variational_dynamics(self, step: int) -> dict:
         data = self.replay.all()
-        weights = torch.cat([self.dynamics_weights(Batch(*(t[i:i + 4096] for t in (
-            data.obs, data.act, data.rew, data.next_obs, data.done))), step) for i in range(0, len(data.obs), 4096)])
+        log_w = torch.cat([self.dynamics_log_weights(Batch(*(t[i:i + 4096] for t in (
+            data.obs, data.act, data.rew, data.next_obs, data.done)))) for i in range(0, len(data.obs), 4096)])
+        if not torch.all(torch.isfinite(log_w)):
+            raise NonFiniteError(f"q_d weight exp(TD) is not finite at step {step}")
+        # the fit only needs weights up to a constant: exp(log_w - max) never overflows
+        weights = torch.exp(log_w - log_w.max())
         info = self.q_dynamics.fit(data.obs, data.act, data.next_obs, data.rew, epochs=self.model_epochs(len(data)),
                                    weights=weights, seed=int(self.rng.integers(2**31)))
         self.q_dynamics_fitted = True
