@@ -88,7 +88,6 @@ def ensemble_rows(repeats: int, inner: int, batch_size: int) -> list[dict]:
         from pplrl.dynamics import GaussianEnsemble
     except ImportError:
         return []
-    import inspect
 
     model = GaussianEnsemble(3, 1)
     obs, act = torch.randn(batch_size, 3), torch.randn(batch_size, 1)

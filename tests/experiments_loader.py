@@ -11,3 +11,20 @@ def load_experiment(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def interrupted_and_resumed(algo: str, config, folder: Path, steps: int = 600, cut_at: int = 450, **train_kw):
+    """Train into ``folder`` with a KeyboardInterrupt at ``cut_at``, then resume to ``steps``;
+    returns (checkpoint step seen after the interruption, resumed agent)."""
+    import pytest
+
+    from pplrl.runner import load_checkpoint, train
+
+    def interrupt(step, metrics):
+        if step == cut_at:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(algo, config, folder, steps, callback=interrupt, **train_kw)
+    kept = load_checkpoint(folder, algo)["step"]
+    return kept, train(algo, config, folder, steps, resume=True, **train_kw)

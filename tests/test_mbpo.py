@@ -3,9 +3,10 @@
 import numpy as np
 import pytest
 import torch
+from experiments_loader import interrupted_and_resumed
 
 from pplrl.algorithms import MBPO, default_config
-from pplrl.runner import load_checkpoint, train
+from pplrl.runner import train
 
 TINY = dict(hidden=(32, 32), batch_size=32, learning_starts=100, gradient_steps=1, model_train_freq=100,
             model_epochs=1, model_min_updates=0, ensemble_size=3, num_elites=2, model_hidden=(32, 32), rollout_batch_size=64,
@@ -34,16 +35,9 @@ def test_mbpo_resume_equals_uninterrupted(tmp_path):
     full = train("mbpo", tiny(), tmp_path / "full", 600, eval_every=200, eval_episodes=1, checkpoint_every=200,
                  progress=False)
 
-    def interrupt(step, metrics):
-        if step == 450:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train("mbpo", tiny(), tmp_path / "cut", 600, eval_every=200, eval_episodes=1, checkpoint_every=200,
-              progress=False, callback=interrupt)
-    assert load_checkpoint(tmp_path / "cut", "mbpo")["step"] == 400
-    resumed = train("mbpo", tiny(), tmp_path / "cut", 600, eval_every=200, eval_episodes=1, checkpoint_every=200,
-                    progress=False, resume=True)
+    kept, resumed = interrupted_and_resumed("mbpo", tiny(), tmp_path / "cut", 600, eval_every=200,
+                                            eval_episodes=1, checkpoint_every=200, progress=False)
+    assert kept == 400  # the last checkpoint is kept
     for p1, p2 in zip(full.policy.parameters(), resumed.policy.parameters()):
         assert torch.equal(p1, p2)
     for p1, p2 in zip(full.ensemble.parameters(), resumed.ensemble.parameters()):

@@ -6,6 +6,7 @@ import numpy as np
 import pyro
 import pytest
 import torch
+from experiments_loader import interrupted_and_resumed
 
 from pplrl.algorithms import SAC, SACConfig, apply_overrides, default_config
 from pplrl.cli import main as cli
@@ -90,16 +91,9 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path):
     full = train("sac", tiny(), tmp_path / "full", 600, eval_every=200, eval_episodes=1, checkpoint_every=200,
                  progress=False)
 
-    def interrupt(step, metrics):
-        if step == 450:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train("sac", tiny(), tmp_path / "cut", 600, eval_every=200, eval_episodes=1, checkpoint_every=200,
-              progress=False, callback=interrupt)
-    assert load_checkpoint(tmp_path / "cut")["step"] == 400  # the last checkpoint is kept
-    resumed = train("sac", tiny(), tmp_path / "cut", 600, eval_every=200, eval_episodes=1, checkpoint_every=200,
-                    progress=False, resume=True)
+    kept, resumed = interrupted_and_resumed("sac", tiny(), tmp_path / "cut", 600, eval_every=200,
+                                            eval_episodes=1, checkpoint_every=200, progress=False)
+    assert kept == 400  # the last checkpoint is kept
     for p1, p2 in zip(full.policy.parameters(), resumed.policy.parameters()):
         assert torch.equal(p1, p2)
     assert (tmp_path / "full" / "metrics.jsonl").read_text() == (tmp_path / "cut" / "metrics.jsonl").read_text()

@@ -4,7 +4,6 @@ variable elimination (TraceEnum_ELBO with every model site enumerated)."""
 import math
 
 import numpy as np
-import pyro
 import pyro.distributions as dist
 import pytest
 import torch

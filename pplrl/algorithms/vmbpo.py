@@ -49,14 +49,11 @@ import copy
 from dataclasses import dataclass
 
 import numpy as np
-import pyro
 import torch
 import torch.nn.functional as F
 
 from guides.actor import actor_guide
-from guides.continuous import GaussianPolicy
 from models.actor import actor_model
-from pplrl.algorithms.base import Agent
 from pplrl.algorithms.mbpo import MBPO, MBPOConfig, _names
 from pplrl.diagnostics import NonFiniteError
 from pplrl.dynamics import GaussianEnsemble
@@ -174,9 +171,7 @@ class VariationalAgent(MBPO):
                                  f"{float(logit.max()):.3g} > {self.config.max_log_weight}")
 
     def _exp_weight(self, logit: torch.Tensor, name: str, step: int) -> torch.Tensor:
-        """exp(logit), clamped to (-td_clamp, td_clamp) where the paper clamps, checked otherwise."""
-        if self.config.td_clamp is not None:
-            logit = logit.clamp(-self.config.td_clamp, self.config.td_clamp)
+        """exp(logit) after :meth:`_check_exponent` (the paper's TD clamp is applied by the caller)."""
         self._check_exponent(logit, name, step)
         return logit.exp()
 

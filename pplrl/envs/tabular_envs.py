@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pplrl.tabular import TabularMDP, check_gamma
+from pplrl.tabular import TabularMDP
 
 
 def risky_arm(p_bad: float = 0.9, bad_reward: float = -10.0, safe_reward: float = -5.0) -> TabularMDP:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gymnasium as gym
-import numpy as np
 from gymnasium import spaces
 
 from pplrl.tabular import TabularMDP
