@@ -116,7 +116,11 @@ def _read_metrics(path: Path, up_to_step: int) -> list[str]:
 def train(algo: str, config, out: Path | str, total_steps: int, *, eval_every: int = 1000, eval_episodes: int = 5,
           checkpoint_every: int = 1000, resume: bool = False, progress: bool = True,
           callback: Callable[[int, dict], None] | None = None) -> Agent:
-    """Train ``algo`` with ``config`` for ``total_steps`` environment steps into ``out``."""
+    """Train ``algo`` with ``config`` for ``total_steps`` environment steps into ``out``.
+
+    ``resume=True`` continues the run in ``out`` from its checkpoint with the config saved
+    there; ``config`` must then equal it (or be None), else a ValueError names the keys
+    that differ."""
     out = Path(out)
     if total_steps <= 0:
         raise ValueError(f"steps must be > 0, got {total_steps}")
@@ -127,9 +131,15 @@ def train(algo: str, config, out: Path | str, total_steps: int, *, eval_every: i
     out.mkdir(parents=True, exist_ok=True)
     if resume:
         state = load_checkpoint(out, algo)
-        saved = json.loads((out / CONFIG).read_text())
-        if saved["config"] != dataclasses.asdict(config) and config is not None:
-            config = ALGORITHMS[algo].Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved["config"].items()})
+        saved = json.loads((out / CONFIG).read_text())["config"]
+        if config is not None:
+            given = json.loads(json.dumps(dataclasses.asdict(config)))  # tuples as lists, as saved
+            differing = sorted(k for k in saved.keys() | given.keys() if saved.get(k) != given.get(k))
+            if differing:
+                details = ", ".join(f"{k}: saved {saved.get(k)!r}, given {given.get(k)!r}" for k in differing)
+                raise ValueError(f"cannot resume {out} with a different config ({details}); pass the saved "
+                                 f"config (or None) to resume, or train into a new folder")
+        config = ALGORITHMS[algo].Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
     else:
         if (out / CHECKPOINT).exists() or (out / METRICS).exists():
             raise RunError(f"{out} already holds a run; use --resume to continue it or choose another --out")

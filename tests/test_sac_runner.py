@@ -99,6 +99,19 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path):
     assert (tmp_path / "full" / "metrics.jsonl").read_text() == (tmp_path / "cut" / "metrics.jsonl").read_text()
 
 
+def test_resume_with_a_different_config_names_the_keys(tmp_path):
+    """resume=True with a config unlike the saved one raises (it used to pick the saved one
+    silently); the saved config itself, or None, resumes."""
+    train("sac", tiny(), tmp_path, 200, eval_every=200, eval_episodes=1, checkpoint_every=200, progress=False)
+    with pytest.raises(ValueError, match=r"different config \(batch_size: saved 32, given 64, lr: saved"):
+        train("sac", tiny(lr=1e-3, batch_size=64), tmp_path, 300, resume=True, eval_every=200, eval_episodes=1,
+              progress=False)
+    assert load_checkpoint(tmp_path, "sac")["step"] == 200  # nothing was touched
+    agent = train("sac", None, tmp_path, 250, resume=True, eval_every=200, eval_episodes=1, progress=False)
+    assert agent.config == tiny()
+    train("sac", tiny(), tmp_path, 300, resume=True, eval_every=200, eval_episodes=1, progress=False)
+
+
 def test_nan_loss_stops_with_step_and_name_and_keeps_checkpoint(tmp_path, monkeypatch):
     original = SAC.critic_target_value
 
