@@ -57,11 +57,47 @@ def test_step1_weights_by_hand():
 
 
 def test_step2_nu_loss_by_hand():
-    a, b = agent(VMBPO), batch()
+    a, b = agent(VMBPO, nu_clip=None), batch()
     model_next = b.next_obs + 0.3
     nu_q = a.nu(torch.cat([b.obs, b.act, model_next], -1)).squeeze(-1)
     nu_p = a.nu(torch.cat([b.obs, b.act, b.next_obs], -1)).squeeze(-1)
     torch.testing.assert_close(a.nu_loss(b, model_next, 0), -(nu_q.mean() - nu_p.exp().mean()))
+    # the p side from the prior model's samples (nu_reference='model'), nu softly bounded by 0.5
+    c = agent(VMBPO, nu_clip=0.5)
+    prior_next = b.next_obs - 0.2
+    raw_q = c.nu(torch.cat([b.obs, b.act, model_next], -1)).squeeze(-1)
+    raw_p = c.nu(torch.cat([b.obs, b.act, prior_next], -1)).squeeze(-1)
+    nu_q, nu_p = 0.5 * torch.tanh(raw_q / 0.5), 0.5 * torch.tanh(raw_p / 0.5)
+    torch.testing.assert_close(c.nu_loss(b, model_next, 0, prior_next), -(nu_q.mean() - nu_p.exp().mean()))
+    torch.testing.assert_close(c.log_ratio(b.obs, b.act, model_next), nu_q)
+
+
+def test_nu_clip_bounds_the_log_ratio():
+    """nu = c tanh(raw / c): |nu| < c whatever the network says, gradient never zero."""
+    a, b = agent(VMBPO, nu_clip=8.0), batch()
+    with torch.no_grad():
+        for p in a.nu.parameters():
+            p.mul_(50.0)
+        r = a.log_ratio(b.obs, b.act, b.next_obs)
+        raw = a.nu(torch.cat([b.obs, b.act, b.next_obs], -1)).squeeze(-1)
+    assert float(raw.abs().max()) > 8.0  # the network alone would exceed the bound
+    assert float(r.abs().max()) <= 8.0 and torch.all(torch.isfinite(r))
+    assert VMBPO.Config().nu_clip == 2 * VMBPO.Config().td_clamp  # log q_d/p of the clamped q_d
+
+
+def test_exp_td_loss_by_hand():
+    """(e^u - 1)^2 inside the clamp; its tangent outside (value and slope by hand)."""
+    from pplrl.algorithms.vmbpo import exp_td_loss
+
+    u = torch.tensor([-6.0, -1.0, 0.0, 0.5, 4.0, 7.0], requires_grad=True)
+    loss = exp_td_loss(u, 4.0)
+    f = lambda x: (np.exp(x) - 1) ** 2  # noqa: E731
+    df = lambda x: 2 * (np.exp(x) - 1) * np.exp(x)  # noqa: E731
+    expected = [f(-4) + df(-4) * (-2), f(-1), 0.0, f(0.5), f(4), f(4) + df(4) * 3]
+    np.testing.assert_allclose(loss.detach().numpy(), expected, rtol=1e-5)
+    loss.sum().backward()
+    np.testing.assert_allclose(u.grad.numpy(), [df(-4), df(-1), 0.0, df(0.5), df(4), df(4)], rtol=1e-5)
+    torch.testing.assert_close(exp_td_loss(u.detach(), None), torch.expm1(u.detach()).square())
 
 
 def test_step3_critic_and_value_losses_by_hand():
@@ -81,11 +117,42 @@ def test_step3_critic_and_value_losses_by_hand():
 
 
 def test_mfe_exponential_td_critic_by_hand():
-    a, b = agent(VMBPOMFE, eta=0.5), batch()
+    a, b = agent(VMBPOMFE, eta=0.5, td_clamp=None), batch()
     y = b.rew + 0.99 * (1 - b.done) * a.value_target(b.next_obs)
     q1, q2 = a.critic(b.obs, b.act)
     expected = torch.expm1(0.5 * (q1 - y)).square().mean() + torch.expm1(0.5 * (q2 - y)).square().mean()
     torch.testing.assert_close(a.critic_loss(b, None, 0), expected)
+    # with the clamp (the default, 4): a reward 40 below Q gives u = 0.5 * 40 = 20 > 4: tangent
+    c = agent(VMBPOMFE, eta=0.5)
+    far = Batch(b.obs, b.act, b.rew - 40.0, b.next_obs, b.done)
+    y = far.rew + 0.99 * (1 - far.done) * c.value_target(far.next_obs)
+    q1, q2 = c.critic(far.obs, far.act)
+
+    def tangent(u):
+        inside = u.clamp(-4, 4)
+        return torch.expm1(inside) ** 2 + 2 * torch.expm1(inside) * inside.exp() * (u - inside)
+    expected = tangent(0.5 * (q1 - y)).mean() + tangent(0.5 * (q2 - y)).mean()
+    torch.testing.assert_close(c.critic_loss(far, None, 0), expected)
+    assert float(expected.detach()) < 1e6  # linear in u: ~2e5 here; the plain loss would be ~exp(40) = 2e17
+
+
+def test_policy_log_ratio_is_exact_for_a_sharp_policy():
+    """pi = q_c gives log q_c/pi = 0 exactly, even for a nearly deterministic policy whose
+    samples sit at the tanh bounds (the cached pre-squash u made it up to 1e4 nats)."""
+    a, b = agent(VMBPO), batch(256)
+    with torch.no_grad():
+        last = a.policy.net.layers[-1]
+        last.weight.zero_()
+        last.bias.copy_(torch.tensor([6.0, -9.0]))  # mean 6 (tanh = 1 - 1e-5), log std -9
+    a.m_step(b.obs)
+    act, ratio, log_q = a.policy_log_ratio(b.obs)
+    assert torch.equal(ratio, torch.zeros_like(ratio))
+    assert torch.all(torch.isfinite(log_q))
+    torch.manual_seed(4)
+    vl = a.value_loss(b.obs)
+    torch.manual_seed(4)
+    act = a.policy(b.obs).sample()
+    torch.testing.assert_close(vl, ((a.value(b.obs) - a.critic.min(b.obs, act)) ** 2).mean())
 
 
 def test_step4_actor_elbo_by_hand():

@@ -76,8 +76,18 @@ class VMBPOConfig(MBPOConfig):
     beta_lr: float = 3e-4
     beta_min: float = 1e-3
     beta_max: float = 1e7
-    td_clamp: float | None = None
-    """clamp of the scaled TD error in the q_d weights (beta paper App. C.1: 4)"""
+    td_clamp: float | None = 4.0
+    """clamp of the scaled TD error in the q_d weights (beta paper App. C.1: 4, the authors'
+    VMBPO re-implementation on which beta-VMBPO is built; None: unclamped as in VMBPO eq. 19);
+    VMBPO-MFE's exp-TD critic continues its loss linearly beyond it (:func:`exp_td_loss`)"""
+    nu_clip: float | None = 8.0
+    """soft bound c of the log-ratio network: nu = c tanh(raw / c). With the TD clamp c_td the
+    target log q_d/p = clamped TD - log E_p[exp(clamped TD)] lies in (-2 c_td, 2 c_td), so
+    c = 2 c_td = 8 bounds nothing the clamped q_d can reach; None: unbounded"""
+    nu_reference: str = "model"
+    """samples of p in nu's dual (eq. 21): 'real' next states from D (the paper), or 'model'
+    x' ~ p_theta(.|x, a) (the prior model of beta eq. 10; on deterministic tasks log q_d/p_real
+    is unbounded)"""
     max_log_weight: float = 30.0
     """unclamped exponent above this stops training with a clear error"""
     log_ratio: str = "nu"
@@ -115,6 +125,10 @@ class VMBPOConfig(MBPOConfig):
             raise ValueError("need 0 < beta_min <= beta_max")
         if self.td_clamp is not None and self.td_clamp <= 0:
             raise ValueError("td_clamp must be > 0 or None")
+        if self.nu_clip is not None and self.nu_clip <= 0:
+            raise ValueError("nu_clip must be > 0 or None")
+        if self.nu_reference not in ("real", "model"):
+            raise ValueError(f"nu_reference must be 'real' or 'model', got {self.nu_reference!r}")
         if self.log_ratio not in ("nu", "ensembles"):
             raise ValueError(f"log_ratio must be 'nu' or 'ensembles', got {self.log_ratio!r}")
         if self.e_step not in ("model_based", "model_free"):
@@ -123,6 +137,23 @@ class VMBPOConfig(MBPOConfig):
             raise ValueError(f"m_step must be 'copy' or 'map', got {self.m_step!r}")
         if self.m_step_every <= 0 or self.map_steps <= 0 or self.map_lambda < 0:
             raise ValueError("m_step_every and map_steps must be > 0, map_lambda >= 0")
+
+
+def exp_td_loss(u: torch.Tensor, clip: float | None = None) -> torch.Tensor:
+    """Per-sample exponential-TD loss ``(exp(u) - 1)^2`` of VMBPO eq. (39), u = scale (Q - y).
+
+    With ``clip = c`` the loss is continued beyond ``|u| > c`` by its tangent at the
+    boundary, ``f(c) + f'(c) (u - c)`` with ``f'(u) = 2 expm1(u) exp(u)`` (the same on the
+    negative side): convex, continuously differentiable, the same minimiser (u = 0) and
+    gradients bounded by ``|f'(c)|`` -- the TD clamp of beta-VMBPO's App. C.1 applied so that
+    it keeps a gradient (a Huber-style extension; a plain clamp would stop Q moving once
+    far off). ``clip=None``: the plain loss (computed with expm1)."""
+    if clip is None:
+        return torch.expm1(u).square()
+    inside = u.clamp(-clip, clip)
+    f = torch.expm1(inside).square()
+    slope = 2 * torch.expm1(inside) * inside.exp()
+    return f + slope * (u - inside)
 
 
 class VariationalAgent(MBPO):
@@ -183,15 +214,25 @@ class VariationalAgent(MBPO):
         return a[0].numpy()
 
     # -- values -----------------------------------------------------------------------------
+    def policy_log_ratio(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A sample a ~ q_c(.|x) and log q_c(a|x) / pi(a|x), both densities evaluated at the same
+        point: TanhNormal caches the pre-squash u of its own samples, so ``d.log_prob(a)`` would
+        use the exact u while ``pi.log_prob(a)`` inverts tanh, which loses u once q_c is sharp
+        (measured on Pendulum: |log q_c/pi| up to 1.7e4 nats with pi = q_c, V loss 1e11). Also
+        returns log q_c(a) with the cached u (the accurate one, for the entropy term)."""
+        d = self.policy(obs)
+        a = d.sample()
+        log_q_exact = d.log_prob(a)
+        point = a.clone()  # a new tensor: both log-densities invert tanh at the same value
+        return a, d.log_prob(point) - self.prior_policy(obs).log_prob(point), log_q_exact
+
     def soft_value_target(self, obs: torch.Tensor) -> torch.Tensor:
         """V'(x) in reward units: the target V network, or E_{a~q_c}[Q'(x,a) - (1/scale) log q_c/pi]."""
         with torch.no_grad():
             if self.config.value_network:
                 return self.value_target(obs)
-            d = self.policy(obs)
-            a = d.rsample()
-            log_q = d.log_prob(a)
-            v = self.critic_target.min(obs, a) - (log_q - self.prior_policy(obs).log_prob(a)) / self.scale
+            a, ratio, log_q = self.policy_log_ratio(obs)
+            v = self.critic_target.min(obs, a) - ratio / self.scale
             return v - self.alpha * log_q if self.config.entropy_regularizer else v
 
     # -- step 1: variational dynamics ------------------------------------------------------
@@ -236,18 +277,28 @@ class VariationalAgent(MBPO):
         lp = d.log_prob(target)[..., :self.obs_dim].sum(-1)[ensemble.elite_idx]  # [elites, B]
         return torch.logsumexp(lp, 0) - np.log(len(ensemble.elite_idx))
 
+    def nu_value(self, obs, act, next_obs) -> torch.Tensor:
+        """nu(x'|x, a), softly bounded to (-nu_clip, nu_clip) by c tanh(raw / c) when set."""
+        raw = self.nu(torch.cat([obs, act, next_obs], -1)).squeeze(-1)
+        c = self.config.nu_clip
+        return raw if c is None else c * torch.tanh(raw / c)
+
     def log_ratio(self, obs, act, next_obs) -> torch.Tensor:
         """Estimate of log q_d(x'|x,a) / p(x'|x,a)."""
         if self.config.log_ratio == "nu":
-            return self.nu(torch.cat([obs, act, next_obs], -1)).squeeze(-1)
+            return self.nu_value(obs, act, next_obs)
         with torch.no_grad():
             return self.ensemble_log_density(self.q_dynamics, obs, act, next_obs) \
                 - self.ensemble_log_density(self.ensemble, obs, act, next_obs)
 
-    def nu_loss(self, real: Batch, model_next_obs: torch.Tensor, step: int) -> torch.Tensor:
-        """-(E_{x'~q_d}[nu] - E_{x'~p}[exp nu]), the f-divergence dual (VMBPO eq. 21)."""
-        nu_q = self.nu(torch.cat([real.obs, real.act, model_next_obs], -1)).squeeze(-1)
-        nu_p = self.nu(torch.cat([real.obs, real.act, real.next_obs], -1)).squeeze(-1)
+    def nu_loss(self, real: Batch, model_next_obs: torch.Tensor, step: int,
+                prior_next_obs: torch.Tensor | None = None) -> torch.Tensor:
+        """-(E_{x'~q_d}[nu] - E_{x'~p}[exp nu]), the f-divergence dual (VMBPO eq. 21).
+
+        The p side uses ``prior_next_obs`` (x' ~ p_theta for the same (x, a), config
+        ``nu_reference='model'``) or, by default, the real next states of the batch."""
+        nu_q = self.nu_value(real.obs, real.act, model_next_obs)
+        nu_p = self.nu_value(real.obs, real.act, real.next_obs if prior_next_obs is None else prior_next_obs)
         return -(nu_q.mean() - self._exp_weight(nu_p, "exp(nu)", step).mean())
 
     # -- model samples ----------------------------------------------------------------------
@@ -274,13 +325,15 @@ class VariationalAgent(MBPO):
     def critic_loss(self, batch: Batch, log_ratio: torch.Tensor | None, step: int) -> torch.Tensor:
         q1, q2 = self.critic(batch.obs, batch.act)
         if self.config.e_step == "model_free":
-            # eq. (39): (exp(scale (Q - r - gamma V'(x'))) - 1)^2 on real transitions; expm1 for accuracy
+            # eq. (39): (exp(scale (Q - r - gamma V'(x'))) - 1)^2 on real transitions, continued
+            # linearly beyond the TD clamp when td_clamp is set (exp_td_loss)
             y = self.critic_td_target(batch, None)
             loss = torch.zeros(())
             for q in (q1, q2):
                 logit = self.scale * (q - y)
-                self._check_exponent(logit, "exp-TD critic", step)
-                loss = loss + torch.expm1(logit).square().mean()
+                if self.config.td_clamp is None:
+                    self._check_exponent(logit, "exp-TD critic", step)
+                loss = loss + exp_td_loss(logit, self.config.td_clamp).mean()
             return loss
         y = self.critic_td_target(batch, log_ratio)
         return F.mse_loss(q1, y) + F.mse_loss(q2, y)
@@ -288,9 +341,8 @@ class VariationalAgent(MBPO):
     def value_loss(self, obs: torch.Tensor) -> torch.Tensor:
         """(V(x) - [Q(x,a) - (1/scale) log q_c(a|x)/pi(a|x)])^2, a ~ q_c (eqs. 24, 40)."""
         with torch.no_grad():
-            d = self.policy(obs)
-            a = d.sample()
-            target = self.critic.min(obs, a) - (d.log_prob(a) - self.prior_policy(obs).log_prob(a)) / self.scale
+            a, ratio, _ = self.policy_log_ratio(obs)
+            target = self.critic.min(obs, a) - ratio / self.scale
         return F.mse_loss(self.value(obs), target)
 
     # -- step 4: actor ----------------------------------------------------------------------
@@ -371,7 +423,8 @@ class VariationalAgent(MBPO):
         if c.log_ratio == "nu" and c.e_step == "model_based":
             with torch.no_grad():
                 model_next, _, _ = self.q_dynamics.predict(real.obs, real.act)
-            nu_loss = self.nu_loss(real, model_next, step)
+                prior_next = self.ensemble.predict(real.obs, real.act)[0] if c.nu_reference == "model" else None
+            nu_loss = self.nu_loss(real, model_next, step, prior_next)
             metrics.update(self.checked(step, nu_loss=nu_loss))
             self.nu_opt.zero_grad()
             nu_loss.backward()
