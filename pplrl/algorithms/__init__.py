@@ -6,8 +6,9 @@ from pplrl.algorithms.base import Agent, apply_overrides  # noqa: E402
 from pplrl.algorithms.mbpo import MBPO, MBPOConfig  # noqa: E402
 from pplrl.algorithms.sac import SAC, SACConfig  # noqa: E402
 from pplrl.algorithms.vmbpo import VMBPO, VMBPOMFE, BetaVMBPO  # noqa: E402
+from pplrl.algorithms.generative_agent import DiscriminativeAgent, GenerativeAgent  # noqa: E402
 
-ALGORITHMS: dict[str, type[Agent]] = {a.algo: a for a in (SAC, MBPO, VMBPO, VMBPOMFE, BetaVMBPO)}
+ALGORITHMS: dict[str, type[Agent]] = {a.algo: a for a in (SAC, MBPO, VMBPO, VMBPOMFE, BetaVMBPO, GenerativeAgent, DiscriminativeAgent)}
 
 
 def make_agent(algo: str, config, obs_dim: int, act_dim: int) -> Agent:
@@ -24,4 +25,4 @@ def default_config(algo: str, **overrides):
     return dataclasses.replace(ALGORITHMS[algo].Config(), **overrides)
 
 
-__all__ = ["ALGORITHMS", "Agent", "BetaVMBPO", "MBPO", "VMBPO", "VMBPOMFE", "MBPOConfig", "SAC", "SACConfig", "apply_overrides", "default_config", "make_agent"]
+__all__ = ["ALGORITHMS", "Agent", "BetaVMBPO", "DiscriminativeAgent", "GenerativeAgent", "MBPO", "VMBPO", "VMBPOMFE", "MBPOConfig", "SAC", "SACConfig", "apply_overrides", "default_config", "make_agent"]

@@ -1,0 +1,112 @@
+"""Guides of :mod:`models.pomdp`: the amortised filtering posterior over the agent's
+internal state and the variational action posterior (003_…, eq. 5).
+
+:class:`FilteringGuide` is q(z_t | z_{t-1}, a_{t-1}, x_<=t, r_<=t): a forward GRU over
+(x_t, r_t, a_{t-1}) summarises the history (the DMM example's RNN, run forwards since
+the agent filters online), and a combiner maps (z_{t-1}, h_t) to a Gaussian over z_t
+(the DMM's ``Combiner``). :meth:`FilteringGuide.step` is the one-step update the agent
+calls while acting; :func:`pomdp_guide` runs it over a window.
+
+q(a_t) is the planner's Gaussian (:mod:`pplrl.pomdp_planning`), stored with each step;
+in the bound it is data for the guide (no parameters), so its KL to the prior trains
+only the prior (consolidation) and, through z_t, the filter.
+
+:class:`BeliefFilter` is the tabular counterpart for Tiger: the belief b_t =
+q(z_t | a_<t, x_<=t) computed recursively from (b_{t-1}, a_{t-1}, x_t).
+"""
+
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+import torch
+import torch.nn.functional as F
+from pyro.nn import PyroModule
+from torch import nn
+
+from guides.continuous import MLP
+from models.pomdp import MIN_SCALE, POMDPModel, Window, check_window, site
+
+
+class FilteringGuide(PyroModule):
+    """q(z_t | z_{t-1}, h_t), h_t = GRU(h_{t-1}, [x_t, r_t, a_{t-1}])."""
+
+    def __init__(self, x_dim: int, a_dim: int, z_dim: int = 8, h_dim: int = 64, hidden: int = 64):
+        super().__init__()
+        self.x_dim, self.a_dim, self.z_dim, self.h_dim = x_dim, a_dim, z_dim, h_dim
+        self.rnn = PyroModule[nn.GRUCell](x_dim + 1 + a_dim, h_dim)
+        self.combiner = MLP(z_dim + h_dim, 2 * z_dim, (hidden,))
+
+    def initial_state(self, batch_shape) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h, z) before the first step: zeros."""
+        return torch.zeros(*batch_shape, self.h_dim), torch.zeros(*batch_shape, self.z_dim)
+
+    def step(self, h, z_prev, a_prev, x, r):
+        """One filtering step: the new GRU state and q(z_t)."""
+        h = self.rnn(torch.cat([x, r[..., None], a_prev], -1), h)
+        loc, raw = self.combiner(torch.cat([z_prev, h], -1)).chunk(2, -1)
+        return h, dist.Normal(loc, F.softplus(raw) + MIN_SCALE).to_event(1)
+
+    def filter(self, window: Window, sample: bool = True) -> torch.Tensor:
+        """z_t for every step of a window ``[B, T, z_dim]`` (samples, or the means)."""
+        B, T = window.shape
+        h, z = self.initial_state((B,))
+        zs = []
+        for t in range(T):
+            h, qz = self.step(h, z, window.a_prev[:, t], window.x[:, t], window.r[:, t])
+            z = qz.rsample() if sample else qz.mean
+            zs.append(z)
+        return torch.stack(zs, 1)
+
+
+def pomdp_guide(model: POMDPModel, guide: FilteringGuide, window: Window, temperature: float = 1.0, K: int = 8) -> None:
+    """The guide of :func:`models.pomdp.pomdp_model` (same signature)."""
+    B, T = window.shape
+    check_window(T)
+    h, z = guide.initial_state((B,))
+    with pyro.plate("windows", B):
+        for t in pyro.markov(range(T)):
+            h, qz = guide.step(h, z, window.a_prev[:, t], window.x[:, t], window.r[:, t])
+            z = pyro.sample(site("z", t), qz)
+            pyro.sample(site("a", t), dist.Normal(window.qa_loc[:, t], window.qa_scale[:, t]).to_event(1))
+
+
+# ------------------------------------------------------------------------ Tiger (tabular)
+class BeliefFilter(PyroModule):
+    """Amortised Tiger filter: logits of b_t = log b_{t-1} + MLP([log b_{t-1}, a_{t-1}, x_t])
+    (one-hot action and observation)."""
+
+    def __init__(self, n_states: int = 2, n_actions: int = 3, n_obs: int = 2, hidden: int = 32):
+        super().__init__()
+        self.n_states, self.n_actions, self.n_obs = n_states, n_actions, n_obs
+        self.net = MLP(n_states + n_actions + n_obs, n_states, (hidden, hidden))
+
+    def forward(self, belief: torch.Tensor, a_prev: torch.Tensor, obs: torch.Tensor) -> torch.Tensor:
+        log_b = belief.clamp_min(1e-12).log()
+        inp = torch.cat([log_b, F.one_hot(a_prev, self.n_actions).float(), F.one_hot(obs, self.n_obs).float()], -1)
+        return torch.softmax(log_b + self.net(inp), -1)
+
+    @torch.no_grad()
+    def beliefs(self, a_prev: torch.Tensor, obs: torch.Tensor, belief0: torch.Tensor | None = None):
+        """(beliefs before each step ``[B, T, S]``, beliefs after each step ``[B, T, S]``)."""
+        B, T = obs.shape
+        b = torch.full((B, self.n_states), 1.0 / self.n_states) if belief0 is None else belief0
+        before, after = [], []
+        for t in range(T):
+            before.append(b)
+            b = self(b, a_prev[:, t], obs[:, t])
+            after.append(b)
+        return torch.stack(before, 1), torch.stack(after, 1)
+
+
+def tiger_filter_guide(filt: BeliefFilter, tables, a_prev, obs, prev_belief) -> None:
+    """Guide of :func:`models.pomdp.tiger_filter_model`: z_t ~ Categorical(b_t), b_t the
+    filter's update of the (given) previous belief; enumerated exactly."""
+    B, T = obs.shape
+    with pyro.plate("sequences", B):
+        for t in pyro.markov(range(T)):
+            probs = filt(prev_belief[:, t], a_prev[:, t], obs[:, t])
+            pyro.sample(site("z", t), dist.Categorical(probs=probs), infer={"enumerate": "parallel"})
+
+
+__all__ = ["BeliefFilter", "FilteringGuide", "pomdp_guide", "tiger_filter_guide"]

@@ -1,0 +1,348 @@
+"""Active Variational EM (003_…, App. B, Algorithm 1): the generative and the
+discriminative POMDP agents.
+
+Per environment step (``act``): **E-step** — state inference, the amortised filter
+q(z_t | z_{t-1}, a_{t-1}, x_t, r_t) (:class:`guides.pomdp.FilteringGuide`), then action
+inference, q(a_t) by planning under the agent's own model (eq. 10,
+:class:`pplrl.pomdp_planning.CEMPlanner`), or the consolidated prior p_a(a_t | z_t) alone
+when ``plan=False``; **interaction** — a_t ~ q(a_t), clipped to [-1, 1]. Per update
+(``update``): **learning** on windows of T steps from the replay — the bound
+(eq. 8 generative, eq. 6 discriminative; :class:`pplrl.infogain.POMDPELBO` on
+:func:`models.pomdp.pomdp_model` / :func:`guides.pomdp.pomdp_guide`) trains the guide
+(amortised E-step) and the model (M-step) with separate optimisers; its KL(q(a_t) ||
+p_a(a_t | z_t)) term trains the action prior toward the planner (consolidation).
+A critic Q(z, a) (SARSA on the executed actions, in reward units) bootstraps the bound
+beyond the planning horizon; the discriminative agent, which has no model to roll out,
+plans with horizon 0 on it, and its critic's gradient shapes its encoder.
+
+Observations come from a POMDP view ``[x_t, r_t, first_t]`` (:mod:`pplrl.envs.pomdp`);
+a fully observed env raises. Acting keeps one filter state for training and one for
+deterministic evaluation, each reset at ``first_t``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from guides.pomdp import FilteringGuide, pomdp_guide
+from models.pomdp import POMDPModel, Window, check_window, pomdp_model
+from pplrl.algorithms.base import Agent
+from pplrl.envs.continuous import make_continuous_env
+from pplrl.envs.pomdp import pomdp_spec, split_view
+from pplrl.infogain import POMDPELBO, check_samples
+from pplrl.nets import mlp, polyak_update, target_copy
+from pplrl.pomdp_planning import CEMPlanner, PlannerConfig
+
+#: q(a) stored for uniformly random warm-up actions: the moment-matched Gaussian of U(-1, 1)
+UNIFORM_SCALE = float(np.sqrt(1.0 / 3.0))
+
+
+@dataclass
+class GenerativeAgentConfig:
+    env_id: str = "pplrl/PendulumNoVel-v0"
+    """a POMDP env id (pplrl.envs.pomdp); fully observed envs are refused"""
+    seed: int = 0
+    z_dim: int = 8
+    h_dim: int = 64
+    hidden: int = 64
+    window: int = 8
+    """T, steps per training window"""
+    batch_size: int = 16
+    """windows per update"""
+    lr_model: float = 1e-3
+    lr_guide: float = 1e-3
+    lr_critic: float = 1e-3
+    temperature: float = 1.0
+    """optimality log-likelihood r / temperature (eq. 3)"""
+    info_gain_samples: int = 8
+    """K, prior samples of log p(x_t, r_t | z_<t) in the bound"""
+    marginal_weight: float = 0.0
+    """weight of -log p(x, r | z_<t) in the learning loss (1: eq. 8 exactly; 0: + the
+    marginal, the usual model-fitting bound; the reported elbo is always eq. 8)"""
+    plan: bool = True
+    """plan (eq. 10) at every step; False acts with the consolidated prior alone"""
+    plan_info_gain: bool = True
+    """the mutual-information term in the planning objective"""
+    horizon: int = 8
+    candidates: int = 64
+    elites: int = 8
+    cem_iterations: int = 3
+    particles: int = 4
+    plan_info_gain_samples: int = 4
+    gamma: float = 0.99
+    critic: bool = True
+    """learn Q(z, a) to bootstrap beyond the horizon"""
+    tau: float = 0.01
+    learning_starts: int = 200
+    """uniformly random steps before learning and planning"""
+    gradient_steps: int = 1
+    update_every: int = 1
+    """learn every this many environment steps (gradient_steps updates each time)"""
+    buffer_size: int = 100_000
+    generative: bool = True
+
+    def validate(self) -> None:
+        check_window(self.window)
+        check_samples(self.info_gain_samples)
+        check_samples(self.plan_info_gain_samples)
+        for name in ("z_dim", "h_dim", "hidden", "batch_size", "lr_model", "lr_guide", "lr_critic",
+                     "temperature", "gradient_steps", "update_every", "buffer_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.learning_starts < 0:
+            raise ValueError("learning_starts must be >= 0")
+        if self.buffer_size < self.window:
+            raise ValueError("buffer_size must hold at least one window")
+        if not 0 < self.tau <= 1 or not 0 < self.gamma <= 1:
+            raise ValueError("tau and gamma must lie in (0, 1]")
+        if self.marginal_weight < 0:
+            raise ValueError("marginal_weight must be >= 0")
+        if not self.generative and self.plan and self.horizon > 0:
+            raise ValueError("the discriminative agent has no model to plan with: set horizon=0 (or plan=false)")
+        self.planner_config().validate()
+
+    def planner_config(self) -> PlannerConfig:
+        return PlannerConfig(horizon=self.horizon, candidates=self.candidates, elites=self.elites,
+                             iterations=self.cem_iterations, particles=self.particles,
+                             info_gain=self.plan_info_gain and self.generative,
+                             info_gain_samples=self.plan_info_gain_samples, temperature=self.temperature,
+                             gamma=self.gamma)
+
+
+@dataclass
+class DiscriminativeAgentConfig(GenerativeAgentConfig):
+    generative: bool = False
+    horizon: int = 0
+    """no model: the planner only ranks a_t by log p_a(a_t | z_t) + Q(z_t, a_t) / temperature"""
+    plan_info_gain: bool = False
+
+
+class SequenceReplay:
+    """Per-step storage of one stream of episodes, sampled as windows of T consecutive
+    steps that never cross an episode start or the write pointer (circular buffer)."""
+
+    FIELDS = ("x", "r", "first", "a_prev", "act", "qa_loc", "qa_scale", "rew", "done")
+
+    def __init__(self, x_dim: int, a_dim: int, capacity: int):
+        self.capacity, self.ptr, self.size = int(capacity), 0, 0
+        shapes = {"x": (x_dim,), "r": (), "first": (), "a_prev": (a_dim,), "act": (a_dim,), "qa_loc": (a_dim,),
+                  "qa_scale": (a_dim,), "rew": (), "done": ()}
+        self.data = {k: np.zeros((self.capacity, *shapes[k]), dtype=np.float32) for k in self.FIELDS}
+
+    def __len__(self) -> int:
+        return self.size
+
+    def add(self, **step) -> None:
+        for k in self.FIELDS:
+            self.data[k][self.ptr] = step[k]
+        self.ptr = (self.ptr + 1) % self.capacity
+        self.size = min(self.size + 1, self.capacity)
+
+    def valid_starts(self, T: int) -> np.ndarray:
+        if self.size < T:
+            return np.zeros(0, dtype=int)
+        if self.size < self.capacity:
+            starts = np.arange(0, self.size - T + 1)
+        else:  # the oldest element sits at ptr; a window must not run past ptr - 1
+            starts = (self.ptr + np.arange(0, self.capacity - T + 1)) % self.capacity
+        idx = (starts[:, None] + np.arange(1, T)[None]) % self.capacity
+        ok = ~(self.data["first"][idx] > 0.5).any(1) if T > 1 else np.ones(len(starts), bool)
+        return starts[ok]
+
+    def sample(self, B: int, T: int, rng: np.random.Generator) -> Window | None:
+        starts = self.valid_starts(T)
+        if len(starts) == 0:
+            return None
+        idx = (rng.choice(starts, size=B)[:, None] + np.arange(T)[None]) % self.capacity
+        d = {k: torch.as_tensor(v[idx]) for k, v in self.data.items()}
+        return Window(x=d["x"], r=d["r"], a_prev=d["a_prev"], qa_loc=d["qa_loc"], qa_scale=d["qa_scale"],
+                      act=d["act"], rew=d["rew"], done=d["done"])
+
+    def state_dict(self) -> dict:
+        return {"ptr": self.ptr, "size": self.size, "data": {k: v.copy() for k, v in self.data.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ptr, self.size = state["ptr"], state["size"]
+        for k in self.FIELDS:
+            self.data[k][...] = state["data"][k]
+
+
+class QNetwork(torch.nn.Module):
+    def __init__(self, z_dim: int, a_dim: int, hidden: int):
+        super().__init__()
+        self.net = mlp(z_dim + a_dim, 1, (hidden, hidden))
+
+    def forward(self, z: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([z, a], -1)).squeeze(-1)
+
+
+class _Stream:
+    """The filter state of one stream of interaction (training or evaluation)."""
+
+    def __init__(self):
+        self.h = self.z = self.a_prev = None
+
+
+class GenerativeAgent(Agent):
+    algo = "generative-agent"
+    Config = GenerativeAgentConfig
+
+    def __init__(self, config: GenerativeAgentConfig, obs_dim: int, act_dim: int):
+        config.validate()
+        env = make_continuous_env(config.env_id)
+        try:
+            spec = pomdp_spec(env)
+        finally:
+            env.close()
+        if obs_dim != spec.x_dim + 2:
+            raise ValueError(f"obs_dim {obs_dim} does not match the POMDP view of {config.env_id} ({spec.x_dim} + 2)")
+        if config.generative != type(self).Config().generative:
+            raise ValueError(f"{self.algo} needs generative={type(self).Config().generative}")
+        self.config, self.obs_dim, self.act_dim, self.x_dim = config, obs_dim, act_dim, spec.x_dim
+        torch.manual_seed(config.seed)
+        self.rng = np.random.default_rng(config.seed)
+        c = config
+        self.model = POMDPModel(self.x_dim, act_dim, c.z_dim, c.hidden, generative=c.generative)
+        self.guide = FilteringGuide(self.x_dim, act_dim, c.z_dim, c.h_dim, c.hidden)
+        self.critic = QNetwork(c.z_dim, act_dim, c.hidden) if c.critic else None
+        self.critic_target = target_copy(self.critic) if c.critic else None
+        self.model_opt = torch.optim.Adam(self.model.parameters(), lr=c.lr_model)
+        self.guide_opt = torch.optim.Adam(self.guide.parameters(), lr=c.lr_guide)
+        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=c.lr_critic) if c.critic else None
+        self.elbo = POMDPELBO(generative=c.generative, marginal_weight=c.marginal_weight)
+        self.planner = CEMPlanner(c.planner_config())
+        self.replay = SequenceReplay(self.x_dim, act_dim, c.buffer_size)
+        self.streams = {"train": _Stream(), "eval": _Stream()}
+        self.pending: dict | None = None
+        self.steps_seen = 0
+        self.last_plan: dict[str, float] = {}
+
+    # -- E-step and interaction -------------------------------------------------------
+    def value_fn(self):
+        return None if self.critic is None else self.critic
+
+    def infer_action(self, z_particles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q(a_t): the planner's, or the consolidated prior's at the particles' mean."""
+        if self.config.plan:
+            loc, scale, info = self.planner.plan(self.model, z_particles, self.value_fn())
+            self.last_plan = info
+            return loc, scale
+        p = self.model.action_prior(z_particles.mean(0))
+        return p.mean, p.stddev
+
+    def act(self, obs: np.ndarray, deterministic: bool = False) -> np.ndarray:
+        x, r, first = split_view(obs)
+        s = self.streams["eval" if deterministic else "train"]
+        if first or s.h is None:
+            s.h, s.z = self.guide.initial_state(())
+            s.a_prev = torch.zeros(self.act_dim)
+        a_prev = s.a_prev
+        with torch.no_grad():
+            s.h, qz = self.guide.step(s.h, s.z, a_prev, torch.as_tensor(x), torch.tensor(r))
+            s.z = qz.mean if deterministic else qz.sample()
+            if not deterministic and self.steps_seen < self.config.learning_starts:
+                a = torch.as_tensor(self.rng.uniform(-1.0, 1.0, self.act_dim), dtype=torch.float32)
+                loc, scale = torch.zeros(self.act_dim), torch.full((self.act_dim,), UNIFORM_SCALE)
+            else:
+                particles = qz.mean[None] if deterministic else qz.sample((self.config.particles,))
+                loc, scale = self.infer_action(particles)
+                noise = torch.zeros(self.act_dim) if deterministic else torch.as_tensor(
+                    self.rng.standard_normal(self.act_dim), dtype=torch.float32)
+                a = loc + scale * noise
+        a = a.clamp(-1.0, 1.0)
+        s.a_prev = a
+        if not deterministic:
+            self.pending = dict(x=x, r=r, first=float(first), a_prev=a_prev.numpy(), act=a.numpy(),
+                                qa_loc=loc.numpy(), qa_scale=scale.numpy())
+        return a.numpy().astype(np.float32)
+
+    def observe(self, obs, act, rew, next_obs, terminated: bool) -> None:
+        if self.pending is None:
+            raise RuntimeError("observe() without a preceding act() on the training stream")
+        self.replay.add(**self.pending, rew=float(rew), done=float(terminated))
+        self.pending = None
+        self.steps_seen += 1
+
+    # -- learning (M-step, amortised E-step, consolidation, critic) --------------------
+    def update(self, step: int) -> dict[str, float]:
+        c = self.config
+        if self.steps_seen < max(c.learning_starts, 1) or step % c.update_every:
+            return {}
+        out: dict[str, float] = {}
+        for _ in range(c.gradient_steps):
+            window = self.replay.sample(c.batch_size, c.window, self.rng)
+            if window is None:
+                return {}
+            out = self.learn(window, step)
+        return out
+
+    def learn(self, window: Window, step: int) -> dict[str, float]:
+        c = self.config
+        B, T = window.shape
+        loss = self.elbo.differentiable_loss(pomdp_model, pomdp_guide, self.model, self.guide, window,
+                                             temperature=c.temperature, K=c.info_gain_samples) / T
+        terms = self.elbo.last_terms
+        critic_loss = torch.zeros(())
+        if self.critic is not None and T > 1:
+            z = self.guide.filter(window)
+            if c.generative:
+                z = z.detach()
+            q = self.critic(z[:, :-1], window.act[:, :-1])
+            with torch.no_grad():
+                target = window.rew[:, :-1] + c.gamma * (1 - window.done[:, :-1]) * self.critic_target(
+                    z[:, 1:].detach(), window.act[:, 1:])
+            critic_loss = F.mse_loss(q, target)
+        out = self.checked(step, loss=loss, critic_loss=critic_loss)
+        self.model_opt.zero_grad()
+        self.guide_opt.zero_grad()
+        if self.critic_opt is not None:
+            self.critic_opt.zero_grad()
+        (loss + critic_loss).backward()
+        self.model_opt.step()
+        self.guide_opt.step()
+        if self.critic_opt is not None:
+            self.critic_opt.step()
+            polyak_update(self.critic, self.critic_target, c.tau)
+        per_step = {f"elbo_{k}": v / T for k, v in terms.items()}
+        out.update(per_step)
+        out.update({f"plan_{k}": v for k, v in self.last_plan.items()})
+        return out
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        state = {"model": self.model.state_dict(), "guide": self.guide.state_dict(),
+                 "model_opt": self.model_opt.state_dict(), "guide_opt": self.guide_opt.state_dict(),
+                 "replay": self.replay.state_dict(), "rng": self.rng.bit_generator.state,
+                 "steps_seen": self.steps_seen}
+        if self.critic is not None:
+            state.update(critic=self.critic.state_dict(), critic_target=self.critic_target.state_dict(),
+                         critic_opt=self.critic_opt.state_dict())
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.guide.load_state_dict(state["guide"])
+        self.model_opt.load_state_dict(state["model_opt"])
+        self.guide_opt.load_state_dict(state["guide_opt"])
+        self.replay.load_state_dict(state["replay"])
+        self.rng.bit_generator.state = state["rng"]
+        self.steps_seen = state["steps_seen"]
+        if self.critic is not None:
+            self.critic.load_state_dict(state["critic"])
+            self.critic_target.load_state_dict(state["critic_target"])
+            self.critic_opt.load_state_dict(state["critic_opt"])
+        self.streams = {"train": _Stream(), "eval": _Stream()}
+        self.pending = None
+
+
+class DiscriminativeAgent(GenerativeAgent):
+    algo = "discriminative-agent"
+    Config = DiscriminativeAgentConfig
+
+
+__all__ = ["DiscriminativeAgent", "DiscriminativeAgentConfig", "GenerativeAgent", "GenerativeAgentConfig",
+           "SequenceReplay"]

@@ -1,0 +1,162 @@
+"""Planning as inference for the generative POMDP agent (003_…, Sec. 3.3, eq. 10, App. C).
+
+At time t the action posterior q(a_t) maximises the bound's current and future terms
+with the environment and future posteriors replaced by the agent's own model::
+
+    J(a_t:t+H) = E_{p_a}[ sum_{tau < H} gamma^tau ( log p_a(a_tau | z_tau)
+                         + r_{tau+1} / temperature + IG_{tau+1} )
+                         + gamma^H ( log p_a(a_H | z_H) + Q(z_H, a_H) / temperature ) ]
+
+with z_0 ~ q(z_t) (``particles`` samples), z_{tau+1} ~ p_a(z | z_tau, a_tau), the
+predicted reward E[r | z_{tau+1}], and the information gain
+IG = log p_a(x, r | z_{tau+1}) - log p_a(x, r | z_tau, a_tau) at (x, r) ~ p_a(. | z_{tau+1})
+(K prior samples, :func:`pplrl.infogain.log_marginal_estimate`), switchable with
+``info_gain`` so its effect can be measured. The -log q(a) part of the bound is the
+entropy of the search distribution, the same for every candidate, so it does not enter
+the ranking. Q is an optional learned bootstrap beyond the horizon; with
+``horizon = 0`` the planner maximises log p_a(a | z) + Q(z, a) / temperature only (the
+discriminative agent, which has no model to roll out).
+
+The optimiser is the cross-entropy method over open-loop action sequences; in its first
+iteration a fraction of the candidates are sampled by rolling out the action prior in the
+model (the prior as roll-out policy, Sec. 3.3). q(a_t) is the Gaussian of the final elite
+set's first actions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from pplrl.infogain import check_samples, log_marginal_estimate
+
+ValueFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class PlannerConfig:
+    horizon: int = 8
+    """model steps rolled out (0: no model, only the bootstrap Q(z_t, a_t))"""
+    candidates: int = 64
+    elites: int = 8
+    iterations: int = 3
+    particles: int = 4
+    """samples of z_t from q(z_t) each candidate is scored on"""
+    info_gain: bool = True
+    """include the information-gain (mutual information) term of eq. (10)"""
+    info_gain_samples: int = 4
+    """K, prior samples of the marginal log p(x, r | z_<t)"""
+    temperature: float = 1.0
+    gamma: float = 0.99
+    prior_rollout_fraction: float = 0.5
+    """share of the first iteration's candidates drawn by rolling out the action prior"""
+    init_std: float = 0.6
+    min_std: float = 0.05
+
+    def validate(self) -> None:
+        if not isinstance(self.horizon, int) or self.horizon < 0:
+            raise ValueError(f"planning horizon must be an integer >= 0, got {self.horizon!r}")
+        for name in ("candidates", "elites", "iterations", "particles"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        if self.elites > self.candidates:
+            raise ValueError(f"elites ({self.elites}) cannot exceed candidates ({self.candidates})")
+        check_samples(self.info_gain_samples)
+        if self.temperature <= 0 or not 0 < self.gamma <= 1:
+            raise ValueError("temperature must be > 0 and gamma in (0, 1]")
+        if not 0 <= self.prior_rollout_fraction <= 1 or self.init_std <= 0 or self.min_std <= 0:
+            raise ValueError("prior_rollout_fraction must lie in [0, 1]; init_std and min_std must be > 0")
+
+
+class CEMPlanner:
+    """Cross-entropy planning on a model with ``transition(z, a)``, ``emitter(z) ->
+    (p(x|z), p(r|z))``, ``emitter.log_prob(z, x, r)`` and ``action_prior(z)`` (any object
+    with these, e.g. :class:`models.pomdp.POMDPModel`). Actions live in [-1, 1]."""
+
+    def __init__(self, config: PlannerConfig):
+        config.validate()
+        self.config = config
+
+    @torch.no_grad()
+    def score(self, model, z0: torch.Tensor, actions: torch.Tensor, value_fn: ValueFn | None = None):
+        """Scores ``[N]`` of action sequences ``[N, H+1, a_dim]`` from particles
+        ``z0 [P, z_dim]`` and the mean terms ``{"reward", "info_gain", "prior", "value"}`` ``[N]``."""
+        c = self.config
+        N, L, _ = actions.shape
+        H = L - 1
+        P = z0.shape[0]
+        z = z0[None].expand(N, P, z0.shape[-1])
+        acts = actions[:, None].expand(N, P, L, actions.shape[-1])
+        zero = torch.zeros(N, P)
+        reward, info, prior, value = zero.clone(), zero.clone(), zero.clone(), zero.clone()
+        for tau in range(H):
+            a = acts[:, :, tau]
+            disc = c.gamma ** tau
+            prior = prior + disc * model.action_prior(z).log_prob(a)
+            pz = model.transition(z, a)
+            z = pz.sample()
+            px, pr = model.emitter(z)
+            reward = reward + disc * pr.mean / c.temperature
+            if c.info_gain:
+                x, r = px.sample(), pr.sample()
+                ll = model.emitter.log_prob(z, x, r)
+                lm = log_marginal_estimate(pz, lambda zk: model.emitter.log_prob(zk, x, r), c.info_gain_samples)
+                info = info + disc * (ll - lm)
+        a = acts[:, :, H]
+        disc = c.gamma ** H
+        if value_fn is not None or H == 0:
+            prior = prior + disc * model.action_prior(z).log_prob(a)
+        if value_fn is not None:
+            value = value + disc * value_fn(z, a) / c.temperature
+        total = reward + info + prior + value
+        terms = {"reward": reward.mean(1), "info_gain": info.mean(1), "prior": prior.mean(1), "value": value.mean(1)}
+        return total.mean(1), terms
+
+    @torch.no_grad()
+    def prior_rollouts(self, model, z: torch.Tensor, n: int, length: int) -> torch.Tensor:
+        """``n`` action sequences sampled closed-loop from the action prior in the model,
+        starting from the particle ``z [z_dim]``."""
+        z = z[None].expand(n, z.shape[-1])
+        out = []
+        for tau in range(length):
+            a = model.action_prior(z).sample().clamp(-1, 1)
+            out.append(a)
+            if tau < length - 1:
+                z = model.transition(z, a).sample()
+        return torch.stack(out, 1)
+
+    @torch.no_grad()
+    def plan(self, model, z_particles: torch.Tensor, value_fn: ValueFn | None = None):
+        """q(a_t) as ``(loc [a_dim], scale [a_dim])`` and a dict of the elite terms."""
+        c = self.config
+        H = c.horizon
+        if H > 0 and not getattr(model, "generative", True):
+            raise ValueError("planning with horizon > 0 needs a generative model (the discriminative agent has none)")
+        a_dim = model.action_prior(z_particles[:1]).event_shape[-1]
+        z_mean = z_particles.mean(0)
+        mean = torch.zeros(H + 1, a_dim)
+        mean[0] = model.action_prior(z_mean).mean.clamp(-1, 1)
+        std = torch.full((H + 1, a_dim), c.init_std)
+        elite_actions = None
+        for it in range(c.iterations):
+            cand = (mean + std * torch.randn(c.candidates, H + 1, a_dim)).clamp(-1, 1)
+            if it == 0:
+                n_prior = int(round(c.prior_rollout_fraction * c.candidates))
+                if n_prior:
+                    cand[:n_prior] = self.prior_rollouts(model, z_mean, n_prior, H + 1)
+            elif elite_actions is not None:
+                cand[: c.elites] = elite_actions
+            scores, terms = self.score(model, z_particles, cand, value_fn)
+            idx = scores.topk(c.elites).indices
+            elite_actions = cand[idx]
+            mean = elite_actions.mean(0)
+            std = elite_actions.std(0, unbiased=False).clamp_min(c.min_std) if c.elites > 1 else torch.full_like(mean, c.min_std)
+        info = {k: float(v[idx].mean()) for k, v in terms.items()}
+        info["score"] = float(scores[idx].mean())
+        return mean[0], std[0], info
+
+
+__all__ = ["CEMPlanner", "PlannerConfig"]
