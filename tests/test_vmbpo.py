@@ -155,6 +155,17 @@ def test_policy_log_ratio_is_exact_for_a_sharp_policy():
     torch.testing.assert_close(vl, ((a.value(b.obs) - a.critic.min(b.obs, act)) ** 2).mean())
 
 
+def test_exploration_noise_schedule():
+    """VMBPO paper Table 4: N(0, sigma) on pi's action, sigma = 1 decayed 0.999 per step, floor 0.025."""
+    a = agent(VMBPO, exploration_noise=1.0, learning_starts=100)  # agent() observed 200 steps
+    assert a.exploration_std() == pytest.approx(0.999 ** 100)
+    a.steps_seen = 10_000
+    assert a.exploration_std() == 0.025
+    obs = np.zeros(3, dtype=np.float32)
+    assert np.array_equal(a.act(obs, deterministic=True), a.prior_policy.act(torch.zeros(1, 3), True)[0].numpy())
+    assert agent(VMBPO).exploration_std() == 0.0
+
+
 def test_step4_actor_elbo_by_hand():
     a, b = agent(VMBPO, eta=2.0), batch()
     pyro.set_rng_seed(7)

@@ -109,6 +109,12 @@ class VMBPOConfig(MBPOConfig):
     """actor gradient without the zero-mean score term (guides.actor.StickingTheLanding):
     with pi <- q_c every step the KL term's value is 0 but its score gradient, weighted by
     1/scale, is pure noise"""
+    exploration_noise: float = 0.0
+    """std of Gaussian noise added to pi's actions in the environment after learning_starts,
+    decayed by ``exploration_decay`` per env step down to ``exploration_min`` (VMBPO paper
+    Table 4: N(0, 1), decay 0.999, minimum 0.025); 0 = none"""
+    exploration_decay: float = 0.999
+    exploration_min: float = 0.025
     entropy_regularizer: bool = False
     """add SAC's auto-tuned entropy bonus to critic and actor (beta paper App. C.1 found
     it helps exploration); the KL to the prior is zero-gradient right after pi <- q_c"""
@@ -135,6 +141,8 @@ class VMBPOConfig(MBPOConfig):
             raise ValueError(f"e_step must be 'model_based' or 'model_free', got {self.e_step!r}")
         if self.m_step not in ("copy", "map"):
             raise ValueError(f"m_step must be 'copy' or 'map', got {self.m_step!r}")
+        if self.exploration_noise < 0 or self.exploration_min < 0 or not 0 < self.exploration_decay <= 1:
+            raise ValueError("exploration_noise and exploration_min must be >= 0, exploration_decay in (0, 1]")
         if self.m_step_every <= 0 or self.map_steps <= 0 or self.map_lambda < 0:
             raise ValueError("m_step_every and map_steps must be > 0, map_lambda >= 0")
 
@@ -210,8 +218,19 @@ class VariationalAgent(MBPO):
     def act(self, obs: np.ndarray, deterministic: bool = False) -> np.ndarray:
         if not deterministic and self.steps_seen < self.config.learning_starts:
             return self.rng.uniform(-1.0, 1.0, self.act_dim).astype(np.float32)
-        a = self.prior_policy.act(torch.as_tensor(obs, dtype=torch.float32)[None], deterministic)
-        return a[0].numpy()
+        a = self.prior_policy.act(torch.as_tensor(obs, dtype=torch.float32)[None], deterministic)[0].numpy()
+        sigma = self.exploration_std()
+        if not deterministic and sigma > 0:
+            a = np.clip(a + sigma * self.rng.standard_normal(self.act_dim), -1.0, 1.0).astype(np.float32)
+        return a
+
+    def exploration_std(self) -> float:
+        """max(exploration_min, exploration_noise * decay^(steps since learning_starts)), or 0."""
+        c = self.config
+        if c.exploration_noise <= 0:
+            return 0.0
+        t = max(0, self.steps_seen - c.learning_starts)
+        return max(c.exploration_min, c.exploration_noise * c.exploration_decay ** t)
 
     # -- values -----------------------------------------------------------------------------
     def policy_log_ratio(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
