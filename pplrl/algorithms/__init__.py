@@ -7,8 +7,10 @@ from pplrl.algorithms.mbpo import MBPO, MBPOConfig  # noqa: E402
 from pplrl.algorithms.sac import SAC, SACConfig  # noqa: E402
 from pplrl.algorithms.vmbpo import VMBPO, VMBPOMFE, BetaVMBPO  # noqa: E402
 from pplrl.algorithms.generative_agent import DiscriminativeAgent, GenerativeAgent  # noqa: E402
+from pplrl.algorithms.virel import VIREL, VIRELBeta  # noqa: E402
+from pplrl.algorithms.memb import MEMB  # noqa: E402
 
-ALGORITHMS: dict[str, type[Agent]] = {a.algo: a for a in (SAC, MBPO, VMBPO, VMBPOMFE, BetaVMBPO, GenerativeAgent, DiscriminativeAgent)}
+ALGORITHMS: dict[str, type[Agent]] = {a.algo: a for a in (SAC, MBPO, VMBPO, VMBPOMFE, BetaVMBPO, VIREL, VIRELBeta, MEMB, GenerativeAgent, DiscriminativeAgent)}
 
 
 def make_agent(algo: str, config, obs_dim: int, act_dim: int) -> Agent:
@@ -25,4 +27,4 @@ def default_config(algo: str, **overrides):
     return dataclasses.replace(ALGORITHMS[algo].Config(), **overrides)
 
 
-__all__ = ["ALGORITHMS", "Agent", "BetaVMBPO", "DiscriminativeAgent", "GenerativeAgent", "MBPO", "VMBPO", "VMBPOMFE", "MBPOConfig", "SAC", "SACConfig", "apply_overrides", "default_config", "make_agent"]
+__all__ = ["ALGORITHMS", "Agent", "BetaVMBPO", "DiscriminativeAgent", "GenerativeAgent", "MBPO", "VMBPO", "VMBPOMFE", "MEMB", "VIREL", "VIRELBeta", "MBPOConfig", "SAC", "SACConfig", "apply_overrides", "default_config", "make_agent"]

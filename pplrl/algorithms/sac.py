@@ -63,25 +63,19 @@ class SACConfig:
             raise ValueError("learning_starts must be >= 0")
 
 
-class SAC(Agent):
-    algo = "sac"
-    Config = SACConfig
+class OffPolicyActorCritic(Agent):
+    """What SAC, VIREL and MEMB share: a tanh-Gaussian policy on [-1, 1]^d, a real
+    replay buffer, uniform random actions for the first ``learning_starts`` steps,
+    the agent's own numpy RNG for batches, and checkpoints of those pieces
+    (subclasses add their networks through :meth:`_modules` / :meth:`_optimisers`)."""
 
-    def __init__(self, config: SACConfig, obs_dim: int, act_dim: int):
+    def __init__(self, config, obs_dim: int, act_dim: int):
         config.validate()
         self.config, self.obs_dim, self.act_dim = config, obs_dim, act_dim
         torch.manual_seed(config.seed)
         self.rng = np.random.default_rng(config.seed)
         self.policy = GaussianPolicy(obs_dim, act_dim, low=-1.0, high=1.0, hidden=config.hidden)
-        self.critic = TwinQ(obs_dim, act_dim, config.hidden)
-        self.critic_target = target_copy(self.critic)
-        self.log_alpha = torch.tensor(float(np.log(config.init_alpha)), requires_grad=True)
-        self.target_entropy = -float(act_dim) if config.target_entropy is None else config.target_entropy
-        self.actor_opt = torch.optim.Adam(self.policy.parameters(), lr=config.lr)
-        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=config.lr)
-        self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=config.lr)
         self.replay = ReplayBuffer(obs_dim, act_dim, config.buffer_size)
-        self.actor_elbo = ReparamOptimalityELBO()
         self.prior = flat_prior(act_dim)
         self.steps_seen = 0
 
@@ -97,16 +91,54 @@ class SAC(Agent):
         self.replay.add(obs, act, rew, next_obs, terminated)
         self.steps_seen += 1
 
+    def sample_batch(self) -> Batch:
+        return self.replay.sample(self.config.batch_size, self.rng)
+
+    def ready(self) -> bool:
+        return self.steps_seen >= max(self.config.learning_starts, 1) and len(self.replay) >= self.config.batch_size
+
+    # -- checkpoints ------------------------------------------------------------------
+    def _modules(self) -> dict:
+        """name -> nn.Module or torch.optim.Optimizer to checkpoint (besides policy and replay)."""
+        return {}
+
+    def state_dict(self) -> dict:
+        state = {name: obj.state_dict() for name, obj in self._modules().items()}
+        state.update({"policy": self.policy.state_dict(), "replay": self.replay.state_dict(),
+                      "rng": self.rng.bit_generator.state, "steps_seen": self.steps_seen})
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, obj in self._modules().items():
+            obj.load_state_dict(state[name])
+        self.policy.load_state_dict(state["policy"])
+        self.replay.load_state_dict(state["replay"])
+        self.rng.bit_generator.state = state["rng"]
+        self.steps_seen = state["steps_seen"]
+
+
+class SAC(OffPolicyActorCritic):
+    algo = "sac"
+    Config = SACConfig
+
+    def __init__(self, config: SACConfig, obs_dim: int, act_dim: int):
+        super().__init__(config, obs_dim, act_dim)
+        self.critic = TwinQ(obs_dim, act_dim, config.hidden)
+        self.critic_target = target_copy(self.critic)
+        self.log_alpha = torch.tensor(float(np.log(config.init_alpha)), requires_grad=True)
+        self.target_entropy = -float(act_dim) if config.target_entropy is None else config.target_entropy
+        self.actor_opt = torch.optim.Adam(self.policy.parameters(), lr=config.lr)
+        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=config.lr)
+        self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=config.lr)
+        self.actor_elbo = ReparamOptimalityELBO()
+
     # -- learning ---------------------------------------------------------------------
     @property
     def alpha(self) -> torch.Tensor:
         return self.log_alpha.exp().detach()
 
-    def sample_batch(self) -> Batch:
-        return self.replay.sample(self.config.batch_size, self.rng)
-
     def update(self, step: int) -> dict[str, float]:
-        if self.steps_seen < max(self.config.learning_starts, 1) or len(self.replay) < self.config.batch_size:
+        if not self.ready():
             return {}
         metrics: dict[str, float] = {}
         for _ in range(self.config.gradient_steps):
@@ -157,24 +189,14 @@ class SAC(Agent):
         return out
 
     # -- checkpoints ------------------------------------------------------------------
+    def _modules(self) -> dict:
+        return {"critic": self.critic, "critic_target": self.critic_target, "actor_opt": self.actor_opt,
+                "critic_opt": self.critic_opt, "alpha_opt": self.alpha_opt}
+
     def state_dict(self) -> dict:
-        return {
-            "policy": self.policy.state_dict(), "critic": self.critic.state_dict(),
-            "critic_target": self.critic_target.state_dict(), "log_alpha": self.log_alpha.detach().clone(),
-            "actor_opt": self.actor_opt.state_dict(), "critic_opt": self.critic_opt.state_dict(),
-            "alpha_opt": self.alpha_opt.state_dict(), "replay": self.replay.state_dict(),
-            "rng": self.rng.bit_generator.state, "steps_seen": self.steps_seen,
-        }
+        return {**super().state_dict(), "log_alpha": self.log_alpha.detach().clone()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.policy.load_state_dict(state["policy"])
-        self.critic.load_state_dict(state["critic"])
-        self.critic_target.load_state_dict(state["critic_target"])
+        super().load_state_dict(state)
         with torch.no_grad():
             self.log_alpha.copy_(state["log_alpha"])
-        self.actor_opt.load_state_dict(state["actor_opt"])
-        self.critic_opt.load_state_dict(state["critic_opt"])
-        self.alpha_opt.load_state_dict(state["alpha_opt"])
-        self.replay.load_state_dict(state["replay"])
-        self.rng.bit_generator.state = state["rng"]
-        self.steps_seen = state["steps_seen"]

@@ -1,0 +1,264 @@
+"""MEMB: model-embedding model-based RL (Tan et al., 004_…, Sec. 3, Algorithm 1,
+App. B–C).
+
+Per environment step (Algorithm 1):
+
+1. **model** (eq. 4): one gradient step each on the reparameterised dynamics
+   ``f(s, a, zeta) = s + mu(s, a) + sigma(s, a) zeta`` and reward model
+   ``r_hat(s, a, zeta) = mu_r + sigma_r zeta`` (two independent MLPs, :class:`ReparamModel`),
+   by ``1/2 E_{D, zeta}[(f(s, a, zeta) - s')^2]`` and ``1/2 E[(r_hat - r)^2]``. (The loss is
+   the paper's: a squared error of a *sample*, so it drives sigma towards 0, which
+   the log-std lower bound stops at ``exp(-10)``.)
+2. **interact**, store in D.
+3. **m times**: Q on real transitions by eq. (6), ``Q(s, a) -> r + gamma V_bar(s')``
+   (twin Q, both on the same target); V by eq. (5), ``V(s) -> E_a[min Q(s, a) - alpha log pi]``;
+   the policy by the **model-embedded ELBO** of :func:`models.memb.memb_model` /
+   :func:`guides.memb.memb_guide`: ``E[r_hat(s, a) + gamma V_bar(f(s, a, zeta))] - alpha E[log pi]``,
+   eq. (8), whose reparameterised gradient is eq. (9) (through the learned model,
+   SVG(1)-style, on states s ~ D); V_bar Polyak-averaged.
+
+Options: value expansion ``horizon`` H (App. B.1: the Q target follows the model
+for H - 1 more steps, ``r + sum_k gamma^k (r_hat_k - alpha log pi_k) + gamma^H V_bar(s_H)``;
+H = 1, the default, is eq. 6 on real data, the paper's recommendation) and alpha.
+Defaults are App. C Table 2's Pendulum column (alpha 0.2, m 5, model 32x16,
+learning rates 3e-4, networks 256x256). Our additions: ``model_warmup_updates``
+model steps once learning starts (one step per environment step from a random
+initialisation leaves the model useless for hundreds of steps), and a fixed input
+normaliser refreshed every ``normalise_every`` steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyro.distributions as dist
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from guides.continuous import soft_clamp
+from guides.memb import memb_guide
+from models.memb import memb_model
+from pplrl.algorithms.sac import OffPolicyActorCritic
+from pplrl.elbo import ReparamOptimalityELBO
+from pplrl.envs.continuous import termination_fn_for
+from pplrl.nets import TwinQ, VNetwork, mlp, polyak_update, target_copy
+from pplrl.replay import Batch
+
+LOG_STD_MIN, LOG_STD_MAX = -10.0, 0.5
+
+
+class ReparamModel(nn.Module):
+    """MEMB's reparameterised dynamics f(s, a, zeta) and reward r_hat(s, a, zeta): two
+    independent MLPs with the same input (Sec. 3.1), each giving a mean and a log-std."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden=(32, 16)):
+        super().__init__()
+        self.obs_dim = obs_dim
+        self.dyn = mlp(obs_dim + act_dim, 2 * obs_dim, hidden)
+        self.rew = mlp(obs_dim + act_dim, 2, hidden)
+        self.register_buffer("in_mean", torch.zeros(obs_dim + act_dim))
+        self.register_buffer("in_std", torch.ones(obs_dim + act_dim))
+
+    def set_normaliser(self, obs: torch.Tensor, act: torch.Tensor) -> None:
+        x = torch.cat([obs, act], -1)
+        self.in_mean.copy_(x.mean(0))
+        self.in_std.copy_(x.std(0).clamp_min(1e-3))
+
+    def _inputs(self, obs, act):
+        return (torch.cat([obs, act], -1) - self.in_mean) / self.in_std
+
+    def dynamics(self, obs: torch.Tensor, act: torch.Tensor) -> dist.Distribution:
+        """p_hat(s'|s, a) = Normal(s + mu, sigma): rsample() is f(s, a, zeta)."""
+        mu, log_std = self.dyn(self._inputs(obs, act)).chunk(2, -1)
+        log_std = soft_clamp(log_std, LOG_STD_MIN, LOG_STD_MAX)
+        return dist.Normal(obs + mu, log_std.exp()).to_event(1)
+
+    def reward_dist(self, obs: torch.Tensor, act: torch.Tensor) -> dist.Distribution:
+        mu, log_std = self.rew(self._inputs(obs, act)).unbind(-1)
+        return dist.Normal(mu, soft_clamp(log_std, LOG_STD_MIN, LOG_STD_MAX).exp())
+
+    def reward(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        """r_hat(s, a, zeta): a reparameterised sample."""
+        return self.reward_dist(obs, act).rsample()
+
+    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        """Eq. (4): 1/2 E[(f(s, a, zeta) - s')^2] + 1/2 E[(r_hat(s, a, zeta) - r)^2], squared
+        errors summed over state dimensions, averaged over the batch; also the MSE of
+        the means (the model error MEMB App. B.2 tracks)."""
+        d = self.dynamics(batch.obs, batch.act)
+        r = self.reward_dist(batch.obs, batch.act)
+        dyn_loss = 0.5 * (d.rsample() - batch.next_obs).pow(2).sum(-1).mean()
+        rew_loss = 0.5 * (r.rsample() - batch.rew).pow(2).mean()
+        with torch.no_grad():
+            info = {"model_state_mse": float((d.mean - batch.next_obs).pow(2).sum(-1).mean()),
+                    "model_reward_mse": float((r.mean - batch.rew).pow(2).mean())}
+        return dyn_loss + rew_loss, info
+
+
+@dataclass
+class MEMBConfig:
+    env_id: str = "Pendulum-v1"
+    seed: int = 0
+    gamma: float = 0.99
+    tau: float = 0.005
+    lr: float = 3e-4
+    """policy learning rate (Table 2)"""
+    value_lr: float = 3e-4
+    model_lr: float = 3e-4
+    batch_size: int = 256
+    buffer_size: int = 1_000_000
+    learning_starts: int = 1000
+    hidden: tuple[int, ...] = (256, 256)
+    model_hidden: tuple[int, ...] = (32, 16)
+    alpha: float = 0.2
+    """entropy weight (Table 2: 0.2 on Pendulum; 0 = MEMB's unregularised ablation)"""
+    m: int = 5
+    """actor-critic updates per environment step (Table 2: 5 on Pendulum)"""
+    horizon: int = 1
+    """value expansion H (App. B.1); 1 = Q from real data only (eq. 6)"""
+    model_updates_per_step: int = 1
+    model_warmup_updates: int = 1000
+    normalise_every: int = 1000
+
+    def validate(self) -> None:
+        if not 0.0 < self.gamma <= 1.0:
+            raise ValueError(f"gamma must lie in (0, 1], got {self.gamma}")
+        if not 0.0 < self.tau <= 1.0:
+            raise ValueError(f"tau must lie in (0, 1], got {self.tau}")
+        if self.alpha < 0:
+            raise ValueError(f"alpha must be >= 0, got {self.alpha}")
+        if self.m <= 0:
+            raise ValueError(f"m (actor-critic updates per step) must be > 0, got {self.m}")
+        if self.horizon <= 0:
+            raise ValueError(f"value-expansion horizon H must be > 0, got {self.horizon}")
+        for name in ("lr", "value_lr", "model_lr", "batch_size", "buffer_size", "normalise_every"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.learning_starts < 0 or self.model_updates_per_step < 0 or self.model_warmup_updates < 0:
+            raise ValueError("learning_starts, model_updates_per_step and model_warmup_updates must be >= 0")
+
+
+class MEMB(OffPolicyActorCritic):
+    algo = "memb"
+    Config = MEMBConfig
+
+    def __init__(self, config: MEMBConfig, obs_dim: int, act_dim: int):
+        super().__init__(config, obs_dim, act_dim)
+        self.model = ReparamModel(obs_dim, act_dim, config.model_hidden)
+        self.critic = TwinQ(obs_dim, act_dim, config.hidden)
+        self.value = VNetwork(obs_dim, config.hidden)
+        self.value_target = target_copy(self.value)
+        self.actor_opt = torch.optim.Adam(self.policy.parameters(), lr=config.lr)
+        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=config.value_lr)
+        self.value_opt = torch.optim.Adam(self.value.parameters(), lr=config.value_lr)
+        self.model_opt = torch.optim.Adam(self.model.parameters(), lr=config.model_lr)
+        self.termination_fn = termination_fn_for(config.env_id)
+        self.elbo = ReparamOptimalityELBO()
+        self.model_updates = 0
+
+    # -- the pieces --------------------------------------------------------------------
+    def model_step(self, batch: Batch, step: int) -> dict[str, float]:
+        loss, info = self.model.loss(batch)
+        out = self.checked(step, model_loss=loss)
+        self.model_opt.zero_grad()
+        loss.backward()
+        self.model_opt.step()
+        self.model_updates += 1
+        return {**out, **info}
+
+    def _not_done(self, obs, act, next_obs) -> torch.Tensor:
+        if self.termination_fn is None:
+            return torch.ones(obs.shape[0])
+        done = self.termination_fn(obs.numpy(), act.numpy(), next_obs.numpy())
+        return 1.0 - torch.as_tensor(done, dtype=torch.float32)
+
+    def critic_target(self, batch: Batch) -> torch.Tensor:
+        """Eq. (6) target r + gamma (1 - d) V_bar(s'); with H > 1 the value expansion along
+        the model: + sum_{k=1}^{H-1} gamma^k (r_hat_k - alpha log pi_k) + gamma^H V_bar(s_H)."""
+        c = self.config
+        with torch.no_grad():
+            target = batch.rew.clone()
+            cont = 1.0 - batch.done
+            s, discount = batch.next_obs, c.gamma
+            for _ in range(c.horizon - 1):
+                d = self.policy(s)
+                a = d.sample()
+                r = self.model.reward_dist(s, a).sample() - c.alpha * d.log_prob(a)
+                s_next = self.model.dynamics(s, a).sample()
+                target = target + discount * cont * r
+                cont = cont * self._not_done(s, a, s_next)
+                s, discount = s_next, discount * c.gamma
+            return target + discount * cont * self.value_target(s)
+
+    def critic_loss(self, batch: Batch) -> torch.Tensor:
+        y = self.critic_target(batch)
+        q1, q2 = self.critic(batch.obs, batch.act)
+        return 0.5 * (F.mse_loss(q1, y) + F.mse_loss(q2, y))
+
+    def value_loss(self, obs: torch.Tensor) -> torch.Tensor:
+        """Eq. (5): 1/2 (V(s) - E_{a~pi}[min Q(s, a) - alpha log pi(a|s)])^2."""
+        with torch.no_grad():
+            d = self.policy(obs)
+            a = d.sample()
+            target = self.critic.min(obs, a) - self.config.alpha * d.log_prob(a)
+        return 0.5 * F.mse_loss(self.value(obs), target)
+
+    def actor_loss(self, obs: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """-ELBO / B of the model-embedded model/guide pair = -(eq. 8's V(s)), averaged."""
+        loss = self.elbo.differentiable_loss(memb_model, memb_guide, obs, self.prior, self.model.dynamics,
+                                             self.model.reward, self.value_target, self.config.gamma,
+                                             self.config.alpha, termination_fn=self.termination_fn,
+                                             policy=self.policy)
+        return loss / obs.shape[0], self.elbo.last_terms
+
+    # -- the loop ------------------------------------------------------------------------
+    def update(self, step: int) -> dict[str, float]:
+        c = self.config
+        if not self.ready():
+            return {}
+        if self.model_updates == 0 or step % c.normalise_every == 0:
+            data = self.replay.all()
+            self.model.set_normaliser(data.obs, data.act)
+        out: dict[str, float] = {}
+        n_model = c.model_updates_per_step + (c.model_warmup_updates if self.model_updates == 0 else 0)
+        for _ in range(n_model):
+            out = self.model_step(self.sample_batch(), step)
+        for _ in range(c.m):
+            out.update(self.actor_critic_step(self.sample_batch(), step))
+        return out
+
+    def actor_critic_step(self, batch: Batch, step: int) -> dict[str, float]:
+        critic_loss = self.critic_loss(batch)
+        value_loss = self.value_loss(batch.obs)
+        out = self.checked(step, critic_loss=critic_loss, value_loss=value_loss)
+        self.critic_opt.zero_grad()
+        critic_loss.backward()
+        self.critic_opt.step()
+        self.value_opt.zero_grad()
+        value_loss.backward()
+        self.value_opt.step()
+
+        actor_loss, terms = self.actor_loss(batch.obs)
+        out.update(self.checked(step, actor_loss=actor_loss))
+        self.actor_opt.zero_grad()
+        actor_loss.backward()
+        self.actor_opt.step()
+        polyak_update(self.value, self.value_target, self.config.tau)
+
+        B = batch.obs.shape[0]
+        out.update({"elbo": terms["elbo"] / B, "elbo_reward": terms["reward"] / B,
+                    "elbo_kl_policy": terms["kl_policy"] / B, "elbo_kl_dynamics": terms.get("kl_dynamics", 0.0) / B})
+        return out
+
+    def _modules(self) -> dict:
+        return {"model": self.model, "critic": self.critic, "value": self.value, "value_target": self.value_target,
+                "actor_opt": self.actor_opt, "critic_opt": self.critic_opt, "value_opt": self.value_opt,
+                "model_opt": self.model_opt}
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "model_updates": self.model_updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.model_updates = state["model_updates"]
