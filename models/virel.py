@@ -41,7 +41,7 @@ MIN_TEMPERATURE = 1e-8
 
 
 def check_temperature(temperature: float | torch.Tensor) -> torch.Tensor:
-    t = torch.as_tensor(temperature, dtype=torch.float32)
+    t = torch.as_tensor(temperature, dtype=torch.get_default_dtype())
     if not torch.isfinite(t).all() or (t < 0).any():
         raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
     return t.clamp_min(MIN_TEMPERATURE)
