@@ -410,3 +410,76 @@ def greedy_path(mdp: TabularMDP, policy: np.ndarray, dynamics: np.ndarray | None
             break
         path.append(s)
     return path
+
+
+# ----------------------------------------------------------------------------------
+# Discounted MaxEnt (MERL) and VIREL's Boltzmann fixed point
+# ----------------------------------------------------------------------------------
+
+def _valid_actions(mdp: TabularMDP, action_mask: np.ndarray | None) -> np.ndarray:
+    if action_mask is None:
+        return np.ones((mdp.n_states, mdp.n_actions), dtype=bool)
+    mask = np.asarray(action_mask, dtype=bool)
+    if mask.shape != (mdp.n_states, mdp.n_actions) or not mask.any(-1).all():
+        raise ValueError(f"action_mask must be boolean of shape {(mdp.n_states, mdp.n_actions)} "
+                         "with at least one valid action per state")
+    return mask
+
+
+def _masked_softmax(logits: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    logits = np.where(mask, logits, -np.inf)
+    return np.exp(logits - logsumexp(logits, axis=-1, keepdims=True))
+
+
+def maxent_value_iteration(mdp: TabularMDP, temperature: float, gamma: float, *,
+                           action_mask: np.ndarray | None = None, tol: float = 1e-12,
+                           max_iter: int = 100_000) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Discounted maximum-entropy RL (MERL, VIREL 002_… Sec. 2.2, J_merl with constant c)::
+
+        Q(s, a) = E_p[R + gamma V(s')],   V(s) = c log sum_{a valid} exp(Q(s, a) / c),
+        pi(a|s) = exp((Q(s, a) - V(s)) / c).
+
+    (Entropy bonus c H(pi(.|s)) over the valid actions, discounted like rewards.)
+    Returns (V, Q, pi)."""
+    check_positive("temperature", temperature)
+    check_gamma(gamma)
+    mask = _valid_actions(mdp, action_mask)
+    live = ~mdp.terminal
+    V = np.zeros(mdp.n_states)
+    for _ in range(max_iter):
+        Q = np.einsum("ijk,ijk->ij", mdp.P, mdp.R + gamma * V[None, None, :])
+        V_new = np.where(live, temperature * logsumexp(np.where(mask, Q / temperature, -np.inf), axis=-1), 0.0)
+        if np.max(np.abs(V_new - V)) < tol:
+            V = V_new
+            break
+        V = V_new
+    else:
+        raise RuntimeError("MaxEnt value iteration did not converge; is gamma < 1 or does every trajectory end?")
+    Q = np.einsum("ijk,ijk->ij", mdp.P, mdp.R + gamma * V[None, None, :])
+    return V, Q, _masked_softmax(Q / temperature, mask)
+
+
+def boltzmann_fixed_point(mdp: TabularMDP, epsilon: float, gamma: float, *,
+                          action_mask: np.ndarray | None = None, tol: float = 1e-12,
+                          max_iter: int = 100_000) -> tuple[np.ndarray, np.ndarray]:
+    """VIREL's Boltzmann policy at a fixed temperature (002_…, eq. 3 with the operator
+    T^{pi_omega}): Q = E_p[R + gamma E_{pi}[Q(s', .)]] with pi = softmax(Q / epsilon) over
+    the valid actions — the action-value of the Boltzmann policy itself, with no
+    entropy bonus. As epsilon -> 0 this is Q* and pi the greedy policy (Theorems 1–2).
+    Returns (Q, pi)."""
+    check_positive("epsilon", epsilon)
+    check_gamma(gamma)
+    mask = _valid_actions(mdp, action_mask)
+    live = ~mdp.terminal
+    Q = np.zeros((mdp.n_states, mdp.n_actions))
+    for _ in range(max_iter):
+        pi = _masked_softmax(Q / epsilon, mask)
+        V = np.where(live, np.sum(np.where(mask, pi * Q, 0.0), -1), 0.0)
+        Q_new = np.einsum("ijk,ijk->ij", mdp.P, mdp.R + gamma * V[None, None, :])
+        if np.max(np.abs(Q_new - Q)) < tol:
+            Q = Q_new
+            break
+        Q = Q_new
+    else:
+        raise RuntimeError("Boltzmann fixed-point iteration did not converge")
+    return Q, _masked_softmax(Q / epsilon, mask)
