@@ -84,7 +84,8 @@ class POMDPELBO:
     After each call :attr:`last_terms` holds per-window means (floats): ``reward``,
     ``log_lik`` (= ``log_lik_x + log_lik_r``), ``log_marginal``, ``info_gain``
     (= log_lik - log_marginal), ``kl_z``, ``kl_a``, ``elbo`` and ``model_evidence``
-    (log_lik - kl_z, the sequential-VAE bound on log p(x, r)).
+    (log_lik - kl_z, the sequential-VAE bound on log p(x, r)); the discriminative bound
+    (eq. 6) reports only ``reward``, ``kl_z``, ``kl_a`` and ``elbo``.
 
     ``marginal_weight`` scales the marginal term in the *loss* only (the reported
     ``elbo`` is always the paper's): 1 is exactly -eq. (8); 0 gives
@@ -135,13 +136,18 @@ class POMDPELBO:
         out["log_lik"] = out["log_lik_x"] + out["log_lik_r"]
         out["info_gain"] = out["log_lik"] - out["log_marginal"] if self.generative else torch.zeros(())
         out["elbo"] = out["reward"] + out["info_gain"] - out["kl_z"] - out["kl_a"]
-        out["model_evidence"] = out["log_lik"] - out["kl_z"]
+        if self.generative:
+            out["model_evidence"] = out["log_lik"] - out["kl_z"]
+        else:  # eq. (6) has no likelihood terms
+            for k in ("log_lik_x", "log_lik_r", "log_lik", "log_marginal", "info_gain"):
+                out.pop(k)
         return out
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
         t = self.term_tensors(model, guide, *args, **kwargs)
-        loss = -(t["reward"] + t["log_lik"] - self.marginal_weight * t["log_marginal"] - t["kl_z"] - t["kl_a"])
-        if not self.generative:
+        if self.generative:
+            loss = -(t["reward"] + t["log_lik"] - self.marginal_weight * t["log_marginal"] - t["kl_z"] - t["kl_a"])
+        else:
             loss = -(t["reward"] - t["kl_z"] - t["kl_a"])
         warn_if_nan(loss, "loss")
         self.last_terms = {k: float(v.detach()) for k, v in t.items()}

@@ -1,0 +1,173 @@
+"""The generative POMDP agent on velocity-hidden Pendulum (Marino & Yue, 003_…).
+
+Variants (each trained by Active Variational EM through :func:`pplrl.runner.train`):
+
+* ``generative``          eq. (8) bound, planning (eq. 10) with the information-gain term
+* ``generative-no-ig``    the same agent planning without the information-gain term
+* ``discriminative``      eq. (6) bound, no model: q(a_t) from the prior and the critic only
+
+At every evaluation point each agent is evaluated twice, deterministically, on the same
+seeds: acting by **planning** (its E-step) and by the **consolidated prior** p_a(a_t | z_t)
+alone (the model-free habit, no planning). The bound's information-gain estimate
+(``elbo_info_gain``) and the planner's (``plan_info_gain``) are read from the runs'
+``metrics.jsonl`` over training.
+
+Writes under ``--out``: one run folder per variant and seed, ``results.json``,
+``results.md`` (the table) and ``generative_agent.png``; prints the table.
+A smoke run: ``--steps 400 --seeds 0 --eval-every 200 --eval-episodes 1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from pplrl.algorithms import apply_overrides, default_config  # noqa: E402
+from pplrl.runner import evaluate, train  # noqa: E402
+
+VARIANTS = {
+    "generative": ("generative-agent", {}),
+    "generative-no-ig": ("generative-agent", {"plan_info_gain": "false"}),
+    "discriminative": ("discriminative-agent", {}),
+}
+#: lighter than the agents' defaults so that a CPU run of a few thousand steps is feasible
+EXPERIMENT_DEFAULTS = {"horizon": "6", "candidates": "48", "particles": "2", "update_every": "2",
+                       "learning_starts": "400"}
+
+
+def evaluate_both(agent, env_id: str, episodes: int, seed: int) -> dict[str, float]:
+    """Mean deterministic returns acting by planning and by the prior alone."""
+    out = {}
+    saved = agent.config
+    for mode, plan in (("plan", True), ("prior", False)):
+        agent.config = dataclasses.replace(saved, plan=plan)
+        out[mode] = float(np.mean(evaluate(agent, env_id, episodes, seed)))
+    agent.config = saved
+    return out
+
+
+def read_metrics(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line]
+
+
+def run_one(name: str, seed: int, args, out: Path) -> dict:
+    algo, overrides = VARIANTS[name]
+    settings = {**EXPERIMENT_DEFAULTS, **overrides, **dict(s.split("=", 1) for s in (args.set or []))}
+    if algo == "discriminative-agent":  # no model to roll out: it always plans with horizon 0
+        settings.pop("horizon", None)
+    config = apply_overrides(default_config(algo, env_id=args.env, seed=seed), settings)
+    folder = out / f"{name}-seed{seed}"
+    if folder.exists():
+        shutil.rmtree(folder)
+    points = list(range(args.eval_every, args.steps + 1, args.eval_every))
+    if not points or points[-1] != args.steps:
+        points.append(args.steps)
+    curve, t0 = [], time.time()
+    for k, upto in enumerate(points):
+        agent = train(algo, config, folder, upto, resume=k > 0, eval_every=10 ** 9, checkpoint_every=args.eval_every,
+                      progress=False)
+        returns = evaluate_both(agent, args.env, args.eval_episodes, seed=10_000 + seed)
+        curve.append({"step": upto, **returns})
+        print(f"  {name} seed {seed} step {upto}: plan {returns['plan']:.1f}, prior {returns['prior']:.1f} "
+              f"({time.time() - t0:.0f}s)", flush=True)
+    metrics = [m for m in read_metrics(folder) if m["kind"] == "train"]
+    episodes = [m for m in read_metrics(folder) if m["kind"] == "episode"]
+    return {"variant": name, "algo": algo, "seed": seed, "config": dataclasses.asdict(config), "curve": curve,
+            "info_gain": [{"step": m["step"], "elbo_info_gain": m.get("elbo_info_gain"),
+                           "plan_info_gain": m.get("plan_info_gain"), "elbo": m.get("elbo_elbo"),
+                           "kl_a": m.get("elbo_kl_a")} for m in metrics],
+            "train_episode_returns": [m["episode_return"] for m in episodes], "seconds": time.time() - t0}
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| variant | seeds | steps | final return, planning | final return, prior alone | "
+             "info gain (bound, last) | KL(q(a) \\|\\| p(a)) (last) | last training episode |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name in VARIANTS:
+        rs = [r for r in results if r["variant"] == name]
+        if not rs:
+            continue
+        plan = [r["curve"][-1]["plan"] for r in rs]
+        prior = [r["curve"][-1]["prior"] for r in rs]
+        ig = [r["info_gain"][-1]["elbo_info_gain"] for r in rs if r["info_gain"]]
+        kl = [r["info_gain"][-1]["kl_a"] for r in rs if r["info_gain"]]
+        ep = [r["train_episode_returns"][-1] for r in rs if r["train_episode_returns"]]
+
+        def fmt(v, d=1):
+            v = [x for x in v if x is not None]
+            if not v:
+                return "-"
+            return f"{np.mean(v):.{d}f} ± {np.std(v):.{d}f}" if len(v) > 1 else f"{v[0]:.{d}f}"
+
+        lines.append(f"| {name} | {len(rs)} | {rs[0]['curve'][-1]['step']} | {fmt(plan)} | {fmt(prior)} | "
+                     f"{fmt(ig, 3)} | {fmt(kl, 3)} | {fmt(ep)} |")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: Path) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    colors = dict(zip(VARIANTS, ("C0", "C1", "C2")))
+    for r in results:
+        steps = [p["step"] for p in r["curve"]]
+        c = colors[r["variant"]]
+        label = r["variant"] if r["seed"] == min(x["seed"] for x in results if x["variant"] == r["variant"]) else None
+        axes[0].plot(steps, [p["plan"] for p in r["curve"]], "-o", color=c, label=label and f"{label} (planning)")
+        axes[0].plot(steps, [p["prior"] for p in r["curve"]], "--x", color=c, label=label and f"{label} (prior alone)")
+        ig = [(m["step"], m["elbo_info_gain"]) for m in r["info_gain"] if m["elbo_info_gain"] is not None]
+        if ig and r["algo"] == "generative-agent":
+            axes[1].plot(*zip(*ig), color=c, label=label and f"{label}: bound")
+        pig = [(m["step"], m["plan_info_gain"]) for m in r["info_gain"] if m.get("plan_info_gain") is not None]
+        if pig and r["variant"] == "generative":
+            axes[1].plot(*zip(*pig), ":", color=c, label=label and f"{label}: planner (elites)")
+    axes[0].set(xlabel="environment steps", ylabel="evaluation return", title="velocity-hidden Pendulum")
+    axes[1].set(xlabel="environment steps", ylabel="nats per step", title="information gain estimate")
+    for ax in axes:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/generative_agent")
+    p.add_argument("--env", default="pplrl/PendulumNoVel-v0")
+    p.add_argument("--steps", type=int, default=4000)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--eval-every", type=int, default=1000, help="a multiple of the episode length (200) is best")
+    p.add_argument("--eval-episodes", type=int, default=2)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--set", nargs="*", metavar="KEY=VALUE",
+                   help="config overrides for every variant (horizon: generative variants only)")
+    args = p.parse_args(argv)
+    if args.steps <= 0 or args.eval_every <= 0 or args.eval_episodes <= 0:
+        p.error("--steps, --eval-every and --eval-episodes must be > 0")
+    torch.set_num_threads(1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for name in args.variants:
+        for seed in args.seeds:
+            results.append(run_one(name, seed, args, out))
+    md = table(results)
+    (out / "results.md").write_text(md + "\n")
+    summary = {"env": args.env, "steps": args.steps, "seeds": args.seeds, "results": results, "table": md}
+    (out / "results.json").write_text(json.dumps(summary, indent=1))
+    plot(results, out / "generative_agent.png")
+    print(md)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
