@@ -10,6 +10,12 @@ checkpoint, median wall-clock, ratios to SB3) and writes JSON.
 
     python experiments/bench_pendulum.py                       # sac, mbpo, sb3-sac; 3 seeds; 10k steps
     python experiments/bench_pendulum.py --algos sac --steps 150000 --env Hopper-v5
+    python experiments/bench_pendulum.py --algos sac virel virel-beta memb --set mbpo:gradient_steps=5 \
+        --algo-steps memb=5000
+
+``--set KEY=VALUE`` applies to every pplrl agent, ``--set ALGO:KEY=VALUE`` to one;
+``--algo-steps ALGO=N`` gives one algorithm its own step budget. The JSON is rewritten
+after every finished run, so an interrupted benchmark keeps what it finished.
 
 stable-baselines3 is optional (``pip install stable-baselines3``); without it the
 SB3 rows are skipped with a note.
@@ -96,6 +102,20 @@ def _job(args):
         return {"algo": kwargs.get("algo", "sb3-sac"), "seed": kwargs["seed"], "error": f"{type(e).__name__}: {e}"}
 
 
+def overrides_for(algo: str, items: list[str]) -> list[str]:
+    """``KEY=VALUE`` items for every agent plus ``ALGO:KEY=VALUE`` items for ``algo``."""
+    out = []
+    for item in items:
+        head, _, rest = item.partition("=")
+        if ":" in head:
+            target, key = head.split(":", 1)
+            if target == algo:
+                out.append(f"{key}={rest}")
+        else:
+            out.append(item)
+    return out
+
+
 def table(results: list[dict], checkpoints: list[int]) -> str:
     algos = list(dict.fromkeys(r["algo"] for r in results))
     lines = [f"{'algorithm':>12} {'seeds':>5} " + " ".join(f"{c:>14d}" for c in checkpoints)
@@ -126,13 +146,16 @@ def main(argv=None) -> dict:
     p.add_argument("--eval-episodes", type=int, default=5)
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for the pplrl agents")
+    p.add_argument("--algo-steps", nargs="*", default=[], metavar="ALGO=N",
+                   help="per-algorithm step budgets (default --steps)")
     p.add_argument("--out", type=Path, default=Path("runs/bench_pendulum.json"))
     args = p.parse_args(argv)
+    algo_steps = {k: int(v) for k, v in (item.split("=", 1) for item in args.algo_steps)}
     jobs = []
     for algo in args.algos:
         for seed in args.seeds:
-            common = dict(env_id=args.env, seed=seed, steps=args.steps, eval_every=args.eval_every,
-                          eval_episodes=args.eval_episodes)
+            common = dict(env_id=args.env, seed=seed, steps=algo_steps.get(algo, args.steps),
+                          eval_every=args.eval_every, eval_episodes=args.eval_episodes)
             if algo == "sb3-sac":
                 try:
                     import stable_baselines3  # noqa: F401
@@ -141,23 +164,29 @@ def main(argv=None) -> dict:
                     break
                 jobs.append(("sb3", common))
             else:
-                jobs.append(("pplrl", dict(algo=algo, overrides=args.set, **common)))
+                jobs.append(("pplrl", dict(algo=algo, overrides=overrides_for(algo, args.set), **common)))
     t0 = time.time()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(results):
+        out = {"env": args.env, "steps": args.steps, "algo_steps": algo_steps, "seeds": args.seeds,
+               "jobs": args.jobs, "overrides": args.set, "results": results, "total_wall_s": time.time() - t0}
+        args.out.write_text(json.dumps(out, indent=1))
+        return out
+
+    results = []
     with mp.get_context("spawn").Pool(args.jobs) as pool:
-        results = []
         for r in pool.imap_unordered(_job, jobs):
             results.append(r)
             status = r.get("error") or f"final {r['returns'][-1]:.1f}, {r['wall_s']:.0f} s"
             print(f"  done {r['algo']} seed {r['seed']}: {status}", flush=True)
+            save(results)
     results.sort(key=lambda r: (args.algos.index(r["algo"]) if r["algo"] in args.algos else 99, r["seed"]))
-    checkpoints = list(range(args.eval_every, args.steps + 1, args.eval_every))
+    checkpoints = list(range(args.eval_every, max([args.steps, *algo_steps.values()]) + 1, args.eval_every))
     print(f"\n{args.env}: evaluation return mean/median over seeds {args.seeds} ({args.eval_episodes} episodes "
           f"each) at env steps; {args.jobs} runs in parallel, 1 torch thread each")
     print(table(results, checkpoints))
-    out = {"env": args.env, "steps": args.steps, "seeds": args.seeds, "jobs": args.jobs, "overrides": args.set,
-           "results": results, "total_wall_s": time.time() - t0}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=1))
+    out = save(results)
     print(f"wrote {args.out}")
     return out
 

@@ -14,3 +14,11 @@ def test_risky_arm_experiment_runs(tmp_path):
         assert (tmp_path / name).stat().st_size > 0
     saved = json.loads((tmp_path / "results.json").read_text())
     assert len(saved["cliff_learning"]["Q-learning"]["returns"]) == 2
+
+
+def test_bench_overrides_per_algorithm():
+    bench = load_experiment("bench_pendulum")
+    items = ["mbpo:gradient_steps=5", "batch_size=64", "memb:m=3"]
+    assert bench.overrides_for("mbpo", items) == ["gradient_steps=5", "batch_size=64"]
+    assert bench.overrides_for("memb", items) == ["batch_size=64", "m=3"]
+    assert bench.overrides_for("sac", items) == ["batch_size=64"]
