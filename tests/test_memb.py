@@ -177,3 +177,12 @@ def test_short_run_logs_model_errors_and_resumes(tmp_path):
     for p1, p2 in zip(full.model.parameters(), resumed.model.parameters()):
         assert torch.equal(p1, p2)
     assert (tmp_path / "full" / "metrics.jsonl").read_text() == (tmp_path / "cut" / "metrics.jsonl").read_text()
+
+
+def test_table2_defaults_by_environment():
+    assert default_config("memb", env_id="HalfCheetah-v5").alpha == 0.4
+    assert default_config("memb", env_id="HalfCheetah-v5").model_hidden == (256, 128)
+    assert default_config("memb", env_id="Walker2d-v5").m == 3
+    assert default_config("memb", env_id="Pendulum-v1").model_hidden == (32, 16)
+    assert default_config("memb", env_id="HalfCheetah-v5", alpha=0.1).alpha == 0.1  # overrides win
+    assert default_config("memb", env_id="MountainCarContinuous-v0").alpha == 0.2  # not in the table

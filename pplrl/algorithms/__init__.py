@@ -20,11 +20,18 @@ def make_agent(algo: str, config, obs_dim: int, act_dim: int) -> Agent:
 
 
 def default_config(algo: str, **overrides):
+    """The algorithm's config: its defaults, then the paper's per-environment settings
+    where the config class has them (``Config.env_defaults(env_id)``), then ``overrides``."""
     if algo not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algo!r}; known: {sorted(ALGORITHMS)}")
     import dataclasses
 
-    return dataclasses.replace(ALGORITHMS[algo].Config(), **overrides)
+    cls = ALGORITHMS[algo].Config
+    config = cls()
+    env_defaults = getattr(cls, "env_defaults", None)
+    if env_defaults is not None:
+        config = dataclasses.replace(config, **env_defaults(overrides.get("env_id", config.env_id)))
+    return dataclasses.replace(config, **overrides)
 
 
 __all__ = ["ALGORITHMS", "Agent", "BetaVMBPO", "DiscriminativeAgent", "GenerativeAgent", "MBPO", "VMBPO", "VMBPOMFE", "MEMB", "VIREL", "VIRELBeta", "MBPOConfig", "SAC", "SACConfig", "apply_overrides", "default_config", "make_agent"]

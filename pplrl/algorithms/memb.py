@@ -21,7 +21,8 @@ Options: value expansion ``horizon`` H (App. B.1: the Q target follows the model
 for H - 1 more steps, ``r + sum_k gamma^k (r_hat_k - alpha log pi_k) + gamma^H V_bar(s_H)``;
 H = 1, the default, is eq. 6 on real data, the paper's recommendation) and alpha.
 Defaults are App. C Table 2's Pendulum column (alpha 0.2, m 5, model 32x16,
-learning rates 3e-4, networks 256x256). Our additions: ``model_warmup_updates``
+learning rates 3e-4, networks 256x256); :data:`TABLE2` holds the other columns and
+:func:`pplrl.algorithms.default_config` applies them by environment id. Our additions: ``model_warmup_updates``
 model steps once learning starts (one step per environment step from a random
 initialisation leaves the model useless for hundreds of steps), and a fixed input
 normaliser refreshed every ``normalise_every`` steps.
@@ -96,6 +97,20 @@ class ReparamModel(nn.Module):
         return dyn_loss + rew_loss, info
 
 
+#: App. C, Table 2, by environment name (the table's empty cells read as "same as the
+#: cell to the left", the layout of a merged cell): value lr, model lr, alpha, model
+#: network, m. Policy lr is 3e-4 and networks 256x256 everywhere.
+TABLE2 = {
+    "Pendulum": dict(value_lr=3e-4, model_lr=3e-4, alpha=0.2, model_hidden=(32, 16), m=5),
+    "InvertedPendulum": dict(value_lr=3e-4, model_lr=3e-4, alpha=0.1, model_hidden=(32, 16), m=1),
+    "HalfCheetah": dict(value_lr=1e-3, model_lr=3e-4, alpha=0.4, model_hidden=(256, 128), m=5),
+    "Hopper": dict(value_lr=1e-3, model_lr=3e-4, alpha=0.4, model_hidden=(256, 128), m=5),
+    "Walker2d": dict(value_lr=3e-4, model_lr=1e-4, alpha=0.4, model_hidden=(256, 256), m=3),
+    "Swimmer": dict(value_lr=3e-4, model_lr=1e-4, alpha=0.2, model_hidden=(256, 128), m=5),
+    "Reacher": dict(value_lr=3e-4, model_lr=1e-4, alpha=0.2, model_hidden=(256, 128), m=5),
+}
+
+
 @dataclass
 class MEMBConfig:
     env_id: str = "Pendulum-v1"
@@ -120,6 +135,12 @@ class MEMBConfig:
     model_updates_per_step: int = 1
     model_warmup_updates: int = 1000
     normalise_every: int = 1000
+
+    @staticmethod
+    def env_defaults(env_id: str) -> dict:
+        """Table 2's settings for ``env_id`` (matched by name, any version), else {}."""
+        name = env_id.split(":")[-1].split("/")[-1].split("-v")[0]
+        return dict(TABLE2.get(name, {}))
 
     def validate(self) -> None:
         if not 0.0 < self.gamma <= 1.0:
