@@ -101,7 +101,7 @@ def test_exp_td_loss_by_hand():
 
 
 def test_step3_critic_and_value_losses_by_hand():
-    a, b = agent(VMBPO, eta=2.0), batch()
+    a, b = agent(VMBPO, eta=2.0, entropy_regularizer=False), batch()
     ratio = torch.linspace(-1, 1, 8)
     y = b.rew + 0.99 * (1 - b.done) * a.value_target(b.next_obs) - ratio / 2.0
     q1, q2 = a.critic(b.obs, b.act)
@@ -114,6 +114,16 @@ def test_step3_critic_and_value_losses_by_hand():
     act = d.sample()
     target = a.critic.min(b.obs, act) - (d.log_prob(act) - a.prior_policy(b.obs).log_prob(act)) / 2.0
     torch.testing.assert_close(vl, ((a.value(b.obs) - target) ** 2).mean())
+    # with the entropy regulariser (the default): the target also has - alpha log q_c(a|x)
+    e = agent(VMBPO, eta=2.0, init_alpha=0.3)
+    torch.manual_seed(4)
+    vl = e.value_loss(b.obs)
+    torch.manual_seed(4)
+    d = e.policy(b.obs)
+    act = d.sample()
+    log_q = d.log_prob(act)
+    target = e.critic.min(b.obs, act) - (log_q - e.prior_policy(b.obs).log_prob(act)) / 2.0 - 0.3 * log_q
+    torch.testing.assert_close(vl, ((e.value(b.obs) - target) ** 2).mean())
 
 
 def test_mfe_exponential_td_critic_by_hand():
@@ -139,7 +149,7 @@ def test_mfe_exponential_td_critic_by_hand():
 def test_policy_log_ratio_is_exact_for_a_sharp_policy():
     """pi = q_c gives log q_c/pi = 0 exactly, even for a nearly deterministic policy whose
     samples sit at the tanh bounds (the cached pre-squash u made it up to 1e4 nats)."""
-    a, b = agent(VMBPO), batch(256)
+    a, b = agent(VMBPO, entropy_regularizer=False), batch(256)
     with torch.no_grad():
         last = a.policy.net.layers[-1]
         last.weight.zero_()
@@ -167,7 +177,7 @@ def test_exploration_noise_schedule():
 
 
 def test_step4_actor_elbo_by_hand():
-    a, b = agent(VMBPO, eta=2.0), batch()
+    a, b = agent(VMBPO, eta=2.0, entropy_regularizer=False), batch()
     pyro.set_rng_seed(7)
     loss, terms = a.actor_loss(b.obs)
     pyro.set_rng_seed(7)
@@ -262,7 +272,7 @@ def test_short_runs_log_every_term(algo, tmp_path):
 
 def test_sticking_the_landing_keeps_the_value_and_drops_the_score_noise():
     """Same ELBO value; with pi = q_c the KL gradient is exactly zero under STL."""
-    a, b = agent(VMBPO, eta=0.01, sticking_the_landing=True), batch(64)
+    a, b = agent(VMBPO, eta=0.01, sticking_the_landing=True, entropy_regularizer=False), batch(64)
     a.prior_policy.load_state_dict(a.policy.state_dict())
     critic_min = a.critic.min
     a.critic.min = lambda o, act: torch.zeros(o.shape[0])  # only the KL term remains
@@ -273,7 +283,7 @@ def test_sticking_the_landing_keeps_the_value_and_drops_the_score_noise():
         assert abs(float(loss.detach())) < 1e-5
         assert all(float(p.grad.abs().max()) < 1e-4 for p in a.policy.parameters())
         a.policy.zero_grad()
-        plain = agent(VMBPO, eta=0.01, sticking_the_landing=False)
+        plain = agent(VMBPO, eta=0.01, sticking_the_landing=False, entropy_regularizer=False)
         plain.prior_policy.load_state_dict(plain.policy.state_dict())
         plain.critic.min = lambda o, act: torch.zeros(o.shape[0])
         pyro.set_rng_seed(0)
