@@ -99,6 +99,7 @@ class POMDPELBO:
         self.marginal_weight = float(marginal_weight)
         self.max_plate_nesting = max_plate_nesting
         self.last_terms: dict[str, float] = {}
+        self.last_latents: dict[str, torch.Tensor] = {}
 
     def term_tensors(self, model, guide, *args, **kwargs) -> dict[str, torch.Tensor]:
         """Differentiable per-window means of each term (one particle)."""
@@ -108,6 +109,8 @@ class POMDPELBO:
         if latent != guided:
             raise ValueError(f"model and guide sample sites do not match: model only {sorted(latent - guided)}, "
                              f"guide only {sorted(guided - latent)}")
+        #: the guide's samples (with their graph), e.g. for a critic on the filtered states
+        self.last_latents = {n: s["value"] for n, s in guide_trace.nodes.items() if s["type"] == "sample"}
         terms: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros(()))
         batch = None
         for name, site in model_trace.nodes.items():

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from guides.pomdp import FilteringGuide, pomdp_guide
-from models.pomdp import POMDPModel, Window, check_window, pomdp_model
+from models.pomdp import POMDPModel, Window, check_window, pomdp_model, site
 from pplrl.algorithms.base import Agent
 from pplrl.envs.continuous import make_continuous_env
 from pplrl.envs.pomdp import pomdp_spec, split_view
@@ -288,7 +288,7 @@ class GenerativeAgent(Agent):
         terms = self.elbo.last_terms
         critic_loss = torch.zeros(())
         if self.critic is not None and T > 1:
-            z = self.guide.filter(window)
+            z = torch.stack([self.elbo.last_latents[site("z", t)] for t in range(T)], 1)  # the guide's samples
             if c.generative:
                 z = z.detach()
             q = self.critic(z[:, :-1], window.act[:, :-1])
