@@ -8,6 +8,7 @@ the agent filters online), and a combiner maps (z_{t-1}, h_t) to a Gaussian over
 calls while acting; :func:`pomdp_guide` runs it over a window.
 
 q(a_t) is the planner's Gaussian (:mod:`pplrl.pomdp_planning`), stored with each step;
+planning starts from the amortised :class:`ActionPosterior` q(a_t | z_t) and refines it;
 in the bound it is data for the guide (no parameters), so its KL to the prior trains
 only the prior (consolidation) and, through z_t, the filter.
 
@@ -57,6 +58,20 @@ class FilteringGuide(PyroModule):
             z = qz.rsample() if sample else qz.mean
             zs.append(z)
         return torch.stack(zs, 1)
+
+
+class ActionPosterior(PyroModule):
+    """Amortised q(a_t | z_t): the planner's starting point, which planning refines
+    (iterative amortised inference, Marino et al. 2018b); trained toward the planner's
+    refined q(a_t) by KL(q_plan || q_amortised)."""
+
+    def __init__(self, z_dim: int, a_dim: int, hidden: int = 64):
+        super().__init__()
+        self.net = MLP(z_dim, 2 * a_dim, (hidden, hidden))
+
+    def forward(self, z: torch.Tensor):
+        loc, raw = self.net(z).chunk(2, -1)
+        return dist.Normal(torch.tanh(loc), F.softplus(raw) + MIN_SCALE).to_event(1)
 
 
 def pomdp_guide(model: POMDPModel, guide: FilteringGuide, window: Window, temperature: float = 1.0, K: int = 8) -> None:
@@ -109,4 +124,4 @@ def tiger_filter_guide(filt: BeliefFilter, tables, a_prev, obs, prev_belief) -> 
             pyro.sample(site("z", t), dist.Categorical(probs=probs), infer={"enumerate": "parallel"})
 
 
-__all__ = ["BeliefFilter", "FilteringGuide", "pomdp_guide", "tiger_filter_guide"]
+__all__ = ["ActionPosterior", "BeliefFilter", "FilteringGuide", "pomdp_guide", "tiger_filter_guide"]

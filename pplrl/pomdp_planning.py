@@ -129,8 +129,11 @@ class CEMPlanner:
         return torch.stack(out, 1)
 
     @torch.no_grad()
-    def plan(self, model, z_particles: torch.Tensor, value_fn: ValueFn | None = None):
-        """q(a_t) as ``(loc [a_dim], scale [a_dim])`` and a dict of the elite terms."""
+    def plan(self, model, z_particles: torch.Tensor, value_fn: ValueFn | None = None,
+             init: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """q(a_t) as ``(loc [a_dim], scale [a_dim])`` and a dict of the elite terms.
+        ``init`` (loc, scale) is the starting q(a_t) for the first action (default: the
+        action prior's mean at the particles' mean, with ``init_std``)."""
         c = self.config
         H = c.horizon
         if H > 0 and not getattr(model, "generative", True):
@@ -138,8 +141,11 @@ class CEMPlanner:
         a_dim = model.action_prior(z_particles[:1]).event_shape[-1]
         z_mean = z_particles.mean(0)
         mean = torch.zeros(H + 1, a_dim)
-        mean[0] = model.action_prior(z_mean).mean.clamp(-1, 1)
         std = torch.full((H + 1, a_dim), c.init_std)
+        if init is None:
+            mean[0] = model.action_prior(z_mean).mean.clamp(-1, 1)
+        else:
+            mean[0], std[0] = init[0].clamp(-1, 1), init[1].clamp_min(c.min_std)
         elite_actions = None
         for it in range(c.iterations):
             cand = (mean + std * torch.randn(c.candidates, H + 1, a_dim)).clamp(-1, 1)

@@ -210,12 +210,17 @@ def test_consolidation_moves_the_prior_toward_the_planner():
 # ---------------------------------------------------------------------------- agents
 def test_one_learning_step_moves_every_parameter():
     agent = GenerativeAgent(tiny(), 4, 1)
-    before = {n: p.detach().clone() for n, p in [*agent.model.named_parameters(), *agent.guide.named_parameters()]}
+
+    def params():
+        return [(f"{m}.{n}", p) for m in ("model", "guide", "action_guide", "critic")
+                for n, p in getattr(agent, m).named_parameters()]
+
+    before = {n: p.detach().clone() for n, p in params()}
     assert len(before) > 10
-    agent.learn(random_window(B=4, T=4), step=1)
-    moved = {n for n, p in [*agent.model.named_parameters(), *agent.guide.named_parameters()]
-             if not torch.equal(p.detach(), before[n])}
+    out = agent.learn(random_window(B=4, T=4), step=1)
+    moved = {n for n, p in params() if not torch.equal(p.detach(), before[n])}
     assert moved == set(before)
+    assert out["action_guide_kl"] > 0
 
 
 def test_sequence_replay_windows_never_cross_an_episode_start():
@@ -228,7 +233,8 @@ def test_sequence_replay_windows_never_cross_an_episode_start():
     assert {int(rb.data["x"][s, 0]) for s in starts} == {5, 6, 9, 10}
 
 
-@pytest.mark.parametrize("algo", ["generative-agent", "discriminative-agent"])
+# the discriminative agent also runs through runner.train (with resume) in test_pomdp_experiment.py
+@pytest.mark.parametrize("algo", ["generative-agent", pytest.param("discriminative-agent", marks=pytest.mark.slow)])
 def test_agent_runs_through_runner_and_resumes_exactly(tmp_path, algo):
     cfg = tiny(algo, update_every=4, candidates=8, elites=2, cem_iterations=1, horizon=1 if algo == "generative-agent" else 0)
     kw = dict(eval_every=10_000, eval_episodes=1, checkpoint_every=200, progress=False)

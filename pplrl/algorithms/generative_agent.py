@@ -4,7 +4,8 @@ discriminative POMDP agents.
 Per environment step (``act``): **E-step** — state inference, the amortised filter
 q(z_t | z_{t-1}, a_{t-1}, x_t, r_t) (:class:`guides.pomdp.FilteringGuide`), then action
 inference, q(a_t) by planning under the agent's own model (eq. 10,
-:class:`pplrl.pomdp_planning.CEMPlanner`), or the consolidated prior p_a(a_t | z_t) alone
+:class:`pplrl.pomdp_planning.CEMPlanner`) starting from the amortised q(a_t | z_t)
+(:class:`guides.pomdp.ActionPosterior`), or the consolidated prior p_a(a_t | z_t) alone
 when ``plan=False``; **interaction** — a_t ~ q(a_t), clipped to [-1, 1]. Per update
 (``update``): **learning** on windows of T steps from the replay — the bound
 (eq. 8 generative, eq. 6 discriminative; :class:`pplrl.infogain.POMDPELBO` on
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from guides.pomdp import FilteringGuide, pomdp_guide
+from guides.pomdp import ActionPosterior, FilteringGuide, pomdp_guide
 from models.pomdp import POMDPModel, Window, check_window, pomdp_model, site
 from pplrl.algorithms.base import Agent
 from pplrl.envs.continuous import make_continuous_env
@@ -74,6 +75,8 @@ class GenerativeAgentConfig:
     particles: int = 4
     plan_info_gain_samples: int = 4
     gamma: float = 0.99
+    amortised_action: bool = True
+    """start planning from an amortised q(a_t | z_t) trained toward the planner's output"""
     critic: bool = True
     """learn Q(z, a) to bootstrap beyond the horizon"""
     tau: float = 0.01
@@ -208,6 +211,9 @@ class GenerativeAgent(Agent):
         c = config
         self.model = POMDPModel(self.x_dim, act_dim, c.z_dim, c.hidden, generative=c.generative)
         self.guide = FilteringGuide(self.x_dim, act_dim, c.z_dim, c.h_dim, c.hidden)
+        self.action_guide = ActionPosterior(c.z_dim, act_dim, c.hidden) if c.amortised_action else None
+        self.action_guide_opt = (torch.optim.Adam(self.action_guide.parameters(), lr=c.lr_guide)
+                                 if c.amortised_action else None)
         self.critic = QNetwork(c.z_dim, act_dim, c.hidden) if c.critic else None
         self.critic_target = target_copy(self.critic) if c.critic else None
         self.model_opt = torch.optim.Adam(self.model.parameters(), lr=c.lr_model)
@@ -228,7 +234,11 @@ class GenerativeAgent(Agent):
     def infer_action(self, z_particles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q(a_t): the planner's, or the consolidated prior's at the particles' mean."""
         if self.config.plan:
-            loc, scale, info = self.planner.plan(self.model, z_particles, self.value_fn())
+            init = None
+            if self.action_guide is not None:
+                qa = self.action_guide(z_particles.mean(0))
+                init = (qa.mean, qa.stddev)
+            loc, scale, info = self.planner.plan(self.model, z_particles, self.value_fn(), init)
             self.last_plan = info
             return loc, scale
         p = self.model.action_prior(z_particles.mean(0))
@@ -296,14 +306,24 @@ class GenerativeAgent(Agent):
                 target = window.rew[:, :-1] + c.gamma * (1 - window.done[:, :-1]) * self.critic_target(
                     z[:, 1:].detach(), window.act[:, 1:])
             critic_loss = F.mse_loss(q, target)
-        out = self.checked(step, loss=loss, critic_loss=critic_loss)
+        action_guide_loss = torch.zeros(())
+        if self.action_guide is not None:  # KL(q_plan(a_t) || q_amortised(a_t | z_t)), z detached
+            z_all = torch.stack([self.elbo.last_latents[site("z", t)] for t in range(T)], 1).detach()
+            q_plan = torch.distributions.Normal(window.qa_loc, window.qa_scale)
+            q_amort = self.action_guide(z_all).base_dist
+            action_guide_loss = torch.distributions.kl_divergence(q_plan, q_amort).sum(-1).mean()
+        out = self.checked(step, loss=loss, critic_loss=critic_loss, action_guide_kl=action_guide_loss)
         self.model_opt.zero_grad()
         self.guide_opt.zero_grad()
+        if self.action_guide_opt is not None:
+            self.action_guide_opt.zero_grad()
         if self.critic_opt is not None:
             self.critic_opt.zero_grad()
-        (loss + critic_loss).backward()
+        (loss + critic_loss + action_guide_loss).backward()
         self.model_opt.step()
         self.guide_opt.step()
+        if self.action_guide_opt is not None:
+            self.action_guide_opt.step()
         if self.critic_opt is not None:
             self.critic_opt.step()
             polyak_update(self.critic, self.critic_target, c.tau)
@@ -318,6 +338,8 @@ class GenerativeAgent(Agent):
                  "model_opt": self.model_opt.state_dict(), "guide_opt": self.guide_opt.state_dict(),
                  "replay": self.replay.state_dict(), "rng": self.rng.bit_generator.state,
                  "steps_seen": self.steps_seen}
+        if self.action_guide is not None:
+            state.update(action_guide=self.action_guide.state_dict(), action_guide_opt=self.action_guide_opt.state_dict())
         if self.critic is not None:
             state.update(critic=self.critic.state_dict(), critic_target=self.critic_target.state_dict(),
                          critic_opt=self.critic_opt.state_dict())
@@ -331,6 +353,9 @@ class GenerativeAgent(Agent):
         self.replay.load_state_dict(state["replay"])
         self.rng.bit_generator.state = state["rng"]
         self.steps_seen = state["steps_seen"]
+        if self.action_guide is not None:
+            self.action_guide.load_state_dict(state["action_guide"])
+            self.action_guide_opt.load_state_dict(state["action_guide_opt"])
         if self.critic is not None:
             self.critic.load_state_dict(state["critic"])
             self.critic_target.load_state_dict(state["critic_target"])
