@@ -38,9 +38,25 @@ dynamics q_d; they differ in how the E-step estimates its pieces. The shared cod
   [beta_min, beta_max] (beta_max = 1e7, App. C.4).
 
 Numerics: exponentiated TD errors are formed as ``exp(logit)`` with the logit
-clamped where the papers clamp; elsewhere (VMBPO's unclamped weights, exp(nu),
-the exp-TD critic) a logit above ``max_log_weight`` (default 30) stops training with
-a :class:`pplrl.diagnostics.NonFiniteError` naming the term and the step.
+clamped where the papers clamp; elsewhere (unclamped weights, exp(nu), the exp-TD
+critic without a clamp) a logit above ``max_log_weight`` (default 30) stops training
+with a :class:`pplrl.diagnostics.NonFiniteError` naming the term and the step.
+
+What keeps VMBPO and VMBPO-MFE stable on Pendulum (eta = 1, rewards down to -16 per
+step, so TD errors of tens of nats), each the default of every preset:
+
+* the TD clamp (-4, 4) in the q_d weights -- beta paper App. C.1, which describes the
+  authors' VMBPO re-implementation; without it exp(TD) spans thousands of nats and q_d
+  is fitted to a handful of transitions;
+* nu bounded softly to (-8, 8) = twice the clamp (the range of log q_d/p for a q_d
+  tilted by a clamped TD, see ``nu_clip``) and fitted against prior-model samples
+  x' ~ p_theta rather than the deterministic real x' (against which log q_d/p is
+  unbounded: the nu estimate of KL reached 67 nats); both are this implementation's;
+* VMBPO-MFE's exp-TD loss continued by its tangent beyond the clamp (:func:`exp_td_loss`;
+  the loss reached 1e8-1e11 without it; App. D reports this instability);
+* log q_c/pi evaluated at one point for both densities (:meth:`policy_log_ratio`);
+* SAC's entropy regulariser (beta paper App. C.1): after pi <- q_c the KL term has no
+  gradient, and without it q_c collapsed to a deterministic policy.
 """
 
 from __future__ import annotations
