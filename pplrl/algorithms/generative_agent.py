@@ -68,7 +68,8 @@ class GenerativeAgentConfig:
     """plan (eq. 10) at every step; False acts with the consolidated prior alone"""
     plan_info_gain: bool = True
     """the mutual-information term in the planning objective"""
-    horizon: int = 8
+    horizon: int = 12
+    """model steps planned ahead (Pendulum needs ~12 to swing up, with the true model)"""
     candidates: int = 64
     elites: int = 8
     cem_iterations: int = 3
