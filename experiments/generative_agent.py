@@ -131,9 +131,9 @@ def plot(results: list[dict], path: Path) -> None:
             axes[1].plot(*zip(*ig), color=c, label=label and f"{label}: bound")
         pig = [(m["step"], m["plan_info_gain"]) for m in r["info_gain"] if m.get("plan_info_gain") is not None]
         if pig and r["variant"] == "generative":
-            axes[1].plot(*zip(*pig), ":", color=c, label=label and f"{label}: planner (elites)")
+            axes[1].plot(*zip(*pig), ":", color=c, label=label and f"{label}: planner (elites, sum over horizon)")
     axes[0].set(xlabel="environment steps", ylabel="evaluation return", title="velocity-hidden Pendulum")
-    axes[1].set(xlabel="environment steps", ylabel="nats per step", title="information gain estimate")
+    axes[1].set(xlabel="environment steps", ylabel="nats", title="information gain estimate (bound: per step)")
     for ax in axes:
         ax.legend(fontsize=7)
     fig.tight_layout()
