@@ -1,0 +1,252 @@
+"""Optimism of the variational dynamics on Mountain Car (beta-VMBPO paper, Sec. 6.2, Fig. 4).
+
+Paper: /work/shared/papers/001_… (beta-VMBPO), Sec. 6.2 "Optimism in deterministic
+continuous environments" and Fig. 4: VMBPO (beta = 1) learns variational dynamics q_d
+in which the under-powered car drives straight up the hill; the policy learned with
+them gets stuck in the real environment. beta-VMBPO's dual on beta keeps q_d close
+to the prior dynamics, so its trajectories under q_d look like the real ones.
+
+What this script does, per algorithm (``vmbpo``, ``beta-vmbpo``) and seed:
+
+1. trains the agent on ``MountainCarContinuous-v0`` for ``--steps`` env steps through
+   :func:`pplrl.runner.train` (run folder ``OUT/runs/ALGO-seedS``);
+2. rolls out its learned policy (the prior policy pi, deterministic -- the policy that
+   acts) for ``--horizon`` steps from ``--rollouts`` start states drawn by the real
+   environment's reset (seeds ``10_000 + i``, the same for every algorithm and
+   dynamics) under three dynamics: the **real** environment, the agent's
+   **variational** dynamics q_d and its **prior** model p_theta (beta eq. 10). Model
+   steps sample an elite member and its Gaussian noise (seeded), as the agents' own
+   model samples do, and are clipped to the observation box (position [-1.2, 0.6],
+   velocity [-0.07, 0.07]) as the real environment clips its state. Rewards are Mountain Car's own reward function applied to each
+   transition (``100 * [goal] - 0.1 a^2``), an episode ends at the goal
+   (the same termination function the agents use), and after it the position is held;
+3. reports per dynamics the mean return, final position, maximum position and share
+   of rollouts reaching the goal, and the **optimism** = (mean return under q_d) -
+   (mean return under the real env) for the same policy and start states; likewise
+   the gap of the final position.
+
+Writes ``OUT/mountain_car_optimism.png`` (mean position over time with a band of one
+standard deviation, one panel per algorithm, a line per dynamics) and
+``OUT/mountain_car_optimism.json``; prints the table.
+
+    python experiments/mountain_car_optimism.py                       # a few minutes on CPU
+    python experiments/mountain_car_optimism.py --steps 20000 --seeds 0 1 2 --out runs/mc_long
+
+The short default budget rarely solves the task (the paper trains far longer); the
+optimism number measures what the learned q_d promises against what the real
+dynamics deliver, whatever the policy's quality.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ENV_ID = "MountainCarContinuous-v0"
+GOAL_POSITION = 0.45
+OBS_LOW, OBS_HIGH = np.array([-1.2, -0.07], dtype=np.float32), np.array([0.6, 0.07], dtype=np.float32)
+ALGOS = ("vmbpo", "beta-vmbpo")
+DYNAMICS = ("real", "variational", "prior")
+# a CPU budget: one update per step, smaller models, faster fits (override with --set)
+DEFAULT_SET = ["gradient_steps=1", "learning_starts=500", "model_min_updates=200", "model_hidden=(200,200)",
+               "rollout_batch_size=1000"]
+
+
+def mountain_car_reward(act: np.ndarray, done: np.ndarray) -> np.ndarray:
+    """MountainCarContinuous-v0's reward: 100 on reaching the goal, minus 0.1 force^2."""
+    force = np.clip(act[:, 0], -1.0, 1.0)
+    return 100.0 * done - 0.1 * force ** 2
+
+
+def start_states(n: int) -> np.ndarray:
+    from pplrl.envs.continuous import make_continuous_env
+
+    env = make_continuous_env(ENV_ID)
+    starts = np.stack([env.reset(seed=10_000 + i)[0] for i in range(n)]).astype(np.float32)
+    env.close()
+    return starts
+
+
+def policy_actions(agent, obs: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return agent.prior_policy.act(torch.as_tensor(obs, dtype=torch.float32), True).numpy()
+
+
+def rollout_real(agent, n: int, horizon: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Positions ``[n, horizon + 1]``, returns ``[n]``, reached-goal ``[n]`` in the real env."""
+    from pplrl.envs.continuous import make_continuous_env
+
+    env = make_continuous_env(ENV_ID)
+    pos, ret, goal = np.zeros((n, horizon + 1)), np.zeros(n), np.zeros(n, dtype=bool)
+    for i in range(n):
+        obs, _ = env.reset(seed=10_000 + i)
+        pos[i, 0] = obs[0]
+        done = False
+        for t in range(horizon):
+            if not done:
+                obs, r, term, trunc, _ = env.step(policy_actions(agent, obs[None])[0])
+                ret[i] += float(r)
+                goal[i] |= bool(term)
+                done = term or trunc
+            pos[i, t + 1] = obs[0]
+    env.close()
+    return pos, ret, goal
+
+
+def rollout_model(agent, ensemble, starts: np.ndarray, horizon: int, seed: int):
+    """The same, with next states sampled from a learned ensemble (q_d or p_theta)."""
+    from pplrl.envs.continuous import termination_fn_for
+
+    term_fn = termination_fn_for(ENV_ID)
+    gen = torch.Generator().manual_seed(seed)
+    n = starts.shape[0]
+    obs = starts.copy()
+    pos, ret = np.zeros((n, horizon + 1)), np.zeros(n)
+    alive = np.ones(n, dtype=bool)
+    goal = np.zeros(n, dtype=bool)
+    pos[:, 0] = obs[:, 0]
+    for t in range(horizon):
+        act = policy_actions(agent, obs)
+        nxt, _, _ = ensemble.predict(torch.as_tensor(obs), torch.as_tensor(act), generator=gen)
+        nxt = np.clip(nxt.numpy(), OBS_LOW, OBS_HIGH)  # the real env clips its state to this box too
+        done = np.asarray(term_fn(obs, act, nxt), dtype=bool).reshape(-1)
+        ret += np.where(alive, mountain_car_reward(act, done.astype(np.float64)), 0.0)
+        goal |= alive & done
+        obs = np.where(alive[:, None], nxt, obs)
+        alive &= ~done
+        pos[:, t + 1] = obs[:, 0]
+    return pos, ret, goal
+
+
+def summarise(pos: np.ndarray, ret: np.ndarray, goal: np.ndarray) -> dict:
+    return {"mean_return": float(ret.mean()), "std_return": float(ret.std()),
+            "final_position": float(pos[:, -1].mean()), "max_position": float(pos.max(1).mean()),
+            "goal_rate": float(goal.mean()), "mean_position": pos.mean(0).tolist(), "std_position": pos.std(0).tolist()}
+
+
+def evaluate_dynamics(agent, rollouts: int, horizon: int, seed: int) -> dict:
+    starts = start_states(rollouts)
+    out = {"real": summarise(*rollout_real(agent, rollouts, horizon)),
+           "variational": summarise(*rollout_model(agent, agent.q_dynamics, starts, horizon, seed)),
+           "prior": summarise(*rollout_model(agent, agent.ensemble, starts, horizon, seed))}
+    out["optimism_return"] = out["variational"]["mean_return"] - out["real"]["mean_return"]
+    out["optimism_final_position"] = out["variational"]["final_position"] - out["real"]["final_position"]
+    out["prior_gap_return"] = out["prior"]["mean_return"] - out["real"]["mean_return"]
+    return out
+
+
+def train_agent(algo: str, seed: int, steps: int, overrides: list[str], folder: Path):
+    from pplrl.algorithms import apply_overrides, default_config
+    from pplrl.runner import train
+
+    config = apply_overrides(default_config(algo, env_id=ENV_ID, seed=seed), [*DEFAULT_SET, *overrides])
+    if folder.exists():
+        shutil.rmtree(folder)  # this script's own output from an earlier call
+    t0 = time.perf_counter()
+    agent = train(algo, config, folder, steps, eval_every=steps, eval_episodes=1, checkpoint_every=steps,
+                  progress=False)
+    return agent, time.perf_counter() - t0
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    algos = list(results)
+    fig, axes = plt.subplots(1, len(algos), figsize=(5.5 * len(algos), 4), sharey=True, squeeze=False)
+    colours = {"real": "black", "variational": "tab:red", "prior": "tab:blue"}
+    for ax, algo in zip(axes[0], algos):
+        for dyn in DYNAMICS:
+            mean = np.mean([r[dyn]["mean_position"] for r in results[algo]["seeds"].values()], 0)
+            std = np.mean([r[dyn]["std_position"] for r in results[algo]["seeds"].values()], 0)
+            t = np.arange(len(mean))
+            label = {"real": "real env", "variational": "variational q_d", "prior": "prior model p_theta"}[dyn]
+            ax.plot(t, mean, color=colours[dyn], label=label)
+            ax.fill_between(t, mean - std, mean + std, color=colours[dyn], alpha=0.15)
+        ax.axhline(GOAL_POSITION, color="green", ls="--", lw=1, label="goal")
+        ax.set_ylim(OBS_LOW[0] - 0.05, OBS_HIGH[0] + 0.05)
+        ax.set_title(f"{algo}: optimism {results[algo]['optimism_return']:+.1f} (return, q_d - real)")
+        ax.set_xlabel("time step")
+    axes[0][0].set_ylabel("car position (mean over rollouts and seeds)")
+    axes[0][-1].legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def table(results: dict) -> str:
+    lines = [f"{'algorithm':>11} {'seed':>4} {'beta':>8} | {'return real':>11} {'q_d':>8} {'prior':>8} | "
+             f"{'final pos real':>14} {'q_d':>6} | {'goal real':>9} {'q_d':>5} | {'optimism (return)':>17} {'(final pos)':>11}"]
+    for algo, res in results.items():
+        rows = list(res["seeds"].items()) + [("mean", res["mean"])]
+        for seed, r in rows:
+            lines.append(f"{algo:>11} {seed:>4} {r['beta']:8.3g} | {r['real']['mean_return']:11.2f} "
+                         f"{r['variational']['mean_return']:8.2f} {r['prior']['mean_return']:8.2f} | "
+                         f"{r['real']['final_position']:14.3f} {r['variational']['final_position']:6.3f} | "
+                         f"{r['real']['goal_rate']:9.2f} {r['variational']['goal_rate']:5.2f} | "
+                         f"{r['optimism_return']:17.2f} {r['optimism_final_position']:11.3f}")
+    return "\n".join(lines)
+
+
+def _mean_over_seeds(per_seed: dict) -> dict:
+    keys = ("mean_return", "final_position", "max_position", "goal_rate")
+    out = {dyn: {k: float(np.mean([r[dyn][k] for r in per_seed.values()])) for k in keys} for dyn in DYNAMICS}
+    out["beta"] = float(np.mean([r["beta"] for r in per_seed.values()]))
+    # means of differences = differences of means: the optimism is exactly q_d minus real
+    out["optimism_return"] = out["variational"]["mean_return"] - out["real"]["mean_return"]
+    out["optimism_final_position"] = out["variational"]["final_position"] - out["real"]["final_position"]
+    return out
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=2000, help="env steps of training per agent")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--algos", nargs="+", default=list(ALGOS), choices=ALGOS)
+    p.add_argument("--rollouts", type=int, default=10, help="start states (rollouts per dynamics)")
+    p.add_argument("--horizon", type=int, default=300, help="steps per rollout")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help=f"config overrides after the script's own ({' '.join(DEFAULT_SET)})")
+    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--out", type=Path, default=Path("runs/mountain_car_optimism"))
+    args = p.parse_args(argv)
+    if args.steps <= 0 or args.rollouts <= 0 or args.horizon <= 0:
+        raise SystemExit("error: --steps, --rollouts and --horizon must be > 0")
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results: dict = {}
+    for algo in args.algos:
+        per_seed = {}
+        for seed in args.seeds:
+            agent, wall = train_agent(algo, seed, args.steps, args.set, args.out / "runs" / f"{algo}-seed{seed}")
+            r = evaluate_dynamics(agent, args.rollouts, args.horizon, seed)
+            r.update(beta=agent.beta if agent.config.use_beta else 1.0 / agent.config.eta, train_wall_s=wall)
+            per_seed[str(seed)] = r
+            print(f"  {algo} seed {seed}: trained {args.steps} steps in {wall:.0f} s; optimism "
+                  f"{r['optimism_return']:+.2f} (return), {r['optimism_final_position']:+.3f} (final position)",
+                  flush=True)
+        results[algo] = {"seeds": per_seed, "mean": _mean_over_seeds(per_seed)}
+        results[algo]["optimism_return"] = results[algo]["mean"]["optimism_return"]
+    print(f"\n{ENV_ID}: learned prior policy (deterministic) from {args.rollouts} start states, "
+          f"{args.horizon} steps, under the real env, the variational q_d and the prior model p_theta; "
+          f"{args.steps} training steps, seeds {args.seeds}")
+    print(table(results))
+    print("optimism = mean return under q_d - mean return under the real env (same policy, same start states)")
+    plot(results, args.out / "mountain_car_optimism.png")
+    saved = {"env": ENV_ID, "steps": args.steps, "seeds": args.seeds, "rollouts": args.rollouts,
+             "horizon": args.horizon, "overrides": [*DEFAULT_SET, *args.set], "results": results}
+    (args.out / "mountain_car_optimism.json").write_text(json.dumps(saved, indent=1))
+    print(f"wrote {args.out / 'mountain_car_optimism.png'} and {args.out / 'mountain_car_optimism.json'}")
+    return saved
+
+
+if __name__ == "__main__":
+    main()
