@@ -13,7 +13,7 @@ TINY = ["learning_starts=100", "model_train_freq=100", "model_min_updates=0", "e
 
 def test_mountain_car_optimism_runs(tmp_path, capsys):
     mc = load_experiment("mountain_car_optimism")
-    saved = mc.main(["--steps", "150", "--rollouts", "2", "--horizon", "15", "--out", str(tmp_path), "--set", *TINY])
+    saved = mc.main(["--steps", "120", "--rollouts", "2", "--horizon", "15", "--out", str(tmp_path), "--set", *TINY])
     for name in ("mountain_car_optimism.png", "mountain_car_optimism.json"):
         assert (tmp_path / name).stat().st_size > 0
     assert json.loads((tmp_path / "mountain_car_optimism.json").read_text()) == json.loads(json.dumps(saved))
