@@ -17,8 +17,9 @@ beyond the planning horizon; the discriminative agent, which has no model to rol
 plans with horizon 0 on it, and its critic's gradient shapes its encoder.
 
 Observations come from a POMDP view ``[x_t, r_t, first_t]`` (:mod:`pplrl.envs.pomdp`);
-a fully observed env raises. Acting keeps one filter state for training and one for
-deterministic evaluation, each reset at ``first_t``.
+a fully observed env raises. Acting filters the last T steps (the training window) of
+the current episode, one history for training and one for deterministic evaluation,
+each reset at ``first_t``.
 """
 
 from __future__ import annotations
@@ -76,6 +77,11 @@ class GenerativeAgentConfig:
     particles: int = 4
     plan_info_gain_samples: int = 4
     gamma: float = 0.99
+    overshooting: int = 0
+    """D > 0 adds open-loop prediction of x, r up to D steps from each filtered z_t (under
+    the executed actions) to the model loss, as PlaNet's overshooting; not part of the
+    paper's bound (0: the bound only). One-step training leaves the transition's
+    multi-step predictions, which planning needs, nearly blind to the actions."""
     amortised_action: bool = True
     """start planning from an amortised q(a_t | z_t) trained toward the planner's output"""
     critic: bool = True
@@ -105,6 +111,8 @@ class GenerativeAgentConfig:
             raise ValueError("tau and gamma must lie in (0, 1]")
         if self.marginal_weight < 0:
             raise ValueError("marginal_weight must be >= 0")
+        if self.overshooting < 0:
+            raise ValueError("overshooting must be >= 0")
         if not self.generative and self.plan and self.horizon > 0:
             raise ValueError("the discriminative agent has no model to plan with: set horizon=0 (or plan=false)")
         self.planner_config().validate()
@@ -185,10 +193,12 @@ class QNetwork(torch.nn.Module):
 
 
 class _Stream:
-    """The filter state of one stream of interaction (training or evaluation)."""
+    """One stream of interaction (training or evaluation): the last T inputs of the
+    filter (x, r, a_prev) of the current episode and the last executed action."""
 
     def __init__(self):
-        self.h = self.z = self.a_prev = None
+        self.history: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.a_prev: torch.Tensor | None = None
 
 
 class GenerativeAgent(Agent):
@@ -245,16 +255,26 @@ class GenerativeAgent(Agent):
         p = self.model.action_prior(z_particles.mean(0))
         return p.mean, p.stddev
 
+    def filter_window(self, history, deterministic: bool):
+        """q(z_t) after filtering the last T steps from the window-start state, exactly as
+        the guide is trained (windows of T steps): a filter run over a whole episode
+        would meet GRU states it never saw in training."""
+        h, z = self.guide.initial_state(())
+        for i, (x, r, a_prev) in enumerate(history):
+            h, qz = self.guide.step(h, z, a_prev, x, r)
+            if i < len(history) - 1:
+                z = qz.mean if deterministic else qz.sample()
+        return qz
+
     def act(self, obs: np.ndarray, deterministic: bool = False) -> np.ndarray:
         x, r, first = split_view(obs)
         s = self.streams["eval" if deterministic else "train"]
-        if first or s.h is None:
-            s.h, s.z = self.guide.initial_state(())
-            s.a_prev = torch.zeros(self.act_dim)
+        if first or s.a_prev is None:
+            s.history, s.a_prev = [], torch.zeros(self.act_dim)
         a_prev = s.a_prev
+        s.history = (s.history + [(torch.as_tensor(x), torch.tensor(r), a_prev)])[-self.config.window:]
         with torch.no_grad():
-            s.h, qz = self.guide.step(s.h, s.z, a_prev, torch.as_tensor(x), torch.tensor(r))
-            s.z = qz.mean if deterministic else qz.sample()
+            qz = self.filter_window(s.history, deterministic)
             if not deterministic and self.steps_seen < self.config.learning_starts:
                 a = torch.as_tensor(self.rng.uniform(-1.0, 1.0, self.act_dim), dtype=torch.float32)
                 loc, scale = torch.zeros(self.act_dim), torch.full((self.act_dim,), UNIFORM_SCALE)
@@ -307,6 +327,14 @@ class GenerativeAgent(Agent):
                 target = window.rew[:, :-1] + c.gamma * (1 - window.done[:, :-1]) * self.critic_target(
                     z[:, 1:].detach(), window.act[:, 1:])
             critic_loss = F.mse_loss(q, target)
+        overshoot = torch.zeros(())
+        if c.overshooting > 0 and c.generative and T > 1:
+            zk = torch.stack([self.elbo.last_latents[site("z", t)] for t in range(T)], 1)
+            for k in range(1, min(c.overshooting, T - 1) + 1):  # zk[:, t] predicts step t + k
+                zk = self.model.transition(zk[:, :-1], window.a_prev[:, k:]).rsample()
+                overshoot = overshoot + self.model.emitter.log_prob(zk, window.x[:, k:], window.r[:, k:]).mean()
+            overshoot = overshoot / min(c.overshooting, T - 1)
+            loss = loss - overshoot
         action_guide_loss = torch.zeros(())
         if self.action_guide is not None:  # KL(q_plan(a_t) || q_amortised(a_t | z_t)), z detached
             z_all = torch.stack([self.elbo.last_latents[site("z", t)] for t in range(T)], 1).detach()
@@ -329,6 +357,8 @@ class GenerativeAgent(Agent):
             self.critic_opt.step()
             polyak_update(self.critic, self.critic_target, c.tau)
         per_step = {f"elbo_{k}": v / T for k, v in terms.items()}
+        if c.overshooting > 0:
+            out["overshooting_log_lik"] = float(overshoot.detach())
         out.update(per_step)
         out.update({f"plan_{k}": v for k, v in self.last_plan.items()})
         return out
