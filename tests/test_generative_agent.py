@@ -223,6 +223,15 @@ def test_one_learning_step_moves_every_parameter():
     assert out["action_guide_kl"] > 0
 
 
+def test_overshooting_trains_open_loop_predictions():
+    agent = GenerativeAgent(tiny(overshooting=3), 4, 1)
+    w = random_window(B=4, T=4)
+    first = agent.learn(w, step=1)["overshooting_log_lik"]
+    for i in range(30):
+        out = agent.learn(w, step=i + 2)
+    assert out["overshooting_log_lik"] > first
+
+
 def test_sequence_replay_windows_never_cross_an_episode_start():
     rb = SequenceReplay(1, 1, capacity=10)
     for i in range(13):  # wraps around; episodes start at 0, 5, 9
@@ -284,6 +293,8 @@ def test_bad_input():
         GenerativeAgent(tiny(env_id="Pendulum-v1"), 3, 1)
     with pytest.raises(ValueError, match="horizon"):
         DiscriminativeAgent(tiny("discriminative-agent", horizon=3), 4, 1)
+    with pytest.raises(ValueError, match="overshooting"):
+        tiny(overshooting=-1).validate()
     with pytest.raises(ValueError, match="elites"):
         PlannerConfig(candidates=4, elites=8).validate()
     model, guide = POMDPModel(2, 1, z_dim=3, hidden=8), FilteringGuide(2, 1, z_dim=3, h_dim=8, hidden=8)
