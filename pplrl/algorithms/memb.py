@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from guides.continuous import soft_clamp
 from guides.memb import memb_guide
 from models.memb import memb_model
-from pplrl.algorithms.sac import OffPolicyActorCritic
+from pplrl.algorithms.sac import OffPolicyActorCritic, OffPolicyConfig
 from pplrl.elbo import ReparamOptimalityELBO
 from pplrl.envs.continuous import termination_fn_for
 from pplrl.nets import TwinQ, VNetwork, mlp, polyak_update, target_copy
@@ -112,19 +112,12 @@ TABLE2 = {
 
 
 @dataclass
-class MEMBConfig:
-    env_id: str = "Pendulum-v1"
-    seed: int = 0
-    gamma: float = 0.99
-    tau: float = 0.005
-    lr: float = 3e-4
-    """policy learning rate (Table 2)"""
+class MEMBConfig(OffPolicyConfig):
+    """Shared fields from :class:`pplrl.algorithms.sac.OffPolicyConfig`; ``lr`` is the
+    policy learning rate (Table 2: 3e-4)."""
+
     value_lr: float = 3e-4
     model_lr: float = 3e-4
-    batch_size: int = 256
-    buffer_size: int = 1_000_000
-    learning_starts: int = 1000
-    hidden: tuple[int, ...] = (256, 256)
     model_hidden: tuple[int, ...] = (32, 16)
     alpha: float = 0.2
     """entropy weight (Table 2: 0.2 on Pendulum; 0 = MEMB's unregularised ablation)"""
@@ -136,6 +129,8 @@ class MEMBConfig:
     model_warmup_updates: int = 1000
     normalise_every: int = 1000
 
+    positive = ("value_lr", "model_lr", "normalise_every")
+
     @staticmethod
     def env_defaults(env_id: str) -> dict:
         """Table 2's settings for ``env_id`` (matched by name, any version), else {}."""
@@ -143,21 +138,15 @@ class MEMBConfig:
         return dict(TABLE2.get(name, {}))
 
     def validate(self) -> None:
-        if not 0.0 < self.gamma <= 1.0:
-            raise ValueError(f"gamma must lie in (0, 1], got {self.gamma}")
-        if not 0.0 < self.tau <= 1.0:
-            raise ValueError(f"tau must lie in (0, 1], got {self.tau}")
+        super().validate()
         if self.alpha < 0:
             raise ValueError(f"alpha must be >= 0, got {self.alpha}")
         if self.m <= 0:
             raise ValueError(f"m (actor-critic updates per step) must be > 0, got {self.m}")
         if self.horizon <= 0:
             raise ValueError(f"value-expansion horizon H must be > 0, got {self.horizon}")
-        for name in ("lr", "value_lr", "model_lr", "batch_size", "buffer_size", "normalise_every"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.learning_starts < 0 or self.model_updates_per_step < 0 or self.model_warmup_updates < 0:
-            raise ValueError("learning_starts, model_updates_per_step and model_warmup_updates must be >= 0")
+        if self.model_updates_per_step < 0 or self.model_warmup_updates < 0:
+            raise ValueError("model_updates_per_step and model_warmup_updates must be >= 0")
 
 
 class MEMB(OffPolicyActorCritic):

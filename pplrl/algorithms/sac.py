@@ -16,6 +16,7 @@ stable-baselines3's SAC (lr 3e-4, batch 256, tau 0.005, gamma 0.99, 256x256 MLPs
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -31,36 +32,47 @@ from pplrl.replay import Batch, ReplayBuffer
 
 
 @dataclass
-class SACConfig:
+class OffPolicyConfig:
+    """Settings every off-policy actor-critic here shares (SAC, VIREL, MEMB)."""
+
     env_id: str = "Pendulum-v1"
     """gymnasium id of a continuous-action environment"""
     seed: int = 0
     gamma: float = 0.99
     tau: float = 0.005
-    """Polyak factor of the target critics"""
+    """Polyak factor of the target networks"""
     lr: float = 3e-4
     batch_size: int = 256
     buffer_size: int = 1_000_000
     learning_starts: int = 1000
     """environment steps with uniform random actions before learning"""
-    gradient_steps: int = 1
-    """updates per environment step"""
     hidden: tuple[int, ...] = (256, 256)
-    init_alpha: float = 1.0
-    target_entropy: float | None = None
-    """None means -action_dim"""
-    autotune_alpha: bool = True
+
+    #: further fields that must be > 0 (subclasses extend)
+    positive: ClassVar[tuple[str, ...]] = ()
 
     def validate(self) -> None:
         if not 0.0 < self.gamma <= 1.0:
             raise ValueError(f"gamma must lie in (0, 1], got {self.gamma}")
         if not 0.0 < self.tau <= 1.0:
             raise ValueError(f"tau must lie in (0, 1], got {self.tau}")
-        for name in ("lr", "batch_size", "buffer_size", "gradient_steps", "init_alpha"):
+        for name in ("lr", "batch_size", "buffer_size", *self.positive):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.learning_starts < 0:
             raise ValueError("learning_starts must be >= 0")
+
+
+@dataclass
+class SACConfig(OffPolicyConfig):
+    gradient_steps: int = 1
+    """updates per environment step"""
+    init_alpha: float = 1.0
+    target_entropy: float | None = None
+    """None means -action_dim"""
+    autotune_alpha: bool = True
+
+    positive = ("gradient_steps", "init_alpha")
 
 
 class OffPolicyActorCritic(Agent):

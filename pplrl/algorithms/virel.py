@@ -40,26 +40,19 @@ import torch.nn.functional as F
 
 from guides.virel import virel_guide
 from models.virel import MIN_TEMPERATURE, virel_model
-from pplrl.algorithms.sac import OffPolicyActorCritic
+from pplrl.algorithms.sac import OffPolicyActorCritic, OffPolicyConfig
 from pplrl.elbo import ReparamOptimalityELBO
 from pplrl.nets import TwinQ, VNetwork, polyak_update, target_copy
 from pplrl.replay import Batch
 
 
 @dataclass
-class VIRELConfig:
-    env_id: str = "Pendulum-v1"
-    seed: int = 0
-    gamma: float = 0.99
-    tau: float = 0.005
-    """Polyak factor of the target value network"""
-    lr: float = 3e-4
-    """policy, Q and V learning rates (App. I.1: 3e-4)"""
-    batch_size: int = 256
-    buffer_size: int = 1_000_000
-    learning_starts: int = 1000
+class VIRELConfig(OffPolicyConfig):
+    """Shared fields (env, seed, gamma, tau, lr, batch, buffer, learning_starts, hidden)
+    come from :class:`pplrl.algorithms.sac.OffPolicyConfig`; lr is used for policy, Q
+    and V (App. I.1: 3e-4)."""
+
     gradient_steps: int = 1
-    hidden: tuple[int, ...] = (256, 256)
     temperature: str = "constant"
     """'constant' (virel: alpha) or 'residual' (beta: lambda * eps_hat)"""
     alpha: float = 0.2
@@ -69,16 +62,10 @@ class VIRELConfig:
     reward_scale: float = 1.0
     """App. I.1 scales rewards instead of the temperature (5 for Hopper/HalfCheetah)"""
 
+    positive = ("gradient_steps", "reward_scale")
+
     def validate(self) -> None:
-        if not 0.0 < self.gamma <= 1.0:
-            raise ValueError(f"gamma must lie in (0, 1], got {self.gamma}")
-        if not 0.0 < self.tau <= 1.0:
-            raise ValueError(f"tau must lie in (0, 1], got {self.tau}")
-        for name in ("lr", "batch_size", "buffer_size", "gradient_steps", "reward_scale"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.learning_starts < 0:
-            raise ValueError("learning_starts must be >= 0")
+        super().validate()
         if self.temperature not in ("constant", "residual"):
             raise ValueError(f"temperature must be 'constant' (virel) or 'residual' (beta), got {self.temperature!r}")
         if self.alpha < 0:
