@@ -68,6 +68,13 @@ class Agent:
         raise NotImplementedError
 
     @staticmethod
+    def gradient_step(optimiser: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+        """One optimiser step on ``loss``: zero the gradients, backpropagate, step."""
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+
+    @staticmethod
     def checked(step: int, **losses: torch.Tensor) -> dict[str, float]:
         """Floats of the losses, stopping with the step and the loss name on NaN/inf."""
         out = {}

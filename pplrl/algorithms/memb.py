@@ -171,9 +171,7 @@ class MEMB(OffPolicyActorCritic):
     def model_step(self, batch: Batch, step: int) -> dict[str, float]:
         loss, info = self.model.loss(batch)
         out = self.checked(step, model_loss=loss)
-        self.model_opt.zero_grad()
-        loss.backward()
-        self.model_opt.step()
+        self.gradient_step(self.model_opt, loss)
         self.model_updates += 1
         return {**out, **info}
 
@@ -242,18 +240,12 @@ class MEMB(OffPolicyActorCritic):
         critic_loss = self.critic_loss(batch)
         value_loss = self.value_loss(batch.obs)
         out = self.checked(step, critic_loss=critic_loss, value_loss=value_loss)
-        self.critic_opt.zero_grad()
-        critic_loss.backward()
-        self.critic_opt.step()
-        self.value_opt.zero_grad()
-        value_loss.backward()
-        self.value_opt.step()
+        self.gradient_step(self.critic_opt, critic_loss)
+        self.gradient_step(self.value_opt, value_loss)
 
         actor_loss, terms = self.actor_loss(batch.obs)
         out.update(self.checked(step, actor_loss=actor_loss))
-        self.actor_opt.zero_grad()
-        actor_loss.backward()
-        self.actor_opt.step()
+        self.gradient_step(self.actor_opt, actor_loss)
         polyak_update(self.value, self.value_target, self.config.tau)
 
         B = batch.obs.shape[0]

@@ -177,22 +177,16 @@ class SAC(OffPolicyActorCritic):
         q1, q2 = self.critic(batch.obs, batch.act)
         critic_loss = F.mse_loss(q1, y) + F.mse_loss(q2, y)
         out = self.checked(step, critic_loss=critic_loss)  # stop before stepping on garbage
-        self.critic_opt.zero_grad()
-        critic_loss.backward()
-        self.critic_opt.step()
+        self.gradient_step(self.critic_opt, critic_loss)
 
         actor_loss, terms = self.actor_loss(batch.obs)
         out.update(self.checked(step, actor_loss=actor_loss))
-        self.actor_opt.zero_grad()
-        actor_loss.backward()
-        self.actor_opt.step()
+        self.gradient_step(self.actor_opt, actor_loss)
         log_q = terms["kl_policy"] / batch.obs.shape[0]  # flat prior: KL = E[log q]
         alpha_loss = torch.zeros(())
         if self.config.autotune_alpha:
             alpha_loss = -self.log_alpha * (log_q + self.target_entropy)
-            self.alpha_opt.zero_grad()
-            alpha_loss.backward()
-            self.alpha_opt.step()
+            self.gradient_step(self.alpha_opt, alpha_loss)
         polyak_update(self.critic, self.critic_target, self.config.tau)
         B = batch.obs.shape[0]
         out.update(self.checked(step, alpha_loss=alpha_loss))

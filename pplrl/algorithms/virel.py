@@ -101,11 +101,10 @@ class VIREL(OffPolicyActorCritic):
                 batch.next_obs)
 
     def residual(self, batch: Batch) -> torch.Tensor:
-        """eps_hat: the mean squared Bellman residual on the batch (both Q heads)."""
+        """eps_hat: the mean squared Bellman residual on the batch (both Q heads) — the
+        value of :meth:`critic_loss`, whose 1/2 per head makes it the mean over heads."""
         with torch.no_grad():
-            y = self.bellman_target(batch)
-            q1, q2 = self.critic(batch.obs, batch.act)
-            return 0.5 * ((y - q1).pow(2).mean() + (y - q2).pow(2).mean())
+            return self.critic_loss(batch)
 
     def lam(self) -> float:
         if self.config.lam is not None:
@@ -149,23 +148,17 @@ class VIREL(OffPolicyActorCritic):
         return metrics
 
     def virel_update(self, batch: Batch, step: int) -> dict[str, float]:
-        eps_hat = self.residual(batch)
-        temperature = self.temperature(eps_hat)
         value_loss = self.value_loss(batch.obs)
         critic_loss = self.critic_loss(batch)
+        eps_hat = critic_loss.detach()  # = self.residual(batch), without a second forward pass
+        temperature = self.temperature(eps_hat)
         out = self.checked(step, value_loss=value_loss, critic_loss=critic_loss, epsilon_omega=eps_hat)
-        self.value_opt.zero_grad()
-        value_loss.backward()
-        self.value_opt.step()
-        self.critic_opt.zero_grad()
-        critic_loss.backward()
-        self.critic_opt.step()
+        self.gradient_step(self.value_opt, value_loss)
+        self.gradient_step(self.critic_opt, critic_loss)
 
         actor_loss, terms = self.actor_loss(batch.obs, temperature)
         out.update(self.checked(step, actor_loss=actor_loss))
-        self.actor_opt.zero_grad()
-        actor_loss.backward()
-        self.actor_opt.step()
+        self.gradient_step(self.actor_opt, actor_loss)
         polyak_update(self.value, self.value_target, self.config.tau)
 
         B = batch.obs.shape[0]

@@ -416,9 +416,7 @@ class VariationalAgent(MBPO):
             d_new = self.prior_policy(obs)
             kl = (d_old.log_prob(a_old) - d_new.log_prob(a_old)).mean()
             loss = -d_new.log_prob(a).mean() + self.config.map_lambda * kl
-            self.map_opt.zero_grad()
-            loss.backward()
-            self.map_opt.step()
+            self.gradient_step(self.map_opt, loss)
         for p in self.prior_policy.parameters():
             p.requires_grad_(False)
         return float(loss.detach())
@@ -430,9 +428,7 @@ class VariationalAgent(MBPO):
 
     def update_beta(self, kl: float) -> None:
         loss = self.dual_beta_loss(kl)
-        self.beta_opt.zero_grad()
-        loss.backward()
-        self.beta_opt.step()
+        self.gradient_step(self.beta_opt, loss)
         with torch.no_grad():
             self.log_beta.clamp_(float(np.log(self.config.beta_min)), float(np.log(self.config.beta_max)))
 
@@ -466,9 +462,7 @@ class VariationalAgent(MBPO):
                 prior_next = self.ensemble.predict(real.obs, real.act)[0] if c.nu_reference == "model" else None
             nu_loss = self.nu_loss(real, model_next, step, prior_next)
             metrics.update(self.checked(step, nu_loss=nu_loss))
-            self.nu_opt.zero_grad()
-            nu_loss.backward()
-            self.nu_opt.step()
+            self.gradient_step(self.nu_opt, nu_loss)
         # step 3: critic on model samples (model-based) or real data (model-free)
         if c.e_step == "model_based":
             batch, log_ratio = self.model_batch(real.obs)
@@ -476,26 +470,18 @@ class VariationalAgent(MBPO):
             batch, log_ratio = real, None
         critic_loss = self.critic_loss(batch, log_ratio, step)
         metrics.update(self.checked(step, critic_loss=critic_loss))
-        self.critic_opt.zero_grad()
-        critic_loss.backward()
-        self.critic_opt.step()
+        self.gradient_step(self.critic_opt, critic_loss)
         if c.value_network:
             value_loss = self.value_loss(batch.obs)
             metrics.update(self.checked(step, value_loss=value_loss))
-            self.value_opt.zero_grad()
-            value_loss.backward()
-            self.value_opt.step()
+            self.gradient_step(self.value_opt, value_loss)
         # step 4: actor (Pyro ELBO)
         actor_loss, terms = self.actor_loss(batch.obs)
         metrics.update(self.checked(step, actor_loss=actor_loss))
-        self.actor_opt.zero_grad()
-        actor_loss.backward()
-        self.actor_opt.step()
+        self.gradient_step(self.actor_opt, actor_loss)
         if c.entropy_regularizer and c.autotune_alpha:
             alpha_loss = -self.log_alpha * (float(self._log_q.detach().mean()) + self.target_entropy)
-            self.alpha_opt.zero_grad()
-            alpha_loss.backward()
-            self.alpha_opt.step()
+            self.gradient_step(self.alpha_opt, alpha_loss)
             metrics["alpha"] = float(self.alpha)
         # KL(q_d || p) = E_{x'~q_d}[log q_d/p]: the mean of the log-ratio estimate on the model
         # samples (model-based E-step); VMBPO-MFE has no model samples here and logs it at fits
