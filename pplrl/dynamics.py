@@ -455,7 +455,13 @@ class GaussianEnsemble(PyroModule):
         obs = torch.as_tensor(obs, dtype=self.max_logvar.dtype, device=self.max_logvar.device)
         if obs.dim() != 2:
             raise ValueError(f"predict expects obs of shape [B, {self.obs_dim}], got {list(obs.shape)}")
-        mean, logvar = self(obs, act)
+        return self.step_from(obs, *self(obs, act), deterministic=deterministic, generator=generator)
+
+    @torch.no_grad()
+    def step_from(self, obs: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor, *, deterministic: bool = False,
+                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """:meth:`predict` from an already computed ``(mean, logvar) = self(obs, act)``, so that
+        a caller that also needs densities runs the network once."""
         var = logvar.exp()
         batch = obs.shape[0]
         if deterministic:
@@ -474,3 +480,13 @@ class GaussianEnsemble(PyroModule):
         next_obs = obs + sample[:, :self.obs_dim]
         reward = sample[:, self.obs_dim]
         return next_obs, reward, {"mean": m, "var": v, "member": member}
+
+    @torch.no_grad()
+    def elite_log_density(self, obs: torch.Tensor, next_obs: torch.Tensor, mean: torch.Tensor,
+                          logvar: torch.Tensor) -> torch.Tensor:
+        """``log (1/|elites|) sum_{e in elites} N(next_obs - obs; mean_e, var_e)`` over the state
+        dimensions (reward marginalised), ``[B]``, from ``(mean, logvar) = self(obs, act)``."""
+        elites = self.elite_idx
+        d = dist.Normal(mean[elites, :, :self.obs_dim], (0.5 * logvar[elites, :, :self.obs_dim]).exp())
+        lp = d.log_prob((next_obs - obs).expand(len(elites), *obs.shape)).sum(-1)
+        return torch.logsumexp(lp, 0) - math.log(len(elites))

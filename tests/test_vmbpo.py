@@ -300,3 +300,22 @@ def test_q_d_fit_survives_underflowing_weights():
     a = agent(VMBPO, eta=1000.0)  # agent() already fitted once; fit again with extreme weights
     info = a.fit_variational_dynamics(5)
     assert np.isfinite(info["q_d_train_loss"]) and info["q_d_weight_max"] == 1.0
+
+
+def test_model_batch_log_ratio_and_real_ratio():
+    """model_batch's one-pass log q_d/p equals the mixture densities computed by hand, and
+    real_ratio keeps that share of real transitions (real a, r, x', done) at the front."""
+    a, b = agent(BetaVMBPO, real_ratio=0.25), batch(8)
+    torch.manual_seed(5)
+    mb, log_ratio = a.model_batch(b)
+    for k in ("act", "rew", "next_obs", "done"):
+        torch.testing.assert_close(getattr(mb, k)[:2], getattr(b, k)[:2])
+    assert not torch.equal(mb.next_obs[2:], b.next_obs[2:])
+
+    def mixture(ens):
+        d = ens.sample_member_dist(mb.obs, mb.act)
+        lp = d.log_prob(ens.target(mb.obs, mb.next_obs, mb.rew))[..., :3].sum(-1)[ens.elite_idx]
+        return torch.logsumexp(lp, 0) - np.log(len(ens.elite_idx))
+
+    with torch.no_grad():
+        torch.testing.assert_close(log_ratio, mixture(a.q_dynamics) - mixture(a.ensemble))

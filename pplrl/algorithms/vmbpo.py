@@ -120,7 +120,8 @@ class VMBPOConfig(MBPOConfig):
     map_lambda: float = 1.0
     map_steps: int = 1
     real_ratio: float = 0.0
-    """share of real transitions in critic batches (the papers use model samples only)"""
+    """share of each critic batch that keeps its real transition instead of the model sample
+    (MBPO's real_ratio; the VMBPO papers use model samples only, 0)"""
     sticking_the_landing: bool = True
     """actor gradient without the zero-mean score term (guides.actor.StickingTheLanding):
     with pi <- q_c every step the KL term's value is 0 but its score gradient, weighted by
@@ -309,10 +310,7 @@ class VariationalAgent(MBPO):
     # -- step 2: log-likelihood ratio ------------------------------------------------------------
     def ensemble_log_density(self, ensemble: GaussianEnsemble, obs, act, next_obs) -> torch.Tensor:
         """log of the elites' equal-weight mixture density of x' (reward marginalised)."""
-        d = ensemble.sample_member_dist(obs, act)
-        target = ensemble.target(obs, next_obs, torch.zeros(obs.shape[0]))
-        lp = d.log_prob(target)[..., :self.obs_dim].sum(-1)[ensemble.elite_idx]  # [elites, B]
-        return torch.logsumexp(lp, 0) - np.log(len(ensemble.elite_idx))
+        return ensemble.elite_log_density(obs, next_obs, *ensemble(obs, act))
 
     def nu_value(self, obs, act, next_obs) -> torch.Tensor:
         """nu(x'|x, a), softly bounded to (-nu_clip, nu_clip) by c tanh(raw / c) when set."""
@@ -339,17 +337,31 @@ class VariationalAgent(MBPO):
         return -(nu_q.mean() - self._exp_weight(nu_p, "exp(nu)", step).mean())
 
     # -- model samples ----------------------------------------------------------------------
-    def model_batch(self, obs: torch.Tensor) -> tuple[Batch, torch.Tensor]:
-        """x from D_env, a ~ q_c, x' ~ q_d, r ~ p_theta (beta Algorithm 1), and log q_d/p."""
+    def model_batch(self, real: Batch) -> tuple[Batch, torch.Tensor]:
+        """x from D_env, a ~ q_c, x' ~ q_d, r ~ p_theta (beta Algorithm 1), and log q_d/p; the
+        first ``real_ratio`` of the rows keep the real (a, r, x', done) of ``real`` instead.
+        Each ensemble runs once: its output gives both the sample and the density."""
+        obs = real.obs
         with torch.no_grad():
             act = self.policy(obs).sample()
-            next_obs, _, _ = self.q_dynamics.predict(obs, act)
-            _, rew, _ = self.ensemble.predict(obs, act)
+            q_out, p_out = self.q_dynamics(obs, act), self.ensemble(obs, act)
+            next_obs, _, _ = self.q_dynamics.step_from(obs, *q_out)
+            _, rew, _ = self.ensemble.step_from(obs, *p_out)
             done = torch.zeros_like(rew)
             if self.termination_fn is not None:
                 done = torch.as_tensor(self.termination_fn(obs.numpy(), act.numpy(), next_obs.numpy()),
                                        dtype=torch.float32)
-        return Batch(obs, act, rew, next_obs, done), self.log_ratio(obs, act, next_obs).detach()
+            n_real = round(self.config.real_ratio * obs.shape[0])
+            if n_real:
+                act, rew, next_obs, done = (torch.cat([r[:n_real], m[n_real:]]) for r, m in (
+                    (real.act, act), (real.rew, rew), (real.next_obs, next_obs), (real.done, done)))
+                q_out, p_out = self.q_dynamics(obs, act), self.ensemble(obs, act)
+            if self.config.log_ratio == "ensembles":
+                log_ratio = self.q_dynamics.elite_log_density(obs, next_obs, *q_out) \
+                    - self.ensemble.elite_log_density(obs, next_obs, *p_out)
+            else:
+                log_ratio = self.log_ratio(obs, act, next_obs)
+        return Batch(obs, act, rew, next_obs, done), log_ratio
 
     # -- step 3: critic ---------------------------------------------------------------------
     def critic_td_target(self, batch: Batch, log_ratio: torch.Tensor | None) -> torch.Tensor:
@@ -465,7 +477,7 @@ class VariationalAgent(MBPO):
             self.gradient_step(self.nu_opt, nu_loss)
         # step 3: critic on model samples (model-based) or real data (model-free)
         if c.e_step == "model_based":
-            batch, log_ratio = self.model_batch(real.obs)
+            batch, log_ratio = self.model_batch(real)
         else:
             batch, log_ratio = real, None
         critic_loss = self.critic_loss(batch, log_ratio, step)
