@@ -1,11 +1,15 @@
 """Guides of :mod:`models.pomdp`: the amortised filtering posterior over the agent's
 internal state and the variational action posterior (003_…, eq. 5).
 
-:class:`FilteringGuide` is q(z_t | z_{t-1}, a_{t-1}, x_<=t, r_<=t): a forward GRU over
-(x_t, r_t, a_{t-1}) summarises the history (the DMM example's RNN, run forwards since
-the agent filters online), and a combiner maps (z_{t-1}, h_t) to a Gaussian over z_t
-(the DMM's ``Combiner``). :meth:`FilteringGuide.step` is the one-step update the agent
-calls while acting; :func:`pomdp_guide` runs it over a window.
+:class:`FilteringGuide` is q(s_t | s_{t-1}, a_{t-1}, x_t, r_t) on the model's recurrent
+state (PlaNet's "posterior"): h_t = GRU(h_{t-1}, [z_{t-1}, a_{t-1}]) is computed by the
+*model's* recurrent path (:meth:`models.pomdp.POMDPModel.deter`; a deterministic function
+of the previous sample, so model and guide agree on it) and an MLP maps (h_t, x_t, r_t)
+to a Gaussian over z_t. h_t summarises the history a_<t, z_<t, as the DMM example's
+guide RNN summarises x (here it runs forwards, since the agent filters online, and it is
+shared with the model rather than separate, as in PlaNet). :meth:`FilteringGuide.step`
+is the one-step update the agent calls while acting; :func:`pomdp_guide` runs it over a
+window from s_{-1} = 0.
 
 q(a_t) is the planner's Gaussian (:mod:`pplrl.pomdp_planning`), stored with each step;
 planning starts from the amortised :class:`ActionPosterior` q(a_t | z_t) and refines it;
@@ -23,45 +27,47 @@ import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
 from pyro.nn import PyroModule
-from torch import nn
 
 from guides.continuous import MLP
-from models.pomdp import MIN_SCALE, POMDPModel, Window, check_window, site
+from models.pomdp import MIN_SCALE, POMDPModel, StateDist, Window, check_window, site
 
 
 class FilteringGuide(PyroModule):
-    """q(z_t | z_{t-1}, h_t), h_t = GRU(h_{t-1}, [x_t, r_t, a_{t-1}])."""
+    """q(s_t) = delta(h_t) N(z_t; mu, sigma), (mu, sigma) = MLP([h_t, x_t, r_t]),
+    h_t = model.deter(s_{t-1}, a_{t-1}). ``h_dim`` must equal the model's."""
 
     def __init__(self, x_dim: int, a_dim: int, z_dim: int = 8, h_dim: int = 64, hidden: int = 64):
         super().__init__()
         self.x_dim, self.a_dim, self.z_dim, self.h_dim = x_dim, a_dim, z_dim, h_dim
-        self.rnn = PyroModule[nn.GRUCell](x_dim + 1 + a_dim, h_dim)
-        self.combiner = MLP(z_dim + h_dim, 2 * z_dim, (hidden,))
+        self.posterior = MLP(h_dim + x_dim + 1, 2 * z_dim, (hidden, hidden))
 
-    def initial_state(self, batch_shape) -> tuple[torch.Tensor, torch.Tensor]:
-        """(h, z) before the first step: zeros."""
-        return torch.zeros(*batch_shape, self.h_dim), torch.zeros(*batch_shape, self.z_dim)
+    def initial_state(self, batch_shape) -> torch.Tensor:
+        """s_{-1} before the first step of a window: zeros."""
+        return torch.zeros(*batch_shape, self.h_dim + self.z_dim)
 
-    def step(self, h, z_prev, a_prev, x, r):
-        """One filtering step: the new GRU state and q(z_t)."""
-        h = self.rnn(torch.cat([x, r[..., None], a_prev], -1), h)
-        loc, raw = self.combiner(torch.cat([z_prev, h], -1)).chunk(2, -1)
-        return h, dist.Normal(loc, F.softplus(raw) + MIN_SCALE).to_event(1)
+    def step(self, model: POMDPModel, s_prev, a_prev, x, r) -> StateDist:
+        """One filtering step: q(s_t) from the previous state sample, a_{t-1} and (x_t, r_t)."""
+        if model.h_dim != self.h_dim or model.z_dim != self.z_dim:
+            raise ValueError(f"guide (h_dim {self.h_dim}, z_dim {self.z_dim}) and model (h_dim {model.h_dim}, "
+                             f"z_dim {model.z_dim}) disagree")
+        h = model.deter(s_prev, a_prev)
+        loc, raw = self.posterior(torch.cat([h, x, r[..., None]], -1)).chunk(2, -1)
+        return StateDist(h, dist.Normal(loc, F.softplus(raw) + MIN_SCALE).to_event(1))
 
-    def filter(self, window: Window, sample: bool = True) -> torch.Tensor:
-        """z_t for every step of a window ``[B, T, z_dim]`` (samples, or the means)."""
+    def filter(self, model: POMDPModel, window: Window, sample: bool = True) -> torch.Tensor:
+        """s_t for every step of a window ``[B, T, h_dim + z_dim]`` (samples, or the means)."""
         B, T = window.shape
-        h, z = self.initial_state((B,))
-        zs = []
+        s = self.initial_state((B,))
+        out = []
         for t in range(T):
-            h, qz = self.step(h, z, window.a_prev[:, t], window.x[:, t], window.r[:, t])
-            z = qz.rsample() if sample else qz.mean
-            zs.append(z)
-        return torch.stack(zs, 1)
+            qs = self.step(model, s, window.a_prev[:, t], window.x[:, t], window.r[:, t])
+            s = qs.rsample() if sample else qs.mean
+            out.append(s)
+        return torch.stack(out, 1)
 
 
 class ActionPosterior(PyroModule):
-    """Amortised q(a_t | z_t): the planner's starting point, which planning refines
+    """Amortised q(a_t | s_t): the planner's starting point, which planning refines
     (iterative amortised inference, Marino et al. 2018b); trained toward the planner's
     refined q(a_t) by KL(q_plan || q_amortised)."""
 
@@ -78,11 +84,10 @@ def pomdp_guide(model: POMDPModel, guide: FilteringGuide, window: Window, temper
     """The guide of :func:`models.pomdp.pomdp_model` (same signature)."""
     B, T = window.shape
     check_window(T)
-    h, z = guide.initial_state((B,))
+    s = guide.initial_state((B,))
     with pyro.plate("windows", B):
         for t in pyro.markov(range(T)):
-            h, qz = guide.step(h, z, window.a_prev[:, t], window.x[:, t], window.r[:, t])
-            z = pyro.sample(site("z", t), qz)
+            s = pyro.sample(site("z", t), guide.step(model, s, window.a_prev[:, t], window.x[:, t], window.r[:, t]))
             pyro.sample(site("a", t), dist.Normal(window.qa_loc[:, t], window.qa_scale[:, t]).to_event(1))
 
 

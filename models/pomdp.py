@@ -2,19 +2,35 @@
 
 Generative agent, over a window of T steps (``pyro.markov``), for a batch of windows::
 
-    z_0 ~ N(0, I),   z_t ~ p_a(z_t | z_{t-1}, a_{t-1})                 (learned transition)
-    x_t, r_t ~ p_a(x_t | z_t) p_a(r_t | z_t)                           (emitter; observed)
+    s_t = [h_t, z_t],  h_t = GRU(h_{t-1}, [z_{t-1}, a_{t-1}]),  z_t ~ p_a(z_t | h_t)  (learned transition)
+    x_t, r_t ~ p_a(x_t | s_t) p_a(r_t | s_t)                           (emitter; observed)
     factor  log p(O_t = 1 | r_t) = r_t / temperature                   (eq. 3 with a temperature)
-    factor  -log p_a(x_t, r_t | z_<t)   (K prior samples, pplrl.infogain) (eq. 8's marginal)
-    a_t ~ p_a(a_t | z_t)                                               (action prior; latent)
+    factor  -log p_a(x_t, r_t | s_<t)   (K prior samples, pplrl.infogain) (eq. 8's marginal)
+    a_t ~ p_a(a_t | s_t)                                               (action prior; latent)
 
-The discriminative agent (eq. 6) replaces transition and emitter by a direct mapping
-p_a(z_t | z_{t-1}, a_{t-1}, x_t, r_t) and has no likelihood or marginal sites.
+with s_{-1} = 0 at a window start (so the first z has the learned prior p_a(z | GRU(0, [0, a_{-1}]))).
+
+**The internal state is recurrent-state-space (RSSM, PlaNet: Hafner et al. 2019), not in
+the paper.** The paper's transition p_a(z_t | z_{t-1}, a_{t-1}) is Markov in a stochastic
+z; here the agent's state is s_t = [h_t, z_t] with a deterministic part h_t. This is still
+a Markov transition p_a(s_t | s_{t-1}, a_{t-1}) (h_t is a deterministic function of its
+parents), so eqs. (6)-(10) apply unchanged with z := s; the ``z_t`` sites carry the whole
+state s_t (:class:`StateDist`: a point mass on h_t times a Gaussian on z_t). Why: with a
+purely stochastic 8-d z trained one step at a time, the learned model's 12-step open-loop
+predictions barely depended on the actions on velocity-hidden Pendulum (all-+1 vs all--1
+changed the predicted reward sum by ~2), so planning could not help; a deterministic path
+carries the action's effect over many steps (PlaNet's motivation).
+Densities and KLs of ``z_t`` sites are those of the stochastic part: model and guide
+compute the same h_t from the same s_{t-1} (the guide replays the model's recurrent path,
+:meth:`POMDPModel.deter`), so the point masses cancel.
+
+The discriminative agent (eq. 6) replaces the prior head and emitter by a direct mapping
+p_a(z_t | h_t, x_t, r_t) (same recurrent h_t) and has no likelihood or marginal sites.
 
 The executed actions a_{t-1} are data (the covariates of the transition); the site
 ``a_t`` is the latent action whose variational posterior q(a_t) (the planner's) the
-guide supplies, so the bound's ``-log q(a_t) / p_a(a_t | z_t)`` term is
-KL(q(a_t) || p_a(a_t | z_t)): learning it moves the prior toward the planner
+guide supplies, so the bound's ``-log q(a_t) / p_a(a_t | s_t)`` term is
+KL(q(a_t) || p_a(a_t | s_t)): learning it moves the prior toward the planner
 (consolidation, Sec. 3.3).
 
 :func:`pomdp_model` pairs with :func:`guides.pomdp.pomdp_guide` (same signature);
@@ -30,7 +46,10 @@ import pyro
 import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
+from pyro.distributions import TorchDistribution
 from pyro.nn import PyroModule
+from torch import nn
+from torch.distributions import constraints, kl_divergence, register_kl
 
 from guides.continuous import MLP
 from pplrl.infogain import check_samples, log_marginal_estimate
@@ -60,89 +79,169 @@ def _gaussian(h: torch.Tensor, min_scale: float = MIN_SCALE, residual: torch.Ten
     return dist.Normal(loc, F.softplus(raw) + min_scale).to_event(1)
 
 
-class Transition(PyroModule):
-    """p_a(z_t | z_{t-1}, a_{t-1}): Gaussian, residual mean (as DMM's gated transition
-    starts near the identity)."""
+class StateDist(TorchDistribution):
+    """Distribution of the agent's state s = [h, z]: a point mass on the deterministic
+    ``h [*batch, h_dim]`` times ``base``, a distribution over z with event shape ``(z_dim,)``.
+    ``log_prob`` is the base density of the z part (density w.r.t. the point mass on h
+    times Lebesgue measure on z); the KL between two of them is the KL of the bases
+    (valid when both carry the same h, as model and guide do)."""
 
-    def __init__(self, z_dim: int, a_dim: int, hidden: int = 64):
+    arg_constraints: dict = {}
+    support = constraints.real_vector
+    has_rsample = True
+
+    def __init__(self, h: torch.Tensor, base: dist.Distribution):
+        self.h, self.base = h, base
+        super().__init__(base.batch_shape, torch.Size([h.shape[-1] + base.event_shape[-1]]), validate_args=False)
+
+    @property
+    def h_dim(self) -> int:
+        return self.h.shape[-1]
+
+    def expand(self, batch_shape, _instance=None):
+        batch_shape = torch.Size(batch_shape)
+        return StateDist(self.h.expand(*batch_shape, self.h_dim), self.base.expand(batch_shape))
+
+    def rsample(self, sample_shape=torch.Size()):
+        z = self.base.rsample(sample_shape)
+        return torch.cat([self.h.expand(*z.shape[:-1], self.h_dim), z], -1)
+
+    def sample(self, sample_shape=torch.Size()):
+        with torch.no_grad():
+            return self.rsample(sample_shape)
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        return self.base.log_prob(value[..., self.h_dim:])
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return torch.cat([self.h, self.base.mean], -1)
+
+    @property
+    def stddev(self) -> torch.Tensor:
+        return torch.cat([torch.zeros_like(self.h), self.base.stddev], -1)
+
+    @property
+    def variance(self) -> torch.Tensor:
+        return self.stddev ** 2
+
+
+@register_kl(StateDist, StateDist)
+def _kl_state(p: StateDist, q: StateDist) -> torch.Tensor:
+    return kl_divergence(p.base, q.base)
+
+
+class Recurrent(PyroModule):
+    """h_t = GRU(h_{t-1}, ELU(W [z_{t-1}, a_{t-1}])): the deterministic path (PlaNet's RSSM).
+    The GRU is written out (Cho et al. 2014 gates) so that it takes any batch shape."""
+
+    def __init__(self, z_dim: int, a_dim: int, h_dim: int, hidden: int = 64):
         super().__init__()
-        self.net = MLP(z_dim + a_dim, 2 * z_dim, (hidden, hidden))
+        self.z_dim, self.h_dim = z_dim, h_dim
+        self.embed = PyroModule[nn.Linear](z_dim + a_dim, hidden)
+        self.gates = PyroModule[nn.Linear](hidden + h_dim, 2 * h_dim)
+        self.cand = PyroModule[nn.Linear](hidden + h_dim, h_dim)
 
-    def forward(self, z: torch.Tensor, a: torch.Tensor):
-        return _gaussian(self.net(torch.cat([z, a], -1)), residual=z)
+    def forward(self, s_prev: torch.Tensor, a_prev: torch.Tensor) -> torch.Tensor:
+        h, z = s_prev[..., : self.h_dim], s_prev[..., self.h_dim:]
+        e = F.elu(self.embed(torch.cat([z, a_prev], -1)))
+        reset, update = torch.sigmoid(self.gates(torch.cat([e, h], -1))).chunk(2, -1)
+        c = torch.tanh(self.cand(torch.cat([e, reset * h], -1)))
+        return update * h + (1 - update) * c
+
+
+class Transition(PyroModule):
+    """p_a(s_t | s_{t-1}, a_{t-1}): h_t = :class:`Recurrent`, z_t ~ N(mu(h_t), sigma(h_t))."""
+
+    def __init__(self, z_dim: int, a_dim: int, h_dim: int = 64, hidden: int = 64):
+        super().__init__()
+        self.recurrent = Recurrent(z_dim, a_dim, h_dim, hidden)
+        self.prior = MLP(h_dim, 2 * z_dim, (hidden,))
+
+    def forward(self, s: torch.Tensor, a: torch.Tensor) -> StateDist:
+        h = self.recurrent(s, a)
+        return StateDist(h, _gaussian(self.prior(h)))
 
 
 class Emitter(PyroModule):
-    """p_a(x_t | z_t) p_a(r_t | z_t): diagonal Gaussians."""
+    """p_a(x_t | s_t) p_a(r_t | s_t): diagonal Gaussians."""
 
-    def __init__(self, z_dim: int, x_dim: int, hidden: int = 64):
+    def __init__(self, s_dim: int, x_dim: int, hidden: int = 64):
         super().__init__()
         self.x_dim = x_dim
-        self.net = MLP(z_dim, 2 * (x_dim + 1), (hidden, hidden))
+        self.net = MLP(s_dim, 2 * (x_dim + 1), (hidden, hidden))
 
-    def forward(self, z: torch.Tensor):
-        h = self.net(z)
+    def forward(self, s: torch.Tensor):
+        h = self.net(s)
         hx, hr = h[..., : 2 * self.x_dim], h[..., 2 * self.x_dim:]
         px = _gaussian(hx)
         pr = dist.Normal(hr[..., 0], F.softplus(hr[..., 1]) + MIN_SCALE)
         return px, pr
 
-    def log_prob(self, z: torch.Tensor, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-        px, pr = self(z)
+    def log_prob(self, s: torch.Tensor, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        px, pr = self(s)
         return px.log_prob(x) + pr.log_prob(r)
 
 
 class ActionPrior(PyroModule):
-    """p_a(a_t | z_t): the model-free habit, a diagonal Gaussian over [-1, 1]-scaled
+    """p_a(a_t | s_t): the model-free habit, a diagonal Gaussian over [-1, 1]-scaled
     actions (executed clipped)."""
 
-    def __init__(self, z_dim: int, a_dim: int, hidden: int = 64):
+    def __init__(self, s_dim: int, a_dim: int, hidden: int = 64):
         super().__init__()
-        self.net = MLP(z_dim, 2 * a_dim, (hidden, hidden))
+        self.net = MLP(s_dim, 2 * a_dim, (hidden, hidden))
 
-    def forward(self, z: torch.Tensor):
-        loc, raw = self.net(z).chunk(2, -1)
+    def forward(self, s: torch.Tensor):
+        loc, raw = self.net(s).chunk(2, -1)
         return dist.Normal(torch.tanh(loc), F.softplus(raw) + MIN_ACTION_SCALE).to_event(1)
 
 
 class DiscriminativePrior(PyroModule):
-    """p_a(z_t | z_{t-1}, a_{t-1}, x_t, r_t): the discriminative agent's direct mapping (eq. 6)."""
+    """p_a(s_t | s_{t-1}, a_{t-1}, x_t, r_t): the discriminative agent's direct mapping
+    (eq. 6): h_t = :class:`Recurrent`, z_t ~ N(mu(h_t, x_t, r_t), sigma(h_t, x_t, r_t))."""
 
-    def __init__(self, z_dim: int, a_dim: int, x_dim: int, hidden: int = 64):
+    def __init__(self, z_dim: int, a_dim: int, x_dim: int, h_dim: int = 64, hidden: int = 64):
         super().__init__()
-        self.net = MLP(z_dim + a_dim + x_dim + 1, 2 * z_dim, (hidden, hidden))
+        self.recurrent = Recurrent(z_dim, a_dim, h_dim, hidden)
+        self.net = MLP(h_dim + x_dim + 1, 2 * z_dim, (hidden,))
 
-    def forward(self, z, a, x, r):
-        return _gaussian(self.net(torch.cat([z, a, x, r[..., None]], -1)), residual=z)
+    def forward(self, s, a, x, r) -> StateDist:
+        h = self.recurrent(s, a)
+        return StateDist(h, _gaussian(self.net(torch.cat([h, x, r[..., None]], -1))))
 
 
 class POMDPModel(PyroModule):
     """The agent's distributions p_a: transition + emitter (generative) or the direct
-    mapping (discriminative), and the action prior. One optimiser (the M-step) owns
-    these parameters; the guide's are separate."""
+    mapping (discriminative), and the action prior, on states s = [h (h_dim), z (z_dim)].
+    One optimiser (the M-step) owns these parameters; the guide's are separate."""
 
-    def __init__(self, x_dim: int, a_dim: int, z_dim: int = 8, hidden: int = 64, generative: bool = True):
+    def __init__(self, x_dim: int, a_dim: int, z_dim: int = 8, hidden: int = 64, generative: bool = True,
+                 h_dim: int = 64):
         super().__init__()
-        self.x_dim, self.a_dim, self.z_dim, self.generative = x_dim, a_dim, z_dim, generative
+        self.x_dim, self.a_dim, self.z_dim, self.h_dim, self.generative = x_dim, a_dim, z_dim, h_dim, generative
+        self.s_dim = h_dim + z_dim
         if generative:
-            self.transition = Transition(z_dim, a_dim, hidden)
-            self.emitter = Emitter(z_dim, x_dim, hidden)
+            self.transition = Transition(z_dim, a_dim, h_dim, hidden)
+            self.emitter = Emitter(self.s_dim, x_dim, hidden)
         else:
-            self.discriminative = DiscriminativePrior(z_dim, a_dim, x_dim, hidden)
-        self.action_prior = ActionPrior(z_dim, a_dim, hidden)
+            self.discriminative = DiscriminativePrior(z_dim, a_dim, x_dim, h_dim, hidden)
+        self.action_prior = ActionPrior(self.s_dim, a_dim, hidden)
 
-    def initial(self, batch_shape) -> dist.Distribution:
-        zeros = torch.zeros(*batch_shape, self.z_dim)
-        return dist.Normal(zeros, torch.ones_like(zeros)).to_event(1)
+    def initial_state(self, batch_shape) -> torch.Tensor:
+        """s_{-1} at a window start: zeros."""
+        return torch.zeros(*batch_shape, self.s_dim)
 
-    def z_prior(self, t: int, z_prev, a_prev, x, r) -> dist.Distribution:
-        """p_a(z_t | ...): N(0, I) at a window start for the generative agent."""
+    def deter(self, s_prev: torch.Tensor, a_prev: torch.Tensor) -> torch.Tensor:
+        """h_t from (s_{t-1}, a_{t-1}): the recurrent path, which the guide shares."""
+        return (self.transition if self.generative else self.discriminative).recurrent(s_prev, a_prev)
+
+    def z_prior(self, t: int, s_prev, a_prev, x, r) -> StateDist:
+        """p_a(s_t | ...), from s_{-1} = 0 at a window start (``s_prev`` None)."""
+        if s_prev is None:
+            s_prev = self.initial_state(x.shape[:-1])
         if not self.generative:
-            z_prev = torch.zeros(*x.shape[:-1], self.z_dim) if z_prev is None else z_prev
-            return self.discriminative(z_prev, a_prev, x, r)
-        if z_prev is None:
-            return self.initial(x.shape[:-1])
-        return self.transition(z_prev, a_prev)
+            return self.discriminative(s_prev, a_prev, x, r)
+        return self.transition(s_prev, a_prev)
 
 
 @dataclass
@@ -214,5 +313,6 @@ def tiger_filter_model(filt, tables, a_prev: torch.Tensor, obs: torch.Tensor, pr
             pyro.sample(site("x", t), dist.Categorical(probs=O_tab[a_prev[:, t], z]), obs=obs[:, t])
 
 
-__all__ = ["ActionPrior", "DiscriminativePrior", "Emitter", "POMDPModel", "Transition", "Window",
+__all__ = ["ActionPrior", "DiscriminativePrior", "Emitter", "POMDPModel", "Recurrent", "StateDist", "Transition",
+           "Window",
            "check_window", "pomdp_model", "site", "tiger_filter_model"]

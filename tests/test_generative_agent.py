@@ -110,7 +110,7 @@ def test_info_gain_marginal_estimator_converges_to_closed_form_on_linear_gaussia
 
 
 def test_bound_terms_add_up_and_reward_and_marginal_enter():
-    model, guide = POMDPModel(2, 1, z_dim=3, hidden=16), FilteringGuide(2, 1, z_dim=3, h_dim=8, hidden=16)
+    model, guide = POMDPModel(2, 1, z_dim=3, hidden=16, h_dim=8), FilteringGuide(2, 1, z_dim=3, h_dim=8, hidden=16)
     w = random_window()
     elbo = POMDPELBO(generative=True, marginal_weight=1.0)
     loss = elbo.differentiable_loss(pomdp_model, pomdp_guide, model, guide, w, temperature=2.0, K=4)
@@ -121,7 +121,7 @@ def test_bound_terms_add_up_and_reward_and_marginal_enter():
     assert -float(loss.detach()) == pytest.approx(t["elbo"], abs=1e-4)  # marginal_weight 1: exactly eq. (8)
     assert t["kl_z"] > 0 and t["kl_a"] > 0
     disc = POMDPELBO(generative=False)
-    dmodel = POMDPModel(2, 1, z_dim=3, hidden=16, generative=False)
+    dmodel = POMDPModel(2, 1, z_dim=3, hidden=16, generative=False, h_dim=8)
     disc.differentiable_loss(pomdp_model, pomdp_guide, dmodel, guide, w, temperature=1.0, K=1)
     assert set(disc.last_terms) == {"reward", "kl_z", "kl_a", "elbo"}  # eq. (6)
 
@@ -191,7 +191,7 @@ def test_information_gain_term_steers_planning_toward_informative_observations()
 
 # ---------------------------------------------------------------------- consolidation
 def test_consolidation_moves_the_prior_toward_the_planner():
-    model, guide = POMDPModel(2, 1, z_dim=3, hidden=16), FilteringGuide(2, 1, z_dim=3, h_dim=8, hidden=16)
+    model, guide = POMDPModel(2, 1, z_dim=3, hidden=16, h_dim=8), FilteringGuide(2, 1, z_dim=3, h_dim=8, hidden=16)
     w = random_window(qa_loc=0.7, qa_scale=0.2)
     elbo = POMDPELBO(generative=True, marginal_weight=0.0)
     opt = torch.optim.Adam(model.action_prior.parameters(), lr=3e-2)  # M-step on the prior alone
@@ -203,7 +203,7 @@ def test_consolidation_moves_the_prior_toward_the_planner():
         loss.backward()
         opt.step()
     assert kls[-1] < 0.2 * kls[0], (kls[0], kls[-1])
-    z = guide.filter(w, sample=False)
+    z = guide.filter(model, w, sample=False)
     assert model.action_prior(z).mean.mean().item() == pytest.approx(0.7, abs=0.1)
 
 
@@ -297,8 +297,8 @@ def test_bad_input():
         tiny(overshooting=-1).validate()
     with pytest.raises(ValueError, match="elites"):
         PlannerConfig(candidates=4, elites=8).validate()
-    model, guide = POMDPModel(2, 1, z_dim=3, hidden=8), FilteringGuide(2, 1, z_dim=3, h_dim=8, hidden=8)
+    model, guide = POMDPModel(2, 1, z_dim=3, hidden=8, h_dim=8), FilteringGuide(2, 1, z_dim=3, h_dim=8, hidden=8)
     with pytest.raises(ValueError, match="K"):
         POMDPELBO().differentiable_loss(pomdp_model, pomdp_guide, model, guide, random_window(), K=0)
     with pytest.raises(ValueError, match="generative model"):
-        CEMPlanner(PlannerConfig(horizon=2)).plan(POMDPModel(2, 1, 3, 8, generative=False), torch.zeros(2, 3))
+        CEMPlanner(PlannerConfig(horizon=2)).plan(POMDPModel(2, 1, 3, 8, generative=False, h_dim=4), torch.zeros(2, 7))

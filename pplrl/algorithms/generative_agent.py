@@ -220,12 +220,13 @@ class GenerativeAgent(Agent):
         torch.manual_seed(config.seed)
         self.rng = np.random.default_rng(config.seed)
         c = config
-        self.model = POMDPModel(self.x_dim, act_dim, c.z_dim, c.hidden, generative=c.generative)
+        self.model = POMDPModel(self.x_dim, act_dim, c.z_dim, c.hidden, generative=c.generative, h_dim=c.h_dim)
         self.guide = FilteringGuide(self.x_dim, act_dim, c.z_dim, c.h_dim, c.hidden)
-        self.action_guide = ActionPosterior(c.z_dim, act_dim, c.hidden) if c.amortised_action else None
+        s_dim = self.model.s_dim
+        self.action_guide = ActionPosterior(s_dim, act_dim, c.hidden) if c.amortised_action else None
         self.action_guide_opt = (torch.optim.Adam(self.action_guide.parameters(), lr=c.lr_guide)
                                  if c.amortised_action else None)
-        self.critic = QNetwork(c.z_dim, act_dim, c.hidden) if c.critic else None
+        self.critic = QNetwork(s_dim, act_dim, c.hidden) if c.critic else None
         self.critic_target = target_copy(self.critic) if c.critic else None
         self.model_opt = torch.optim.Adam(self.model.parameters(), lr=c.lr_model)
         self.guide_opt = torch.optim.Adam(self.guide.parameters(), lr=c.lr_guide)
@@ -259,12 +260,12 @@ class GenerativeAgent(Agent):
         """q(z_t) after filtering the last T steps from the window-start state, exactly as
         the guide is trained (windows of T steps): a filter run over a whole episode
         would meet GRU states it never saw in training."""
-        h, z = self.guide.initial_state(())
+        s = self.guide.initial_state(())
         for i, (x, r, a_prev) in enumerate(history):
-            h, qz = self.guide.step(h, z, a_prev, x, r)
+            qs = self.guide.step(self.model, s, a_prev, x, r)
             if i < len(history) - 1:
-                z = qz.mean if deterministic else qz.sample()
-        return qz
+                s = qs.mean if deterministic else qs.sample()
+        return qs
 
     def act(self, obs: np.ndarray, deterministic: bool = False) -> np.ndarray:
         x, r, first = split_view(obs)
