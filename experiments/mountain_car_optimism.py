@@ -30,7 +30,7 @@ standard deviation, one panel per algorithm, a line per dynamics) and
 ``OUT/mountain_car_optimism.json``; prints the table.
 
     python experiments/mountain_car_optimism.py                       # a few minutes on CPU
-    python experiments/mountain_car_optimism.py --steps 20000 --seeds 0 1 2 --out runs/mc_long
+    python experiments/mountain_car_optimism.py --steps 20000 --seeds 0 1 2 --jobs 6 --out runs/mc_long
 
 The short default budget rarely solves the task (the paper trains far longer); the
 optimism number measures what the learned q_d promises against what the real
@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import shutil
 import time
 from pathlib import Path
@@ -206,6 +207,18 @@ def _mean_over_seeds(per_seed: dict) -> dict:
     return out
 
 
+def _job(job) -> tuple[str, int, dict]:
+    """Train one (algorithm, seed) and roll its policy out under the three dynamics."""
+    algo, seed, steps, overrides, folder, rollouts, horizon, threads = job
+    torch.set_num_threads(threads)
+    agent, wall = train_agent(algo, seed, steps, overrides, folder)
+    r = evaluate_dynamics(agent, rollouts, horizon, seed)
+    r.update(beta=agent.beta if agent.config.use_beta else 1.0 / agent.config.eta, train_wall_s=wall)
+    print(f"  {algo} seed {seed}: trained {steps} steps in {wall:.0f} s; optimism "
+          f"{r['optimism_return']:+.2f} (return), {r['optimism_final_position']:+.3f} (final position)", flush=True)
+    return algo, seed, r
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=2000, help="env steps of training per agent")
@@ -215,24 +228,24 @@ def main(argv=None) -> dict:
     p.add_argument("--horizon", type=int, default=300, help="steps per rollout")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help=f"config overrides after the script's own ({' '.join(DEFAULT_SET)})")
-    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    p.add_argument("--jobs", type=int, default=1, help="runs (algorithm, seed) in parallel worker processes")
     p.add_argument("--out", type=Path, default=Path("runs/mountain_car_optimism"))
     args = p.parse_args(argv)
-    if args.steps <= 0 or args.rollouts <= 0 or args.horizon <= 0:
-        raise SystemExit("error: --steps, --rollouts and --horizon must be > 0")
+    if args.steps <= 0 or args.rollouts <= 0 or args.horizon <= 0 or args.jobs <= 0:
+        raise SystemExit("error: --steps, --rollouts, --horizon and --jobs must be > 0")
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
+    jobs = [(algo, seed, args.steps, args.set, args.out / "runs" / f"{algo}-seed{seed}", args.rollouts, args.horizon,
+             args.threads) for algo in args.algos for seed in args.seeds]
+    if args.jobs > 1:
+        with mp.get_context("spawn").Pool(args.jobs) as pool:
+            done = pool.map(_job, jobs)
+    else:
+        done = [_job(job) for job in jobs]
     results: dict = {}
     for algo in args.algos:
-        per_seed = {}
-        for seed in args.seeds:
-            agent, wall = train_agent(algo, seed, args.steps, args.set, args.out / "runs" / f"{algo}-seed{seed}")
-            r = evaluate_dynamics(agent, args.rollouts, args.horizon, seed)
-            r.update(beta=agent.beta if agent.config.use_beta else 1.0 / agent.config.eta, train_wall_s=wall)
-            per_seed[str(seed)] = r
-            print(f"  {algo} seed {seed}: trained {args.steps} steps in {wall:.0f} s; optimism "
-                  f"{r['optimism_return']:+.2f} (return), {r['optimism_final_position']:+.3f} (final position)",
-                  flush=True)
+        per_seed = {str(seed): r for a, seed, r in done if a == algo}
         results[algo] = {"seeds": per_seed, "mean": _mean_over_seeds(per_seed)}
         results[algo]["optimism_return"] = results[algo]["mean"]["optimism_return"]
     print(f"\n{ENV_ID}: learned prior policy (deterministic) from {args.rollouts} start states, "
