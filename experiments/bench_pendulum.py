@@ -34,8 +34,12 @@ from pathlib import Path
 import numpy as np
 
 
+class _TimeUp(Exception):
+    """Raised by the training callback when a run passes ``--time-limit``."""
+
+
 def run_pplrl(algo: str, env_id: str, seed: int, steps: int, eval_every: int, eval_episodes: int,
-              overrides: list[str]) -> dict:
+              overrides: list[str], time_limit: float | None = None) -> dict:
     import torch
 
     torch.set_num_threads(1)
@@ -43,15 +47,27 @@ def run_pplrl(algo: str, env_id: str, seed: int, steps: int, eval_every: int, ev
     from pplrl.runner import train
 
     config = apply_overrides(default_config(algo, env_id=env_id, seed=seed), overrides)
+    t0 = time.perf_counter()
+
+    def stop_when_time_is_up(step, metrics):
+        if time_limit is not None and time.perf_counter() - t0 > time_limit:
+            raise _TimeUp(step)
+
+    truncated = None
     with tempfile.TemporaryDirectory() as out:
-        t0 = time.perf_counter()
-        train(algo, config, out, steps, eval_every=eval_every, eval_episodes=eval_episodes,
-              checkpoint_every=steps, progress=False)
+        try:
+            train(algo, config, out, steps, eval_every=eval_every, eval_episodes=eval_episodes,
+                  checkpoint_every=steps, progress=False, callback=stop_when_time_is_up)
+        except _TimeUp as e:
+            truncated = int(e.args[0])
         wall = time.perf_counter() - t0
         evals = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in evals if r["kind"] == "eval"]
-    return {"algo": algo, "seed": seed, "steps": [r["step"] for r in evals],
-            "returns": [r["mean_return"] for r in evals], "wall_s": wall}
+    out = {"algo": algo, "seed": seed, "steps": [r["step"] for r in evals],
+           "returns": [r["mean_return"] for r in evals], "wall_s": wall}
+    if truncated is not None:
+        out["stopped_at_step"] = truncated  # --time-limit: the curve ends early
+    return out
 
 
 def run_sb3(env_id: str, seed: int, steps: int, eval_every: int, eval_episodes: int) -> dict:
@@ -129,10 +145,13 @@ def table(results: list[dict], checkpoints: list[int]) -> str:
         cells = []
         for c in checkpoints:
             vals = [r["returns"][r["steps"].index(c)] for r in runs if c in r["steps"]]
-            cells.append(f"{np.mean(vals):7.1f}/{np.median(vals):6.1f}" if vals else f"{'-':>14}")
+            partial = "*" if 0 < len(vals) < len(runs) else " "  # some seeds stopped by --time-limit
+            cells.append(f"{np.mean(vals):7.1f}/{np.median(vals):5.1f}{partial}" if vals else f"{'-':>14}")
         wall = statistics.median(r["wall_s"] for r in runs)
         ratio = f"{wall / statistics.median(sb3_wall):9.2f}" if sb3_wall else f"{'-':>9}"
         lines.append(f"{algo:>12} {len(runs):>5} " + " ".join(cells) + f" {wall:13.0f} {ratio}")
+    if any("stopped_at_step" in r for r in results):
+        lines.append("* over fewer seeds: some runs were stopped by --time-limit before this checkpoint")
     return "\n".join(lines)
 
 
@@ -148,6 +167,8 @@ def main(argv=None) -> dict:
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for the pplrl agents")
     p.add_argument("--algo-steps", nargs="*", default=[], metavar="ALGO=N",
                    help="per-algorithm step budgets (default --steps)")
+    p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                   help="stop a pplrl run after this wall-clock time and keep its evaluations so far")
     p.add_argument("--out", type=Path, default=Path("runs/bench_pendulum.json"))
     args = p.parse_args(argv)
     algo_steps = {k: int(v) for k, v in (item.split("=", 1) for item in args.algo_steps)}
@@ -164,7 +185,8 @@ def main(argv=None) -> dict:
                     break
                 jobs.append(("sb3", common))
             else:
-                jobs.append(("pplrl", dict(algo=algo, overrides=overrides_for(algo, args.set), **common)))
+                jobs.append(("pplrl", dict(algo=algo, overrides=overrides_for(algo, args.set),
+                                           time_limit=args.time_limit, **common)))
     t0 = time.time()
     args.out.parent.mkdir(parents=True, exist_ok=True)
 
@@ -178,7 +200,10 @@ def main(argv=None) -> dict:
     with mp.get_context("spawn").Pool(args.jobs) as pool:
         for r in pool.imap_unordered(_job, jobs):
             results.append(r)
-            status = r.get("error") or f"final {r['returns'][-1]:.1f}, {r['wall_s']:.0f} s"
+            status = r.get("error") or (f"final {r['returns'][-1]:.1f}, {r['wall_s']:.0f} s" if r["returns"]
+                                        else f"no evaluation, {r['wall_s']:.0f} s")
+            if "stopped_at_step" in r:
+                status += f" (time limit: stopped at step {r['stopped_at_step']})"
             print(f"  done {r['algo']} seed {r['seed']}: {status}", flush=True)
             save(results)
     results.sort(key=lambda r: (args.algos.index(r["algo"]) if r["algo"] in args.algos else 99, r["seed"]))

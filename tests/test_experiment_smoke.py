@@ -22,3 +22,14 @@ def test_bench_overrides_per_algorithm():
     assert bench.overrides_for("mbpo", items) == ["gradient_steps=5", "batch_size=64"]
     assert bench.overrides_for("memb", items) == ["batch_size=64", "m=3"]
     assert bench.overrides_for("sac", items) == ["batch_size=64"]
+
+
+def test_bench_time_limit_keeps_the_evaluations_so_far():
+    bench = load_experiment("bench_pendulum")
+    tiny = ["hidden=(8,8)", "batch_size=8", "learning_starts=10"]
+    full = bench.run_pplrl("sac", "Pendulum-v1", 0, 40, 10, 1, tiny)
+    assert full["steps"] == [10, 20, 30, 40] and "stopped_at_step" not in full
+    cut = bench.run_pplrl("sac", "Pendulum-v1", 0, 40, 10, 1, tiny, time_limit=0.0)
+    assert cut["stopped_at_step"] == 1 and cut["steps"] == []
+    lines = bench.table([full, cut], [10, 20]).splitlines()
+    assert lines[-1].startswith("* over fewer seeds")
