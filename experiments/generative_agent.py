@@ -12,8 +12,12 @@ alone (the model-free habit, no planning). The bound's information-gain estimate
 (``elbo_info_gain``) and the planner's (``plan_info_gain``) are read from the runs'
 ``metrics.jsonl`` over training.
 
-Writes under ``--out``: one run folder per variant and seed, ``results.json``,
+Writes under ``--out``: one run folder per variant and seed (with ``curve.json``, rewritten
+at every evaluation point), ``results.json`` (rewritten after every finished run),
 ``results.md`` (the table) and ``generative_agent.png``; prints the table.
+``--jobs N`` runs the variant x seed runs in N worker processes (spawned, one torch
+thread each); ``--budget-s S`` stops every run at its first evaluation point after S
+seconds of wall time (the table then states the steps each run reached).
 A smoke run: ``--steps 400 --seeds 0 --eval-every 200 --eval-episodes 1``.
 """
 
@@ -22,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import multiprocessing as mp
 import shutil
 import time
 from pathlib import Path
@@ -37,15 +42,21 @@ from pplrl.algorithms import apply_overrides, default_config  # noqa: E402
 from pplrl.runner import evaluate, train  # noqa: E402
 
 VARIANTS = {
-    "generative": ("generative-agent", {}),
-    "generative-no-ig": ("generative-agent", {"plan_info_gain": "false"}),
+    "generative": ("generative-agent", {"critic": "false"}),
+    "generative-no-ig": ("generative-agent", {"critic": "false", "plan_info_gain": "false"}),
     "discriminative": ("discriminative-agent", {}),
 }
+"""The generative variants plan 12 model steps without a learned critic (PlaNet's setting): on
+the checkpoints measured, the SARSA critic at the horizon made the planner worse (its
+value of a poor behaviour policy dominated the 12-step reward); the discriminative agent has
+no model, so its critic is all it plans with."""
 #: lighter than the agents' defaults so that a CPU run of a few thousand steps is feasible; with
 #: the true Pendulum dynamics as the model this planner swings up (tests/test_pomdp_planning.py),
-#: while horizon 6 does not
+#: while horizon 6 does not. 1,000 warm-up steps of held random torques (the model's first data),
+#: temperature 0.1 (the planner ranks by reward; the action prior's log-density is a tie-breaker),
+#: CEM perturbations held for 4 steps, one update per environment step.
 EXPERIMENT_DEFAULTS = {"horizon": "12", "candidates": "32", "elites": "4", "cem_iterations": "2", "particles": "2",
-                       "update_every": "2", "learning_starts": "400"}
+                       "update_every": "1", "learning_starts": "1000", "temperature": "0.1", "action_hold": "4"}
 
 
 def evaluate_both(agent, env_id: str, episodes: int, seed: int) -> dict[str, float]:
@@ -76,20 +87,36 @@ def run_one(name: str, seed: int, args, out: Path) -> dict:
     if not points or points[-1] != args.steps:
         points.append(args.steps)
     curve, t0 = [], time.time()
+    stopped_early = False
     for k, upto in enumerate(points):
+        if k > 0 and args.budget_s is not None and time.time() - args.t_start > args.budget_s:
+            stopped_early = True
+            break
         agent = train(algo, config, folder, upto, resume=k > 0, eval_every=10 ** 9, checkpoint_every=args.eval_every,
                       progress=False)
         returns = evaluate_both(agent, args.env, args.eval_episodes, seed=10_000 + seed)
         curve.append({"step": upto, **returns})
         print(f"  {name} seed {seed} step {upto}: plan {returns['plan']:.1f}, prior {returns['prior']:.1f} "
               f"({time.time() - t0:.0f}s)", flush=True)
+        (folder / "curve.json").write_text(json.dumps(curve))
     metrics = [m for m in read_metrics(folder) if m["kind"] == "train"]
     episodes = [m for m in read_metrics(folder) if m["kind"] == "episode"]
     return {"variant": name, "algo": algo, "seed": seed, "config": dataclasses.asdict(config), "curve": curve,
             "info_gain": [{"step": m["step"], "elbo_info_gain": m.get("elbo_info_gain"),
                            "plan_info_gain": m.get("plan_info_gain"), "elbo": m.get("elbo_elbo"),
                            "kl_a": m.get("elbo_kl_a")} for m in metrics],
-            "train_episode_returns": [m["episode_return"] for m in episodes], "seconds": time.time() - t0}
+            "train_episode_returns": [m["episode_return"] for m in episodes], "seconds": time.time() - t0,
+            "stopped_early": stopped_early}
+
+
+def _job(job) -> dict:
+    """One run in a worker process (one torch thread); an exception becomes an error record."""
+    name, seed, args, out = job
+    torch.set_num_threads(1)
+    try:
+        return run_one(name, seed, args, out)
+    except Exception as e:  # noqa: BLE001 - report and let the other runs finish
+        return {"variant": name, "seed": seed, "error": f"{type(e).__name__}: {e}"}
 
 
 def table(results: list[dict]) -> str:
@@ -97,7 +124,7 @@ def table(results: list[dict]) -> str:
              "info gain (bound, last) | KL(q(a) \\|\\| p(a)) (last) | last training episode |",
              "|---|---|---|---|---|---|---|---|"]
     for name in VARIANTS:
-        rs = [r for r in results if r["variant"] == name]
+        rs = [r for r in results if r["variant"] == name and "error" not in r]
         if not rs:
             continue
         plan = [r["curve"][-1]["plan"] for r in rs]
@@ -112,7 +139,9 @@ def table(results: list[dict]) -> str:
                 return "-"
             return f"{np.mean(v):.{d}f} ± {np.std(v):.{d}f}" if len(v) > 1 else f"{v[0]:.{d}f}"
 
-        lines.append(f"| {name} | {len(rs)} | {rs[0]['curve'][-1]['step']} | {fmt(plan)} | {fmt(prior)} | "
+        steps = sorted({r["curve"][-1]["step"] for r in rs})
+        steps = str(steps[0]) if len(steps) == 1 else "–".join(map(str, (steps[0], steps[-1])))
+        lines.append(f"| {name} | {len(rs)} | {steps} | {fmt(plan)} | {fmt(prior)} | "
                      f"{fmt(ig, 3)} | {fmt(kl, 3)} | {fmt(ep)} |")
     return "\n".join(lines)
 
@@ -120,6 +149,7 @@ def table(results: list[dict]) -> str:
 def plot(results: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     colors = dict(zip(VARIANTS, ("C0", "C1", "C2")))
+    results = [r for r in results if "error" not in r]
     for r in results:
         steps = [p["step"] for p in r["curve"]]
         c = colors[r["variant"]]
@@ -152,20 +182,44 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--set", nargs="*", metavar="KEY=VALUE",
                    help="config overrides for every variant (horizon: generative variants only)")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel (worker processes, 1 torch thread each)")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="stop each run at its first evaluation point after this many seconds")
     args = p.parse_args(argv)
-    if args.steps <= 0 or args.eval_every <= 0 or args.eval_episodes <= 0:
-        p.error("--steps, --eval-every and --eval-episodes must be > 0")
+    if args.steps <= 0 or args.eval_every <= 0 or args.eval_episodes <= 0 or args.jobs <= 0:
+        p.error("--steps, --eval-every, --eval-episodes and --jobs must be > 0")
+    if args.budget_s is not None and args.budget_s <= 0:
+        p.error("--budget-s must be > 0")
+    args.t_start = time.time()
     torch.set_num_threads(1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = []
-    for name in args.variants:
-        for seed in args.seeds:
-            results.append(run_one(name, seed, args, out))
-    md = table(results)
+    jobs = [(name, seed, args, out) for name in args.variants for seed in args.seeds]
+    results: list[dict] = []
+
+    def save() -> dict:
+        order = {(n, s): i for i, (n, s, _, _) in enumerate(jobs)}
+        results.sort(key=lambda r: order[(r["variant"], r["seed"])])
+        md = table(results)
+        summary = {"env": args.env, "steps": args.steps, "seeds": args.seeds, "jobs": args.jobs,
+                   "wall_s": time.time() - args.t_start, "results": results, "table": md}
+        (out / "results.json").write_text(json.dumps(summary, indent=1))
+        return summary
+
+    if args.jobs == 1:
+        for job in jobs:
+            results.append(run_one(*job))
+            save()
+    else:
+        with mp.get_context("spawn").Pool(min(args.jobs, len(jobs))) as pool:
+            for r in pool.imap_unordered(_job, jobs):
+                results.append(r)
+                print(f"  done {r['variant']} seed {r['seed']}: " + (r.get("error") or f"{r['seconds']:.0f} s"),
+                      flush=True)
+                save()
+    summary = save()
+    md = summary["table"]
     (out / "results.md").write_text(md + "\n")
-    summary = {"env": args.env, "steps": args.steps, "seeds": args.seeds, "results": results, "table": md}
-    (out / "results.json").write_text(json.dumps(summary, indent=1))
     plot(results, out / "generative_agent.png")
     print(md)
     return summary

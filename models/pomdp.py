@@ -164,18 +164,28 @@ class Transition(PyroModule):
 
 
 class Emitter(PyroModule):
-    """p_a(x_t | s_t) p_a(r_t | s_t): diagonal Gaussians."""
+    """p_a(x_t | s_t) p_a(r_t | s_t): diagonal Gaussians. ``x_scale`` / ``r_scale``: None
+    learns the standard deviation (at least ``MIN_SCALE``); a number fixes it (as PlaNet's
+    unit-variance decoders). A fixed small x scale keeps the reconstruction term strong:
+    with a learned one the (cos, sin) likelihood started at sigma ~0.7, gained little from
+    encoding x, and the filter stayed on the prior for thousands of updates."""
 
-    def __init__(self, s_dim: int, x_dim: int, hidden: int = 64):
+    def __init__(self, s_dim: int, x_dim: int, hidden: int = 64, x_scale: float | None = None,
+                 r_scale: float | None = None):
         super().__init__()
-        self.x_dim = x_dim
-        self.net = MLP(s_dim, 2 * (x_dim + 1), (hidden, hidden))
+        for name, v in (("x_scale", x_scale), ("r_scale", r_scale)):
+            if v is not None and v <= 0:
+                raise ValueError(f"{name} must be > 0 or None (learned), got {v}")
+        self.x_dim, self.x_scale, self.r_scale = x_dim, x_scale, r_scale
+        self.net = MLP(s_dim, (x_dim if x_scale else 2 * x_dim) + (1 if r_scale else 2), (hidden, hidden))
 
     def forward(self, s: torch.Tensor):
         h = self.net(s)
-        hx, hr = h[..., : 2 * self.x_dim], h[..., 2 * self.x_dim:]
-        px = _gaussian(hx)
-        pr = dist.Normal(hr[..., 0], F.softplus(hr[..., 1]) + MIN_SCALE)
+        nx = self.x_dim if self.x_scale else 2 * self.x_dim
+        hx, hr = h[..., :nx], h[..., nx:]
+        px = dist.Normal(hx, self.x_scale).to_event(1) if self.x_scale else _gaussian(hx)
+        pr = (dist.Normal(hr[..., 0], self.r_scale) if self.r_scale
+              else dist.Normal(hr[..., 0], F.softplus(hr[..., 1]) + MIN_SCALE))
         return px, pr
 
     def log_prob(self, s: torch.Tensor, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
@@ -216,13 +226,13 @@ class POMDPModel(PyroModule):
     One optimiser (the M-step) owns these parameters; the guide's are separate."""
 
     def __init__(self, x_dim: int, a_dim: int, z_dim: int = 8, hidden: int = 64, generative: bool = True,
-                 h_dim: int = 64):
+                 h_dim: int = 64, x_scale: float | None = None, r_scale: float | None = None):
         super().__init__()
         self.x_dim, self.a_dim, self.z_dim, self.h_dim, self.generative = x_dim, a_dim, z_dim, h_dim, generative
         self.s_dim = h_dim + z_dim
         if generative:
             self.transition = Transition(z_dim, a_dim, h_dim, hidden)
-            self.emitter = Emitter(self.s_dim, x_dim, hidden)
+            self.emitter = Emitter(self.s_dim, x_dim, hidden, x_scale, r_scale)
         else:
             self.discriminative = DiscriminativePrior(z_dim, a_dim, x_dim, h_dim, hidden)
         self.action_prior = ActionPrior(self.s_dim, a_dim, hidden)

@@ -54,6 +54,11 @@ class PlannerConfig:
     """share of the first iteration's candidates drawn by rolling out the action prior"""
     init_std: float = 0.6
     min_std: float = 0.05
+    action_hold: int = 1
+    """CEM noise is drawn once per block of this many steps and held (piecewise-constant
+    perturbations; not in the paper). On Pendulum one step of torque barely moves the
+    state, and i.i.d. per-step noise averages out: the elite mean of 32 jittery sequences
+    was a small, jittery action"""
 
     def validate(self) -> None:
         if not isinstance(self.horizon, int) or self.horizon < 0:
@@ -67,6 +72,8 @@ class PlannerConfig:
         check_samples(self.info_gain_samples)
         if self.temperature <= 0 or not 0 < self.gamma <= 1:
             raise ValueError("temperature must be > 0 and gamma in (0, 1]")
+        if not isinstance(self.action_hold, int) or self.action_hold < 1:
+            raise ValueError(f"action_hold must be an integer >= 1, got {self.action_hold!r}")
         if not 0 <= self.prior_rollout_fraction <= 1 or self.init_std <= 0 or self.min_std <= 0:
             raise ValueError("prior_rollout_fraction must lie in [0, 1]; init_std and min_std must be > 0")
 
@@ -148,7 +155,9 @@ class CEMPlanner:
             mean[0], std[0] = init[0].clamp(-1, 1), init[1].clamp_min(c.min_std)
         elite_actions = None
         for it in range(c.iterations):
-            cand = (mean + std * torch.randn(c.candidates, H + 1, a_dim)).clamp(-1, 1)
+            blocks = -(-(H + 1) // c.action_hold)
+            eps = torch.randn(c.candidates, blocks, a_dim).repeat_interleave(c.action_hold, dim=1)[:, : H + 1]
+            cand = (mean + std * eps).clamp(-1, 1)
             if it == 0:
                 n_prior = int(round(c.prior_rollout_fraction * c.candidates))
                 if n_prior:

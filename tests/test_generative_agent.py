@@ -232,6 +232,80 @@ def test_overshooting_trains_open_loop_predictions():
     assert out["overshooting_log_lik"] > first
 
 
+def test_critic_sarsa_lambda_targets():
+    """lambda = 0: one-step SARSA targets; lambda = 1: discounted window returns plus the
+    bootstrap at the window's last step."""
+    agent = GenerativeAgent(tiny(), 4, 1)
+    w = random_window(B=3, T=4)
+    s_next = torch.randn(3, 3, agent.model.s_dim)
+    with torch.no_grad():
+        q = agent.critic_target(s_next, w.act[:, 1:])
+        agent.config.critic_lambda = 0.0
+        one = agent.critic_targets(s_next, w)
+        agent.config.critic_lambda = 1.0
+        full = agent.critic_targets(s_next, w)
+    g = agent.config.gamma
+    torch.testing.assert_close(one, w.rew[:, :-1] + g * q)
+    torch.testing.assert_close(full[:, 0], w.rew[:, 0] + g * w.rew[:, 1] + g ** 2 * w.rew[:, 2] + g ** 3 * q[:, 2])
+    with pytest.raises(ValueError, match="critic_lambda"):
+        tiny(critic_lambda=1.5).validate()
+
+
+def test_recurrent_state_is_shared_by_model_and_guide():
+    """The z_t sites carry s_t = [h_t, z_t]: the guide's h_t is the model's recurrent path
+    applied to the previous sample, KL(q || p) is the KL of the Gaussian parts, and the
+    transition's open-loop predictions depend on the actions through h."""
+    model = POMDPModel(2, 1, z_dim=3, hidden=16, h_dim=8)
+    guide = FilteringGuide(2, 1, z_dim=3, h_dim=8, hidden=16)
+    w = random_window(B=4, T=3)
+    elbo = POMDPELBO()
+    elbo.differentiable_loss(pomdp_model, pomdp_guide, model, guide, w, K=2)
+    s0, s1 = elbo.last_latents["z_0"], elbo.last_latents["z_1"]
+    assert s1.shape == (4, 11)
+    torch.testing.assert_close(s1[:, :8], model.deter(s0, w.a_prev[:, 1]))
+    q = guide.step(model, s0, w.a_prev[:, 1], w.x[:, 1], w.r[:, 1])
+    p = model.transition(s0, w.a_prev[:, 1])
+    torch.testing.assert_close(torch.distributions.kl_divergence(q, p), torch.distributions.kl_divergence(q.base, p.base))
+    assert q.log_prob(s1).shape == (4,)
+    h_plus = model.transition(s0, torch.ones(4, 1)).mean[:, :8]
+    h_minus = model.transition(s0, -torch.ones(4, 1)).mean[:, :8]
+    assert not torch.allclose(h_plus, h_minus)
+    with pytest.raises(ValueError, match="disagree"):
+        FilteringGuide(2, 1, z_dim=3, h_dim=4).step(model, s0, w.a_prev[:, 1], w.x[:, 1], w.r[:, 1])
+
+
+def test_free_nats_and_fixed_emitter_scales():
+    """free_nats clips each step's KL from below in the loss only; fixed emitter scales are used as given."""
+    model = POMDPModel(2, 1, z_dim=3, hidden=16, h_dim=8, x_scale=0.1, r_scale=1.0)
+    guide = FilteringGuide(2, 1, z_dim=3, h_dim=8, hidden=16)
+    px, pr = model.emitter(torch.zeros(5, 11))
+    assert torch.all(px.base_dist.scale == 0.1) and torch.all(pr.scale == 1.0)
+    w = random_window(B=4, T=3)
+    exact, free = POMDPELBO(), POMDPELBO(free_nats=50.0)
+    pyro.set_rng_seed(0)
+    l0 = exact.differentiable_loss(pomdp_model, pomdp_guide, model, guide, w, K=2)
+    pyro.set_rng_seed(0)
+    l1 = free.differentiable_loss(pomdp_model, pomdp_guide, model, guide, w, K=2)
+    assert free.last_terms["elbo"] == pytest.approx(exact.last_terms["elbo"], abs=1e-5)  # reported bound exact
+    assert exact.last_terms["kl_z"] < 3 * 50  # so the clip is active at every step:
+    assert float((l1 - l0).detach()) == pytest.approx(3 * 50 - exact.last_terms["kl_z"], rel=1e-4)
+    with pytest.raises(ValueError, match="free_nats"):
+        POMDPELBO(free_nats=-1)
+    with pytest.raises(ValueError, match="x_scale"):
+        POMDPModel(2, 1, x_scale=-0.1)
+
+
+def test_warm_up_actions_are_held():
+    agent = GenerativeAgent(tiny(learning_starts=20, warmup_hold=5), 4, 1)
+    obs = np.array([1.0, 0.0, 0.0, 1.0], dtype=np.float32)
+    acts = []
+    for i in range(20):
+        acts.append(float(agent.act(obs if i == 0 else obs * [1, 1, 1, 0])[0]))
+        agent.observe(obs, None, 0.0, obs, False)
+    blocks = np.array(acts).reshape(4, 5)
+    assert np.all(blocks == blocks[:, :1]) and len(set(blocks[:, 0])) == 4
+
+
 def test_sequence_replay_windows_never_cross_an_episode_start():
     rb = SequenceReplay(1, 1, capacity=10)
     for i in range(13):  # wraps around; episodes start at 0, 5, 9
@@ -295,6 +369,10 @@ def test_bad_input():
         DiscriminativeAgent(tiny("discriminative-agent", horizon=3), 4, 1)
     with pytest.raises(ValueError, match="overshooting"):
         tiny(overshooting=-1).validate()
+    with pytest.raises(ValueError, match="free_nats"):
+        tiny(free_nats=-1.0).validate()
+    with pytest.raises(ValueError, match="warmup_hold"):
+        tiny(warmup_hold=0).validate()
     with pytest.raises(ValueError, match="elites"):
         PlannerConfig(candidates=4, elites=8).validate()
     model, guide = POMDPModel(2, 1, z_dim=3, hidden=8, h_dim=8), FilteringGuide(2, 1, z_dim=3, h_dim=8, hidden=8)

@@ -1,19 +1,39 @@
 """experiments/generative_agent.py, shrunk: it runs every variant and writes its files."""
 
 import json
+import subprocess
+import sys
 
-from experiments_loader import load_experiment
+import pytest
+
+from experiments_loader import ROOT, load_experiment
+
+TINY = ["learning_starts=120", "horizon=1", "candidates=8", "elites=2", "cem_iterations=1", "particles=1", "hidden=16",
+        "h_dim=16", "batch_size=4", "window=4", "info_gain_samples=2", "plan_info_gain_samples=2", "update_every=4"]
 
 
 def test_generative_agent_experiment_smoke(tmp_path):
     exp = load_experiment("generative_agent")
     summary = exp.main(["--out", str(tmp_path), "--steps", "200", "--seeds", "0", "--eval-every", "200",
-                        "--eval-episodes", "1", "--set", "learning_starts=120", "horizon=1", "candidates=8",
-                        "elites=2", "cem_iterations=1", "particles=1", "hidden=16", "h_dim=16", "batch_size=4",
-                        "window=4", "info_gain_samples=2", "plan_info_gain_samples=2", "update_every=4"])
+                        "--eval-episodes", "1", "--set", *TINY])
     for name in ("results.json", "results.md", "generative_agent.png"):
         assert (tmp_path / name).stat().st_size > 0
     saved = json.loads((tmp_path / "results.json").read_text())
     assert {r["variant"] for r in saved["results"]} == {"generative", "generative-no-ig", "discriminative"}
     assert all({"plan", "prior"} <= set(r["curve"][-1]) for r in saved["results"])
     assert "| generative |" in summary["table"]
+
+
+@pytest.mark.slow
+def test_generative_agent_experiment_in_parallel_workers_with_a_budget(tmp_path):
+    """--jobs 2 (spawned workers) and --budget-s: every run stops at its first evaluation
+    point after the budget, and the table says which step it reached."""
+    out = tmp_path / "par"
+    subprocess.run([sys.executable, str(ROOT / "experiments" / "generative_agent.py"), "--out", str(out), "--steps",
+                    "400", "--seeds", "0", "1", "--variants", "generative", "discriminative", "--eval-every", "200",
+                    "--eval-episodes", "1", "--jobs", "2", "--budget-s", "0.001", "--set", *TINY],
+                   check=True, cwd=ROOT, capture_output=True, text=True)
+    saved = json.loads((out / "results.json").read_text())
+    assert len(saved["results"]) == 4 and not any("error" in r for r in saved["results"])
+    assert all(r["stopped_early"] and r["curve"][-1]["step"] == 200 for r in saved["results"])
+    assert (out / "generative_agent.png").stat().st_size > 0 and "| 200 |" in saved["table"]

@@ -16,6 +16,12 @@ A critic Q(z, a) (SARSA on the executed actions, in reward units) bootstraps the
 beyond the planning horizon; the discriminative agent, which has no model to roll out,
 plans with horizon 0 on it, and its critic's gradient shapes its encoder.
 
+Choices that are not in the paper (each a config field; measured on velocity-hidden
+Pendulum, see the fields' docstrings): the RSSM state s_t = [h_t, z_t] (models.pomdp);
+fixed emitter scales (``x_scale``, ``r_scale``); optional free nats and overshooting in the
+model loss; the critic's SARSA(lambda) target; piecewise-constant warm-up actions
+(``warmup_hold``) and an exploration floor (``explore_scale``) on the executed action.
+
 Observations come from a POMDP view ``[x_t, r_t, first_t]`` (:mod:`pplrl.envs.pomdp`);
 a fully observed env raises. Acting filters the last T steps (the training window) of
 the current episode, one history for training and one for deterministic evaluation,
@@ -58,6 +64,12 @@ class GenerativeAgentConfig:
     lr_model: float = 1e-3
     lr_guide: float = 1e-3
     lr_critic: float = 1e-3
+    x_scale: float = 0.1
+    """fixed std of p_a(x_t | s_t) (0: learned; not in the paper, see models.pomdp.Emitter)"""
+    r_scale: float = 1.0
+    """fixed std of p_a(r_t | s_t) (0: learned)"""
+    free_nats: float = 0.0
+    """PlaNet's free nats on KL(q(z_t) || p(z_t)) in the loss (pplrl.infogain.POMDPELBO; 0: the bound)"""
     temperature: float = 1.0
     """optimality log-likelihood r / temperature (eq. 3)"""
     info_gain_samples: int = 8
@@ -76,6 +88,8 @@ class GenerativeAgentConfig:
     cem_iterations: int = 3
     particles: int = 4
     plan_info_gain_samples: int = 4
+    action_hold: int = 1
+    """CEM perturbations held for this many steps (pplrl.pomdp_planning.PlannerConfig)"""
     gamma: float = 0.99
     overshooting: int = 0
     """D > 0 adds open-loop prediction of x, r up to D steps from each filtered z_t (under
@@ -85,10 +99,23 @@ class GenerativeAgentConfig:
     amortised_action: bool = True
     """start planning from an amortised q(a_t | z_t) trained toward the planner's output"""
     critic: bool = True
-    """learn Q(z, a) to bootstrap beyond the horizon"""
+    """learn Q(s, a) to bootstrap beyond the horizon"""
+    critic_lambda: float = 0.9
+    """lambda of the critic's SARSA(lambda) target within a window (0: one-step SARSA)"""
     tau: float = 0.01
     learning_starts: int = 200
     """uniformly random steps before learning and planning"""
+    explore_scale: float = 0.3
+    """training actions are drawn from N(q's mean, max(q's scale, explore_scale)) (not in the
+    paper; PlaNet's exploration noise 0.3): the planner's elite spread alone is ~0.1, too
+    little to show the model the effect of actions it does not yet predict. q(a) itself is
+    stored unchanged for consolidation"""
+    warmup_hold: int = 10
+    """each warm-up action is a uniform draw held for this many steps (piecewise-constant
+    random torques; not in the paper; 1: i.i.d. uniform). With i.i.d. actions the torque
+    averages out within a few steps on Pendulum, so the learned transition saw no
+    sustained effect of actions and ignored them (open-loop predictions under shuffled
+    actions were as good as under the executed ones)"""
     gradient_steps: int = 1
     update_every: int = 1
     """learn every this many environment steps (gradient_steps updates each time)"""
@@ -99,7 +126,7 @@ class GenerativeAgentConfig:
         check_window(self.window)
         check_samples(self.info_gain_samples)
         check_samples(self.plan_info_gain_samples)
-        for name in ("z_dim", "h_dim", "hidden", "batch_size", "lr_model", "lr_guide", "lr_critic",
+        for name in ("z_dim", "h_dim", "hidden", "warmup_hold", "batch_size", "lr_model", "lr_guide", "lr_critic",
                      "temperature", "gradient_steps", "update_every", "buffer_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -109,6 +136,10 @@ class GenerativeAgentConfig:
             raise ValueError("buffer_size must hold at least one window")
         if not 0 < self.tau <= 1 or not 0 < self.gamma <= 1:
             raise ValueError("tau and gamma must lie in (0, 1]")
+        if not 0 <= self.critic_lambda <= 1:
+            raise ValueError(f"critic_lambda must lie in [0, 1], got {self.critic_lambda}")
+        if self.x_scale < 0 or self.r_scale < 0 or self.free_nats < 0 or self.explore_scale < 0:
+            raise ValueError("x_scale, r_scale, free_nats and explore_scale must be >= 0 (x/r scales: 0 = learned)")
         if self.marginal_weight < 0:
             raise ValueError("marginal_weight must be >= 0")
         if self.overshooting < 0:
@@ -122,7 +153,7 @@ class GenerativeAgentConfig:
                              iterations=self.cem_iterations, particles=self.particles,
                              info_gain=self.plan_info_gain and self.generative,
                              info_gain_samples=self.plan_info_gain_samples, temperature=self.temperature,
-                             gamma=self.gamma)
+                             gamma=self.gamma, action_hold=self.action_hold)
 
 
 @dataclass
@@ -220,7 +251,8 @@ class GenerativeAgent(Agent):
         torch.manual_seed(config.seed)
         self.rng = np.random.default_rng(config.seed)
         c = config
-        self.model = POMDPModel(self.x_dim, act_dim, c.z_dim, c.hidden, generative=c.generative, h_dim=c.h_dim)
+        self.model = POMDPModel(self.x_dim, act_dim, c.z_dim, c.hidden, generative=c.generative, h_dim=c.h_dim,
+                                x_scale=c.x_scale or None, r_scale=c.r_scale or None)
         self.guide = FilteringGuide(self.x_dim, act_dim, c.z_dim, c.h_dim, c.hidden)
         s_dim = self.model.s_dim
         self.action_guide = ActionPosterior(s_dim, act_dim, c.hidden) if c.amortised_action else None
@@ -231,12 +263,13 @@ class GenerativeAgent(Agent):
         self.model_opt = torch.optim.Adam(self.model.parameters(), lr=c.lr_model)
         self.guide_opt = torch.optim.Adam(self.guide.parameters(), lr=c.lr_guide)
         self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=c.lr_critic) if c.critic else None
-        self.elbo = POMDPELBO(generative=c.generative, marginal_weight=c.marginal_weight)
+        self.elbo = POMDPELBO(generative=c.generative, marginal_weight=c.marginal_weight, free_nats=c.free_nats)
         self.planner = CEMPlanner(c.planner_config())
         self.replay = SequenceReplay(self.x_dim, act_dim, c.buffer_size)
         self.streams = {"train": _Stream(), "eval": _Stream()}
         self.pending: dict | None = None
         self.steps_seen = 0
+        self.warm_action: np.ndarray | None = None
         self.last_plan: dict[str, float] = {}
 
     # -- E-step and interaction -------------------------------------------------------
@@ -277,14 +310,16 @@ class GenerativeAgent(Agent):
         with torch.no_grad():
             qz = self.filter_window(s.history, deterministic)
             if not deterministic and self.steps_seen < self.config.learning_starts:
-                a = torch.as_tensor(self.rng.uniform(-1.0, 1.0, self.act_dim), dtype=torch.float32)
+                if self.steps_seen % self.config.warmup_hold == 0 or self.warm_action is None:
+                    self.warm_action = self.rng.uniform(-1.0, 1.0, self.act_dim)
+                a = torch.as_tensor(self.warm_action, dtype=torch.float32)
                 loc, scale = torch.zeros(self.act_dim), torch.full((self.act_dim,), UNIFORM_SCALE)
             else:
                 particles = qz.mean[None] if deterministic else qz.sample((self.config.particles,))
                 loc, scale = self.infer_action(particles)
                 noise = torch.zeros(self.act_dim) if deterministic else torch.as_tensor(
                     self.rng.standard_normal(self.act_dim), dtype=torch.float32)
-                a = loc + scale * noise
+                a = loc + scale.clamp_min(self.config.explore_scale) * noise
         a = a.clamp(-1.0, 1.0)
         s.a_prev = a
         if not deterministic:
@@ -312,6 +347,23 @@ class GenerativeAgent(Agent):
             out = self.learn(window, step)
         return out
 
+    def critic_targets(self, s_next: torch.Tensor, window: Window) -> torch.Tensor:
+        """SARSA(lambda) targets ``[B, T-1]`` for Q(s_t, a_t), t < T-1, from the executed
+        actions in the window: G_t = rew_t + gamma (1 - done_t) ((1 - lambda) Q'(s_{t+1}, a_{t+1})
+        + lambda G_{t+1}), G_{T-1} = Q'(s_{T-1}, a_{T-1}) (Q' the Polyak target). lambda = 0 is
+        one-step SARSA; larger lambda propagates reward through the window per update
+        (n-step returns), which matters because a one-step target with tau = 0.01 needs
+        ~10^4 updates to carry the reward 100 steps back."""
+        c = self.config
+        q_next = self.critic_target(s_next, window.act[:, 1:])  # Q'(s_{t+1}, a_{t+1}), t = 0..T-2
+        G = q_next[:, -1]
+        out = []
+        for t in range(q_next.shape[1] - 1, -1, -1):
+            boot = q_next[:, t] if t == q_next.shape[1] - 1 else (1 - c.critic_lambda) * q_next[:, t] + c.critic_lambda * G
+            G = window.rew[:, t] + c.gamma * (1 - window.done[:, t]) * boot
+            out.append(G)
+        return torch.stack(out[::-1], 1)
+
     def learn(self, window: Window, step: int) -> dict[str, float]:
         c = self.config
         B, T = window.shape
@@ -325,8 +377,7 @@ class GenerativeAgent(Agent):
                 z = z.detach()
             q = self.critic(z[:, :-1], window.act[:, :-1])
             with torch.no_grad():
-                target = window.rew[:, :-1] + c.gamma * (1 - window.done[:, :-1]) * self.critic_target(
-                    z[:, 1:].detach(), window.act[:, 1:])
+                target = self.critic_targets(z[:, 1:].detach(), window)
             critic_loss = F.mse_loss(q, target)
         overshoot = torch.zeros(())
         if c.overshooting > 0 and c.generative and T > 1:
@@ -369,7 +420,7 @@ class GenerativeAgent(Agent):
         state = {"model": self.model.state_dict(), "guide": self.guide.state_dict(),
                  "model_opt": self.model_opt.state_dict(), "guide_opt": self.guide_opt.state_dict(),
                  "replay": self.replay.state_dict(), "rng": self.rng.bit_generator.state,
-                 "steps_seen": self.steps_seen}
+                 "steps_seen": self.steps_seen, "warm_action": self.warm_action}
         if self.action_guide is not None:
             state.update(action_guide=self.action_guide.state_dict(), action_guide_opt=self.action_guide_opt.state_dict())
         if self.critic is not None:
@@ -385,6 +436,7 @@ class GenerativeAgent(Agent):
         self.replay.load_state_dict(state["replay"])
         self.rng.bit_generator.state = state["rng"]
         self.steps_seen = state["steps_seen"]
+        self.warm_action = state.get("warm_action")
         if self.action_guide is not None:
             self.action_guide.load_state_dict(state["action_guide"])
             self.action_guide_opt.load_state_dict(state["action_guide_opt"])
