@@ -148,11 +148,30 @@ def table(results: list[dict], checkpoints: list[int]) -> str:
             partial = "*" if 0 < len(vals) < len(runs) else " "  # some seeds stopped by --time-limit
             cells.append(f"{np.mean(vals):7.1f}/{np.median(vals):5.1f}{partial}" if vals else f"{'-':>14}")
         wall = statistics.median(r["wall_s"] for r in runs)
-        ratio = f"{wall / statistics.median(sb3_wall):9.2f}" if sb3_wall else f"{'-':>9}"
+        same_machine = {r.get("source") for r in runs} == {r.get("source") for r in results if r["algo"] == "sb3-sac"}
+        ratio = f"{wall / statistics.median(sb3_wall):9.2f}" if sb3_wall and same_machine else f"{'-':>9}"
         lines.append(f"{algo:>12} {len(runs):>5} " + " ".join(cells) + f" {wall:13.0f} {ratio}")
     if any("stopped_at_step" in r for r in results):
         lines.append("* over fewer seeds: some runs were stopped by --time-limit before this checkpoint")
     return "\n".join(lines)
+
+
+def merge(paths: list[Path], out_path: Path) -> dict:
+    """One table of several benchmark files' runs (e.g. the same script run in parts, on
+    different machines: compare their returns, not their wall-clock)."""
+    files = [json.loads(Path(f).read_text()) for f in paths]
+    if len({f["env"] for f in files}) != 1:
+        raise SystemExit(f"error: the files benchmark different envs: {sorted({f['env'] for f in files})}")
+    results = [dict(r, source=str(f)) for f, data in zip(paths, files) for r in data["results"]]
+    steps = sorted({s for r in results for s in r.get("steps", [])})
+    print(f"{files[0]['env']}: evaluation return mean/median over seeds, merged from {', '.join(map(str, paths))} "
+          "(wall-clock comparable only within one file)")
+    print(table(results, steps))
+    out = {"env": files[0]["env"], "merged_from": [str(f) for f in paths], "results": results}
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(out, indent=1))
+    print(f"wrote {out_path}")
+    return out
 
 
 def main(argv=None) -> dict:
@@ -170,7 +189,11 @@ def main(argv=None) -> dict:
     p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
                    help="stop a pplrl run after this wall-clock time and keep its evaluations so far")
     p.add_argument("--out", type=Path, default=Path("runs/bench_pendulum.json"))
+    p.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
+                   help="run nothing: print one table of these benchmark files' runs (and write it to --out)")
     args = p.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.out)
     algo_steps = {k: int(v) for k, v in (item.split("=", 1) for item in args.algo_steps)}
     jobs = []
     for algo in args.algos:

@@ -3,6 +3,8 @@
 import json
 import math
 
+import pytest
+
 from experiments_loader import load_experiment
 
 
@@ -33,3 +35,22 @@ def test_bench_time_limit_keeps_the_evaluations_so_far():
     assert cut["stopped_at_step"] == 1 and cut["steps"] == []
     lines = bench.table([full, cut], [10, 20]).splitlines()
     assert lines[-1].startswith("* over fewer seeds")
+
+
+def test_bench_merge_prints_one_table(tmp_path, capsys):
+    bench = load_experiment("bench_pendulum")
+    a = {"env": "Pendulum-v1", "results": [{"algo": "sac", "seed": 0, "steps": [1000], "returns": [-100.0], "wall_s": 5.0},
+                                           {"algo": "sb3-sac", "seed": 0, "steps": [1000], "returns": [-90.0], "wall_s": 2.0}]}
+    b = {"env": "Pendulum-v1", "results": [{"algo": "mbpo", "seed": 0, "steps": [1000, 2000], "returns": [-300.0, -150.0],
+                                            "wall_s": 50.0}]}
+    for name, data in (("a.json", a), ("b.json", b)):
+        (tmp_path / name).write_text(json.dumps(data))
+    out = bench.main(["--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out", str(tmp_path / "m.json")])
+    assert [r["algo"] for r in out["results"]] == ["sac", "sb3-sac", "mbpo"]
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.strip()}
+    assert "2.50" in rows["sac"]  # wall-clock ratio to SB3 within one file
+    assert "-150.0" in rows["mbpo"] and rows["mbpo"].rstrip().endswith("-")  # none across files
+    b["env"] = "Hopper-v5"
+    (tmp_path / "b.json").write_text(json.dumps(b))
+    with pytest.raises(SystemExit, match="different envs"):
+        bench.main(["--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out", str(tmp_path / "m.json")])
