@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-
 from experiments_loader import ROOT, load_experiment
 
 TINY = ["learning_starts=120", "horizon=1", "candidates=8", "elites=2", "cem_iterations=1", "particles=1", "hidden=16",
