@@ -88,7 +88,10 @@ class VMBPOConfig(MBPOConfig):
     beta_init: float = 1.0
     learn_beta: bool = False
     epsilon_kl: float = 0.1
-    """KL constraint of the dual on beta (beta paper App. C.2: 0.1; App. C.4: 10 for simple envs)"""
+    """KL constraint of the dual on beta (beta paper App. C.2: 0.1; App. C.4: 10 for simple envs).
+    Measured on Pendulum-v1: the batch KL between the two separately fitted ensembles stays at
+    0.5-2.7 nats even when q_d's weights are nearly flat (different initialisations), so with
+    0.1 beta only rises (100 -> 586 at 4k steps -> 15,255 at 8k) and q_d ~ p_theta"""
     beta_lr: float = 3e-4
     beta_min: float = 1e-3
     beta_max: float = 1e7
