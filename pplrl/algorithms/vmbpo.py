@@ -358,7 +358,9 @@ class VariationalAgent(MBPO):
             if n_real:
                 act, rew, next_obs, done = (torch.cat([r[:n_real], m[n_real:]]) for r, m in (
                     (real.act, act), (real.rew, rew), (real.next_obs, next_obs), (real.done, done)))
-                q_out, p_out = self.q_dynamics(obs, act), self.ensemble(obs, act)
+                # only the real rows changed action: run the ensembles on those rows alone
+                q_out, p_out = ([torch.cat([r, m[:, n_real:]], 1) for r, m in zip(ens(obs[:n_real], act[:n_real]), out)]
+                                for ens, out in ((self.q_dynamics, q_out), (self.ensemble, p_out)))
             if self.config.log_ratio == "ensembles":
                 log_ratio = self.q_dynamics.elite_log_density(obs, next_obs, *q_out) \
                     - self.ensemble.elite_log_density(obs, next_obs, *p_out)
