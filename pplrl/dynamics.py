@@ -185,6 +185,17 @@ class GaussianEnsemble(PyroModule):
         self.register_buffer("elite_idx", torch.arange(self.num_elites))
         self._optim: tuple[tuple, PyroOptim | torch.optim.Optimizer] | None = None
 
+    def copy_from(self, other: "GaussianEnsemble") -> None:
+        """Take ``other``'s weights, normaliser, log-variance bounds and elites in place (the
+        parameter tensors stay this module's, so SVI keeps stepping them) and reset the
+        optimiser. A warm start: a fit that follows moves this ensemble away from ``other``
+        only as far as its data or weights ask (VMBPO's q_d started from p_theta)."""
+        if (other.obs_dim, other.act_dim, other.ensemble_size, other.num_elites) != (
+                self.obs_dim, self.act_dim, self.ensemble_size, self.num_elites):
+            raise ValueError("copy_from needs an ensemble of the same dimensions, size and elites")
+        self.load_state_dict(other.state_dict())
+        self._optim = None
+
     # -- shapes -------------------------------------------------------------------
     def _per_member(self, x: torch.Tensor, dim: int, what: str) -> torch.Tensor:
         """``x`` as ``[E, B, dim]``: broadcast a ``[B, dim]`` batch to every member."""

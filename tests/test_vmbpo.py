@@ -319,3 +319,29 @@ def test_model_batch_log_ratio_and_real_ratio():
 
     with torch.no_grad():
         torch.testing.assert_close(log_ratio, mixture(a.q_dynamics) - mixture(a.ensemble))
+
+
+def test_q_d_warm_start_measures_the_tilt_alone():
+    """With flat weights (huge beta) a warm-started q_d stays close to p_theta, so the batch
+    KL(q_d || p) is far below that of a q_d fitted from its own initialisation."""
+    kls = {}
+    for warm in (True, False):
+        a = agent(BetaVMBPO, beta_init=1e6, q_d_warm_start=warm, q_d_min_updates=100, model_min_updates=200)
+        a.fit_model()
+        info = a.fit_variational_dynamics(1)
+        kls[warm] = info["kl_dynamics_ensembles"]
+        if warm:  # p's weights were copied, not shared: q_d's own tensors moved during the fit
+            assert all(p is not q for p, q in zip(a.q_dynamics.parameters(), a.ensemble.parameters()))
+    assert abs(kls[True]) < 0.25 * abs(kls[False]), kls
+
+
+def test_copy_from_takes_weights_in_place_and_checks_shapes():
+    e1 = GaussianEnsemble(3, 1, ensemble_size=3, num_elites=2, hidden=(8,), name="cp1")
+    e2 = GaussianEnsemble(3, 1, ensemble_size=3, num_elites=2, hidden=(8,), name="cp2")
+    ids = [id(p) for p in e2.parameters()]
+    e2.copy_from(e1)
+    assert [id(p) for p in e2.parameters()] == ids
+    for p, q in zip(e1.parameters(), e2.parameters()):
+        torch.testing.assert_close(p, q)
+    with pytest.raises(ValueError, match="same dimensions"):
+        e2.copy_from(GaussianEnsemble(3, 1, ensemble_size=4, num_elites=2, hidden=(8,), name="cp3"))

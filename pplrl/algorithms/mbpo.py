@@ -75,19 +75,24 @@ class MBPO(SAC):
         self.model_replay = ReplayBuffer(obs_dim, act_dim, config.model_buffer_size)
         self.termination_fn = termination_fn_for(config.env_id)
         self.last_model_fit: dict = {}
+        self.last_model_seed: int | None = None
 
     def sample_batch(self) -> Batch:
         return sample_mixed(self.replay, self.model_replay, self.config.batch_size, self.config.real_ratio, self.rng)
 
-    def model_epochs(self, n: int) -> int:
-        """Epochs for a fit on ``n`` transitions: model_epochs, or more to reach model_min_updates."""
+    def model_epochs(self, n: int, min_updates: int | None = None, min_epochs: int | None = None) -> int:
+        """Epochs for a fit on ``n`` transitions: ``min_epochs`` (model_epochs), or more to reach
+        ``min_updates`` SVI steps (model_min_updates)."""
+        c = self.config
         steps_per_epoch = max(1, math.ceil(0.8 * n / 256))
-        return max(self.config.model_epochs, math.ceil(self.config.model_min_updates / steps_per_epoch))
+        min_updates = c.model_min_updates if min_updates is None else min_updates
+        return max(c.model_epochs if min_epochs is None else min_epochs, math.ceil(min_updates / steps_per_epoch))
 
     def fit_model(self) -> dict:
         data = self.replay.all()
+        self.last_model_seed = int(self.rng.integers(2**31))  # split and bootstrap of this fit
         info = self.ensemble.fit(data.obs, data.act, data.next_obs, data.rew, epochs=self.model_epochs(len(data)),
-                                 seed=int(self.rng.integers(2**31)))
+                                 seed=self.last_model_seed)
         self.last_model_fit = info
         return info
 
