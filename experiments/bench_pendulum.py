@@ -24,6 +24,7 @@ SB3 rows are skipped with a note.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import statistics
@@ -39,7 +40,7 @@ class _TimeUp(Exception):
 
 
 def run_pplrl(algo: str, env_id: str, seed: int, steps: int, eval_every: int, eval_episodes: int,
-              overrides: list[str], time_limit: float | None = None) -> dict:
+              overrides: list[str], time_limit: float | None = None, run_dir: str | None = None) -> dict:
     import torch
 
     torch.set_num_threads(1)
@@ -54,7 +55,7 @@ def run_pplrl(algo: str, env_id: str, seed: int, steps: int, eval_every: int, ev
             raise _TimeUp(step)
 
     truncated = None
-    with tempfile.TemporaryDirectory() as out:
+    with contextlib.nullcontext(run_dir) if run_dir else tempfile.TemporaryDirectory() as out:
         try:
             train(algo, config, out, steps, eval_every=eval_every, eval_episodes=eval_episodes,
                   checkpoint_every=steps, progress=False, callback=stop_when_time_is_up)
@@ -188,6 +189,9 @@ def main(argv=None) -> dict:
                    help="per-algorithm step budgets (default --steps)")
     p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
                    help="stop a pplrl run after this wall-clock time and keep its evaluations so far")
+    p.add_argument("--keep-runs", type=Path, default=None, metavar="DIR",
+                   help="train each pplrl run in DIR/ALGO_seedN and keep it (metrics.jsonl grows while it "
+                        "runs; checkpoint and logs for `pplrl diagnose`); default: a temporary directory")
     p.add_argument("--out", type=Path, default=Path("runs/bench_pendulum.json"))
     p.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
                    help="run nothing: print one table of these benchmark files' runs (and write it to --out)")
@@ -209,7 +213,9 @@ def main(argv=None) -> dict:
                 jobs.append(("sb3", common))
             else:
                 jobs.append(("pplrl", dict(algo=algo, overrides=overrides_for(algo, args.set),
-                                           time_limit=args.time_limit, **common)))
+                                           time_limit=args.time_limit, **common,
+                                           run_dir=None if args.keep_runs is None
+                                           else str(args.keep_runs / f"{algo}_seed{seed}"))))
     t0 = time.time()
     args.out.parent.mkdir(parents=True, exist_ok=True)
 

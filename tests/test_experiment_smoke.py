@@ -37,6 +37,16 @@ def test_bench_time_limit_keeps_the_evaluations_so_far():
     assert lines[-1].startswith("* over fewer seeds")
 
 
+def test_bench_keep_runs_keeps_the_run_directory(tmp_path):
+    bench = load_experiment("bench_pendulum")
+    tiny = ["hidden=(8,8)", "batch_size=8", "learning_starts=10"]
+    res = bench.run_pplrl("sac", "Pendulum-v1", 0, 20, 10, 1, tiny, run_dir=str(tmp_path / "sac_seed0"))
+    lines = (tmp_path / "sac_seed0" / "metrics.jsonl").read_text().splitlines()
+    evals = [json.loads(x)["mean_return"] for x in lines if json.loads(x)["kind"] == "eval"]
+    assert evals == res["returns"] and len(evals) == 2
+    assert any((tmp_path / "sac_seed0").glob("checkpoint*"))
+
+
 def test_bench_merge_prints_one_table(tmp_path, capsys):
     bench = load_experiment("bench_pendulum")
     a = {"env": "Pendulum-v1", "results": [{"algo": "sac", "seed": 0, "steps": [1000], "returns": [-100.0], "wall_s": 5.0},
