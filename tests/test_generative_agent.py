@@ -306,6 +306,42 @@ def test_warm_up_actions_are_held():
     assert np.all(blocks == blocks[:, :1]) and len(set(blocks[:, 0])) == 4
 
 
+def test_action_repeat_holds_the_action_and_sums_the_rewards():
+    """k = 3: one decision per 3 env steps, stored with the 3 rewards' sum; the next
+    decision's r is the sum of the rewards its observations carried; termination ends a
+    block early (stored with done), and so does a new episode (truncation)."""
+    agent = GenerativeAgent(tiny(learning_starts=100, warmup_hold=1, action_repeat=3), 4, 1)
+
+    def view(r, first=0.0):
+        return np.array([1.0, 0.0, r, first], dtype=np.float32)
+
+    acts, rews = [], [-1.0, -2.0, -3.0, -4.0, -5.0, -6.0, -7.0]
+    obs = view(0.0, 1.0)
+    for i, rew in enumerate(rews):  # steps 0-2, 3-5: two full blocks; step 6 starts a third
+        acts.append(float(agent.act(obs)[0]))
+        agent.observe(obs, None, rew, None, False)
+        obs = view(rew)
+    assert acts[0] == acts[1] == acts[2] != acts[3] == acts[4] == acts[5] != acts[6]
+    assert len(agent.replay) == 2 and agent.steps_seen == 7
+    np.testing.assert_allclose(agent.replay.data["rew"][:2], [-6.0, -15.0])
+    np.testing.assert_allclose(agent.replay.data["r"][:2], [0.0, -6.0])  # r_t arrives with x_t
+    np.testing.assert_allclose(agent.replay.data["a_prev"][1], [acts[0]])
+    agent.act(obs)  # step 7, inside the third block
+    agent.observe(obs, None, -8.0, None, True)  # terminates after 2 of 3 steps
+    assert len(agent.replay) == 3 and agent.replay.data["rew"][2] == -15.0 and agent.replay.data["done"][2] == 1.0
+    agent.act(view(0.0, 1.0))
+    agent.observe(None, None, -1.0, None, False)
+    agent.act(view(-1.0))
+    agent.observe(None, None, -1.0, None, False)
+    assert len(agent.replay) == 3
+    agent.act(view(0.0, 1.0))  # truncated after 2 steps: the new episode stores the short block
+    assert len(agent.replay) == 4 and agent.replay.data["rew"][3] == -2.0 and agent.replay.data["done"][3] == 0.0
+    assert agent.replay.data["first"][3] == 1.0
+    # evaluation repeats too, on its own stream, without touching the replay
+    evals = [float(agent.act(view(-0.5, float(i == 0)), deterministic=True)[0]) for i in range(4)]
+    assert evals[0] == evals[1] == evals[2] and len(agent.replay) == 4
+
+
 def test_sequence_replay_windows_never_cross_an_episode_start():
     rb = SequenceReplay(1, 1, capacity=10)
     for i in range(13):  # wraps around; episodes start at 0, 5, 9
@@ -373,6 +409,9 @@ def test_bad_input():
         tiny(free_nats=-1.0).validate()
     with pytest.raises(ValueError, match="warmup_hold"):
         tiny(warmup_hold=0).validate()
+    for k in (0, -2, 1.5):
+        with pytest.raises(ValueError, match="action_repeat"):
+            tiny(action_repeat=k).validate()
     with pytest.raises(ValueError, match="elites"):
         PlannerConfig(candidates=4, elites=8).validate()
     model, guide = POMDPModel(2, 1, z_dim=3, hidden=8, h_dim=8), FilteringGuide(2, 1, z_dim=3, h_dim=8, hidden=8)

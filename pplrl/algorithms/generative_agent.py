@@ -116,9 +116,16 @@ class GenerativeAgentConfig:
     averages out within a few steps on Pendulum, so the learned transition saw no
     sustained effect of actions and ignored them (open-loop predictions under shuffled
     actions were as good as under the executed ones)"""
+    action_repeat: int = 1
+    """k: each decision's action is executed for k environment steps and the agent sees
+    the k-th observation with the sum of the k rewards (PlaNet's action repeat, 2-8 there;
+    not in the paper). One model step is then k environment steps: ``window``, ``horizon``,
+    ``action_hold``, ``warmup_hold``, ``update_every`` and ``gamma`` count decisions, while
+    ``learning_starts`` and the runner's steps count environment steps. The episode's last
+    block may be shorter (truncation, termination). 1: every step is a decision"""
     gradient_steps: int = 1
     update_every: int = 1
-    """learn every this many environment steps (gradient_steps updates each time)"""
+    """learn every this many decisions (gradient_steps updates each time)"""
     buffer_size: int = 100_000
     generative: bool = True
 
@@ -126,6 +133,8 @@ class GenerativeAgentConfig:
         check_window(self.window)
         check_samples(self.info_gain_samples)
         check_samples(self.plan_info_gain_samples)
+        if isinstance(self.action_repeat, bool) or not isinstance(self.action_repeat, int) or self.action_repeat < 1:
+            raise ValueError(f"action_repeat must be an integer >= 1, got {self.action_repeat!r}")
         for name in ("z_dim", "h_dim", "hidden", "warmup_hold", "batch_size", "lr_model", "lr_guide", "lr_critic",
                      "temperature", "gradient_steps", "update_every", "buffer_size"):
             if getattr(self, name) <= 0:
@@ -225,11 +234,14 @@ class QNetwork(torch.nn.Module):
 
 class _Stream:
     """One stream of interaction (training or evaluation): the last T inputs of the
-    filter (x, r, a_prev) of the current episode and the last executed action."""
+    filter (x, r, a_prev) of the current episode, the last executed action, and, within an
+    action-repeat block, the environment steps left to repeat it and the rewards seen so far."""
 
     def __init__(self):
         self.history: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.a_prev: torch.Tensor | None = None
+        self.repeat_left = 0
+        self.reward_sum = 0.0
 
 
 class GenerativeAgent(Agent):
@@ -268,7 +280,10 @@ class GenerativeAgent(Agent):
         self.replay = SequenceReplay(self.x_dim, act_dim, c.buffer_size)
         self.streams = {"train": _Stream(), "eval": _Stream()}
         self.pending: dict | None = None
+        self.pending_steps = 0
         self.steps_seen = 0
+        self.decisions = 0
+        self.fresh = False
         self.warm_action: np.ndarray | None = None
         self.last_plan: dict[str, float] = {}
 
@@ -304,13 +319,20 @@ class GenerativeAgent(Agent):
         x, r, first = split_view(obs)
         s = self.streams["eval" if deterministic else "train"]
         if first or s.a_prev is None:
-            s.history, s.a_prev = [], torch.zeros(self.act_dim)
+            s.history, s.a_prev, s.repeat_left, s.reward_sum = [], torch.zeros(self.act_dim), 0, 0.0
+        if s.repeat_left > 0:  # within an action-repeat block: hold the action, add up the rewards
+            s.repeat_left -= 1
+            s.reward_sum += r
+            return s.a_prev.numpy().astype(np.float32)
+        if not deterministic and self.pending is not None:  # the last block was cut short by truncation
+            self._store()
+        r, s.reward_sum = s.reward_sum + r, 0.0
         a_prev = s.a_prev
         s.history = (s.history + [(torch.as_tensor(x), torch.tensor(r), a_prev)])[-self.config.window:]
         with torch.no_grad():
             qz = self.filter_window(s.history, deterministic)
             if not deterministic and self.steps_seen < self.config.learning_starts:
-                if self.steps_seen % self.config.warmup_hold == 0 or self.warm_action is None:
+                if self.decisions % self.config.warmup_hold == 0 or self.warm_action is None:
                     self.warm_action = self.rng.uniform(-1.0, 1.0, self.act_dim)
                 a = torch.as_tensor(self.warm_action, dtype=torch.float32)
                 loc, scale = torch.zeros(self.act_dim), torch.full((self.act_dim,), UNIFORM_SCALE)
@@ -322,22 +344,36 @@ class GenerativeAgent(Agent):
                 a = loc + scale.clamp_min(self.config.explore_scale) * noise
         a = a.clamp(-1.0, 1.0)
         s.a_prev = a
+        s.repeat_left = self.config.action_repeat - 1
         if not deterministic:
             self.pending = dict(x=x, r=r, first=float(first), a_prev=a_prev.numpy(), act=a.numpy(),
-                                qa_loc=loc.numpy(), qa_scale=scale.numpy())
+                                qa_loc=loc.numpy(), qa_scale=scale.numpy(), rew=0.0, done=0.0)
+            self.pending_steps = 0
         return a.numpy().astype(np.float32)
 
     def observe(self, obs, act, rew, next_obs, terminated: bool) -> None:
+        """Adds the step's reward to the current decision's; the decision goes to the replay
+        when its block of ``action_repeat`` steps is complete or the episode terminates."""
         if self.pending is None:
             raise RuntimeError("observe() without a preceding act() on the training stream")
-        self.replay.add(**self.pending, rew=float(rew), done=float(terminated))
-        self.pending = None
+        self.pending["rew"] += float(rew)
+        self.pending["done"] = float(terminated)
+        self.pending_steps += 1
         self.steps_seen += 1
+        if terminated or self.pending_steps == self.config.action_repeat:
+            self._store()
+
+    def _store(self) -> None:
+        self.replay.add(**self.pending)
+        self.pending = None
+        self.decisions += 1
+        self.fresh = True
 
     # -- learning (M-step, amortised E-step, consolidation, critic) --------------------
     def update(self, step: int) -> dict[str, float]:
         c = self.config
-        if self.steps_seen < max(c.learning_starts, 1) or step % c.update_every:
+        fresh, self.fresh = self.fresh, False  # learn once per decision, after it was stored
+        if not fresh or self.steps_seen < max(c.learning_starts, 1) or self.decisions % c.update_every:
             return {}
         out: dict[str, float] = {}
         for _ in range(c.gradient_steps):
@@ -420,7 +456,8 @@ class GenerativeAgent(Agent):
         state = {"model": self.model.state_dict(), "guide": self.guide.state_dict(),
                  "model_opt": self.model_opt.state_dict(), "guide_opt": self.guide_opt.state_dict(),
                  "replay": self.replay.state_dict(), "rng": self.rng.bit_generator.state,
-                 "steps_seen": self.steps_seen, "warm_action": self.warm_action}
+                 "steps_seen": self.steps_seen, "decisions": self.decisions, "warm_action": self.warm_action,
+                 "pending": None if self.pending is None else dict(self.pending), "pending_steps": self.pending_steps}
         if self.action_guide is not None:
             state.update(action_guide=self.action_guide.state_dict(), action_guide_opt=self.action_guide_opt.state_dict())
         if self.critic is not None:
@@ -436,6 +473,7 @@ class GenerativeAgent(Agent):
         self.replay.load_state_dict(state["replay"])
         self.rng.bit_generator.state = state["rng"]
         self.steps_seen = state["steps_seen"]
+        self.decisions = state.get("decisions", state["steps_seen"])
         self.warm_action = state.get("warm_action")
         if self.action_guide is not None:
             self.action_guide.load_state_dict(state["action_guide"])
@@ -445,7 +483,8 @@ class GenerativeAgent(Agent):
             self.critic_target.load_state_dict(state["critic_target"])
             self.critic_opt.load_state_dict(state["critic_opt"])
         self.streams = {"train": _Stream(), "eval": _Stream()}
-        self.pending = None
+        # a block cut short by the end of a run is stored at the next (episode-start) act
+        self.pending, self.pending_steps, self.fresh = state.get("pending"), state.get("pending_steps", 0), False
 
 
 class DiscriminativeAgent(GenerativeAgent):
