@@ -296,7 +296,7 @@ def test_free_nats_and_fixed_emitter_scales():
 
 
 def test_warm_up_actions_are_held():
-    agent = GenerativeAgent(tiny(learning_starts=20, warmup_hold=5), 4, 1)
+    agent = GenerativeAgent(tiny(learning_starts=20, warmup_hold=5, action_repeat=1), 4, 1)
     obs = np.array([1.0, 0.0, 0.0, 1.0], dtype=np.float32)
     acts = []
     for i in range(20):

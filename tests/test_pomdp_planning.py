@@ -1,7 +1,7 @@
 """The CEM planner of eq. (10) on Pendulum with the true dynamics as the agent's model:
-with a 12-step horizon it swings the pendulum up (the learned agents' horizon default),
-with 6 steps it does not (slow, ~20 s: run with ``pytest -m slow``); with action repeat 4
-(one model step = 4 env steps) 6 steps suffice."""
+with a 12-step horizon it swings the pendulum up, with 6 steps it does not (slow, ~20 s: run
+with ``pytest -m slow``); with action repeat 4 (one model step = 4 env steps, the agents'
+default) 6 steps suffice (their default horizon)."""
 
 import gymnasium as gym
 import numpy as np
