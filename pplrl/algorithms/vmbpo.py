@@ -315,8 +315,8 @@ class VariationalAgent(MBPO):
         weights = torch.exp(log_w - log_w.max())
         if self.config.q_d_warm_start and self.last_model_seed is not None:
             # p_theta's weights, and its fit's split, normaliser and bootstrap (same seed, same
-            # replay): with flat weights the fit then barely moves q_d (a fresh split alone shifts
-            # the near-deterministic Pendulum model by nats)
+            # replay), so q_d starts where p is and sees the same inputs (see q_d_warm_start for
+            # what this does and does not do to the KL floor)
             self.q_dynamics.copy_from(self.ensemble)
             epochs, seed = self.model_epochs(len(data), self.config.q_d_min_updates, min_epochs=1), self.last_model_seed
         else:
