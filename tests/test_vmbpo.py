@@ -251,7 +251,8 @@ def test_diverging_exponent_is_named():
 
 @pytest.mark.parametrize("kw, match", [(dict(beta_init=0.0), "beta init"), (dict(epsilon_kl=-1.0), "epsilon"),
                                        (dict(eta=0.0), "eta"), (dict(rollout_length=0), "rollout length"),
-                                       (dict(log_ratio="x"), "log_ratio")])
+                                       (dict(log_ratio="x"), "log_ratio"),
+                                       (dict(q_d_min_updates=-1), "q_d_min_updates")])
 def test_bad_input(kw, match):
     with pytest.raises(ValueError, match=match):
         VMBPOConfig(**kw).validate()
