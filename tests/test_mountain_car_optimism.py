@@ -25,6 +25,7 @@ def test_mountain_car_optimism_runs(tmp_path, capsys):
             assert all(math.isfinite(r[dyn][k]) for k in ("mean_return", "final_position", "goal_rate"))
         assert r["optimism_return"] == r["variational"]["mean_return"] - r["real"]["mean_return"]
         assert r["optimism_final_position"] == r["variational"]["final_position"] - r["real"]["final_position"]
+        assert r["tilt_optimism_return"] == r["variational"]["mean_return"] - r["prior"]["mean_return"]
         assert res["optimism_return"] == res["mean"]["variational"]["mean_return"] - res["mean"]["real"]["mean_return"]
         assert math.isfinite(r["beta"]) and r["beta"] > 0
     out = capsys.readouterr().out

@@ -144,6 +144,18 @@ def test_mfe_exponential_td_critic_by_hand():
     expected = tangent(0.5 * (q1 - y)).mean() + tangent(0.5 * (q2 - y)).mean()
     torch.testing.assert_close(c.critic_loss(far, None, 0), expected)
     assert float(expected.detach()) < 1e6  # linear in u: ~2e5 here; the plain loss would be ~exp(40) = 2e17
+    # temperature tau: (exp(tau u) - 1)^2 / tau^2; small tau approaches the squared TD error
+    t = agent(VMBPOMFE, eta=0.5, td_clamp=None, exp_td_temperature=0.1)
+    y = b.rew + 0.99 * (1 - b.done) * t.value_target(b.next_obs)
+    q1, q2 = t.critic(b.obs, b.act)
+    expected = sum(torch.expm1(0.05 * (q - y)).square().mean() / 0.01 for q in (q1, q2))
+    torch.testing.assert_close(t.critic_loss(b, None, 0), expected)
+    s = agent(VMBPOMFE, eta=0.5, td_clamp=None, exp_td_temperature=1e-4)
+    mse = sum(((0.5 * (q - y)) ** 2).mean() for q in s.critic(b.obs, b.act))
+    torch.testing.assert_close(s.critic_loss(b, None, 0), mse, rtol=1e-3, atol=1e-6)
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="exp_td_temperature"):
+            VMBPOMFE.Config(exp_td_temperature=bad).validate()
 
 
 def test_policy_log_ratio_is_exact_for_a_sharp_policy():

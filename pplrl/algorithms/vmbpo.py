@@ -101,6 +101,13 @@ class VMBPOConfig(MBPOConfig):
     """clamp of the scaled TD error in the q_d weights (beta paper App. C.1: 4, the authors'
     VMBPO re-implementation on which beta-VMBPO is built; None: unclamped as in VMBPO eq. 19);
     VMBPO-MFE's exp-TD critic continues its loss linearly beyond it (:func:`exp_td_loss`)"""
+    exp_td_temperature: float = 1.0
+    """tau of VMBPO-MFE's exp-TD critic: loss ``(exp(tau u) - 1)^2 / tau^2``, u = scale (Q - y);
+    1 is eq. (39), tau -> 0 the squared TD error. The VMBPO paper (Sec. 6, footnote 3, after
+    Borkar 2002) names this temperature as the remedy for the exp-TD instability. For a
+    deterministic transition every tau has the same minimiser Q = y; for a stochastic one
+    the minimiser is the risk-seeking log E[exp(tau u)] / tau, which is eq. (39)'s at tau = 1.
+    The clamp applies to tau u"""
     nu_clip: float | None = 8.0
     """soft bound c of the log-ratio network: nu = c tanh(raw / c). With the TD clamp c_td the
     target log q_d/p = clamped TD - log E_p[exp(clamped TD)] lies in (-2 c_td, 2 c_td), so
@@ -165,6 +172,8 @@ class VMBPOConfig(MBPOConfig):
             raise ValueError("need 0 < beta_min <= beta_max")
         if self.td_clamp is not None and self.td_clamp <= 0:
             raise ValueError("td_clamp must be > 0 or None")
+        if not np.isfinite(self.exp_td_temperature) or self.exp_td_temperature <= 0:
+            raise ValueError(f"exp_td_temperature must be > 0, got {self.exp_td_temperature}")
         if self.nu_clip is not None and self.nu_clip <= 0:
             raise ValueError("nu_clip must be > 0 or None")
         if self.nu_reference not in ("real", "model"):
@@ -253,7 +262,7 @@ class VariationalAgent(MBPO):
     # -- acting: the prior policy pi acts (Algorithm 1, line 4) ---------------------------
     def act(self, obs: np.ndarray, deterministic: bool = False) -> np.ndarray:
         if not deterministic and self.steps_seen < self.config.learning_starts:
-            return self.rng.uniform(-1.0, 1.0, self.act_dim).astype(np.float32)
+            return self.random_warmup_action()
         a = self.prior_policy.act(torch.as_tensor(obs, dtype=torch.float32)[None], deterministic)[0].numpy()
         sigma = self.exploration_std()
         if not deterministic and sigma > 0:
@@ -401,15 +410,16 @@ class VariationalAgent(MBPO):
     def critic_loss(self, batch: Batch, log_ratio: torch.Tensor | None, step: int) -> torch.Tensor:
         q1, q2 = self.critic(batch.obs, batch.act)
         if self.config.e_step == "model_free":
-            # eq. (39): (exp(scale (Q - r - gamma V'(x'))) - 1)^2 on real transitions, continued
-            # linearly beyond the TD clamp when td_clamp is set (exp_td_loss)
+            # eq. (39): (exp(tau scale (Q - r - gamma V'(x'))) - 1)^2 / tau^2 on real transitions,
+            # continued linearly beyond the TD clamp when td_clamp is set (exp_td_loss)
             y = self.critic_td_target(batch, None)
+            tau = self.config.exp_td_temperature
             loss = torch.zeros(())
             for q in (q1, q2):
-                logit = self.scale * (q - y)
+                logit = tau * self.scale * (q - y)
                 if self.config.td_clamp is None:
                     self._check_exponent(logit, "exp-TD critic", step)
-                loss = loss + exp_td_loss(logit, self.config.td_clamp).mean()
+                loss = loss + exp_td_loss(logit, self.config.td_clamp).mean() / tau ** 2
             return loss
         y = self.critic_td_target(batch, log_ratio)
         return F.mse_loss(q1, y) + F.mse_loss(q2, y)
