@@ -127,13 +127,14 @@ def test_step3_critic_and_value_losses_by_hand():
 
 
 def test_mfe_exponential_td_critic_by_hand():
-    a, b = agent(VMBPOMFE, eta=0.5, td_clamp=None), batch()
+    # eq. (39) as printed: temperature 1 (the preset's default is 0.01, below)
+    a, b = agent(VMBPOMFE, eta=0.5, td_clamp=None, exp_td_temperature=1.0), batch()
     y = b.rew + 0.99 * (1 - b.done) * a.value_target(b.next_obs)
     q1, q2 = a.critic(b.obs, b.act)
     expected = torch.expm1(0.5 * (q1 - y)).square().mean() + torch.expm1(0.5 * (q2 - y)).square().mean()
     torch.testing.assert_close(a.critic_loss(b, None, 0), expected)
     # with the clamp (the default, 4): a reward 40 below Q gives u = 0.5 * 40 = 20 > 4: tangent
-    c = agent(VMBPOMFE, eta=0.5)
+    c = agent(VMBPOMFE, eta=0.5, exp_td_temperature=1.0)
     far = Batch(b.obs, b.act, b.rew - 40.0, b.next_obs, b.done)
     y = far.rew + 0.99 * (1 - far.done) * c.value_target(far.next_obs)
     q1, q2 = c.critic(far.obs, far.act)
@@ -153,6 +154,7 @@ def test_mfe_exponential_td_critic_by_hand():
     s = agent(VMBPOMFE, eta=0.5, td_clamp=None, exp_td_temperature=1e-4)
     mse = sum(((0.5 * (q - y)) ** 2).mean() for q in s.critic(b.obs, b.act))
     torch.testing.assert_close(s.critic_loss(b, None, 0), mse, rtol=1e-3, atol=1e-6)
+    assert VMBPOMFE.Config().exp_td_temperature == 0.01 and VMBPO.Config().exp_td_temperature == 1.0
     for bad in (0.0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="exp_td_temperature"):
             VMBPOMFE.Config(exp_td_temperature=bad).validate()
