@@ -50,3 +50,16 @@ def test_mbpo_bad_input():
         MBPO(tiny(rollout_length=0), 3, 1)
     with pytest.raises(ValueError, match="real_ratio"):
         MBPO(tiny(real_ratio=1.5), 3, 1)
+    with pytest.raises(ValueError, match="model_min_logvar"):
+        MBPO(tiny(model_min_logvar=1.0), 3, 1)
+
+
+def test_model_min_logvar_reaches_both_ensembles():
+    """The floor of the models' log-variance is a setting; VMBPO's q_d shares p_theta's."""
+    from pplrl.algorithms import VMBPO
+
+    assert torch.all(MBPO(tiny(), 3, 1).ensemble.min_logvar == -10.0)  # mbrl-lib's default
+    cfg = default_config("vmbpo", **{**TINY, "model_min_logvar": -20.0})
+    agent = VMBPO(cfg, 3, 1)
+    for ens in (agent.ensemble, agent.q_dynamics):
+        assert torch.all(ens.min_logvar == -20.0)

@@ -49,6 +49,12 @@ class MBPOConfig(SACConfig):
     rollout_length: int = 1
     real_ratio: float = 0.05
     model_buffer_size: int = 100_000
+    model_min_logvar: float = -10.0
+    """initial lower bound of the models' log-variance (mbrl-lib's -10: a std floor of
+    e^-5 = 6.7e-3 on each target [s' - s, r], which are not rescaled). Lower it where a state
+    changes by less than that per step: Mountain Car's velocity changes by ~1.7e-3, and
+    with -10 the fitted p_theta's velocity change was off by +2.4e-3 on average
+    (``experiments/mountain_car_optimism.py`` uses -20)"""
 
     def validate(self) -> None:
         super().validate()
@@ -59,6 +65,8 @@ class MBPOConfig(SACConfig):
             raise ValueError(f"model_min_updates must be >= 0, got {self.model_min_updates}")
         if self.rollout_length <= 0:
             raise ValueError(f"rollout length must be > 0, got {self.rollout_length}")
+        if not self.model_min_logvar < 0.5:
+            raise ValueError(f"model_min_logvar must be < 0.5 (the upper bound), got {self.model_min_logvar}")
         if not 0.0 <= self.real_ratio <= 1.0:
             raise ValueError(f"real_ratio must lie in [0, 1], got {self.real_ratio}")
 
@@ -71,7 +79,7 @@ class MBPO(SAC):
         super().__init__(config, obs_dim, act_dim)
         self.ensemble = GaussianEnsemble(obs_dim, act_dim, ensemble_size=config.ensemble_size,
                                          num_elites=config.num_elites, hidden=config.model_hidden,
-                                         name=f"mbpo{next(_names)}.dynamics")
+                                         min_logvar=config.model_min_logvar, name=f"mbpo{next(_names)}.dynamics")
         self.model_replay = ReplayBuffer(obs_dim, act_dim, config.model_buffer_size)
         self.termination_fn = termination_fn_for(config.env_id)
         self.last_model_fit: dict = {}

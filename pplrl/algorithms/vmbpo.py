@@ -224,7 +224,8 @@ class VariationalAgent(MBPO):
         for p in self.prior_policy.parameters():
             p.requires_grad_(False)
         self.q_dynamics = GaussianEnsemble(obs_dim, act_dim, ensemble_size=c.ensemble_size, num_elites=c.num_elites,
-                                           hidden=c.model_hidden, name=f"vmbpo{next(_names)}.q_dynamics")
+                                           hidden=c.model_hidden, min_logvar=c.model_min_logvar,
+                                           name=f"vmbpo{next(_names)}.q_dynamics")
         self.q_dynamics_fitted = False
         self.nu = mlp(2 * obs_dim + act_dim, 1, c.hidden)
         self.nu_opt = torch.optim.Adam(self.nu.parameters(), lr=c.lr)
