@@ -115,6 +115,11 @@ class POMDPELBO:
 
     def term_tensors(self, model, guide, *args, **kwargs) -> dict[str, torch.Tensor]:
         """Differentiable per-window means of each term (one particle)."""
+        return self._terms_and_kl_z_loss(model, guide, *args, **kwargs)[0]
+
+    def _terms_and_kl_z_loss(self, model, guide, *args, **kwargs) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """:meth:`term_tensors` and the KL the loss uses: sum over steps of max(batch-mean
+        KL_t, free_nats), which is ``kl_z`` itself when ``free_nats`` is 0."""
         model_trace, guide_trace = get_importance_trace("flat", self.max_plate_nesting, model, guide, args, kwargs)
         latent = {n for n, s in model_trace.nodes.items() if s["type"] == "sample" and not s["is_observed"]}
         guided = {n for n, s in guide_trace.nodes.items() if s["type"] == "sample"}
@@ -149,7 +154,6 @@ class POMDPELBO:
                 batch = site["fn"].batch_shape[0]
         B = batch or 1
         out = {k: v / B for k, v in terms.items()}
-        self._kl_z_loss = kl_z_loss
         for k in ("reward", "log_lik_x", "log_lik_r", "log_marginal", "kl_z", "kl_a"):
             out.setdefault(k, torch.zeros(()))
         out["log_lik"] = out["log_lik_x"] + out["log_lik_r"]
@@ -160,11 +164,11 @@ class POMDPELBO:
         else:  # eq. (6) has no likelihood terms
             for k in ("log_lik_x", "log_lik_r", "log_lik", "log_marginal", "info_gain"):
                 out.pop(k)
-        return out
+        return out, kl_z_loss
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
-        t = self.term_tensors(model, guide, *args, **kwargs)
-        kl_z = t["kl_z"] if self.free_nats == 0 else self._kl_z_loss
+        t, kl_z_loss = self._terms_and_kl_z_loss(model, guide, *args, **kwargs)
+        kl_z = t["kl_z"] if self.free_nats == 0 else kl_z_loss
         if self.generative:
             loss = -(t["reward"] + t["log_lik"] - self.marginal_weight * t["log_marginal"] - kl_z - t["kl_a"])
         else:
