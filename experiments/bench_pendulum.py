@@ -159,11 +159,19 @@ def table(results: list[dict], checkpoints: list[int]) -> str:
 
 def merge(paths: list[Path], out_path: Path) -> dict:
     """One table of several benchmark files' runs (e.g. the same script run in parts, on
-    different machines: compare their returns, not their wall-clock)."""
+    different machines: compare their returns, not their wall-clock). A run of the same
+    algorithm and seed in a later file replaces the earlier one (a rerun after a change)."""
     files = [json.loads(Path(f).read_text()) for f in paths]
     if len({f["env"] for f in files}) != 1:
         raise SystemExit(f"error: the files benchmark different envs: {sorted({f['env'] for f in files})}")
-    results = [dict(r, source=str(f)) for f, data in zip(paths, files) for r in data["results"]]
+    runs: dict[tuple[str, int], dict] = {}
+    for f, data in zip(paths, files):
+        for r in data["results"]:
+            key = (r["algo"], r["seed"])
+            if key in runs:
+                print(f"{r['algo']} seed {r['seed']}: the run from {f} replaces the one from {runs[key]['source']}")
+            runs[key] = dict(r, source=str(f))
+    results = list(runs.values())
     steps = sorted({s for r in results for s in r.get("steps", [])})
     print(f"{files[0]['env']}: evaluation return mean/median over seeds, merged from {', '.join(map(str, paths))} "
           "(wall-clock comparable only within one file)")

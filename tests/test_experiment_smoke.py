@@ -60,6 +60,13 @@ def test_bench_merge_prints_one_table(tmp_path, capsys):
     rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.strip()}
     assert "2.50" in rows["sac"]  # wall-clock ratio to SB3 within one file
     assert "-150.0" in rows["mbpo"] and rows["mbpo"].rstrip().endswith("-")  # none across files
+    # a later file's run of the same algorithm and seed replaces the earlier one
+    c = {"env": "Pendulum-v1", "results": [{"algo": "sac", "seed": 0, "steps": [1000], "returns": [-80.0], "wall_s": 4.0}]}
+    (tmp_path / "c.json").write_text(json.dumps(c))
+    out = bench.main(["--merge", str(tmp_path / "a.json"), str(tmp_path / "c.json"), "--out", str(tmp_path / "m.json")])
+    assert [(r["algo"], r["returns"], r["source"]) for r in out["results"]] == [
+        ("sac", [-80.0], str(tmp_path / "c.json")), ("sb3-sac", [-90.0], str(tmp_path / "a.json"))]
+    assert "replaces" in capsys.readouterr().out
     b["env"] = "Hopper-v5"
     (tmp_path / "b.json").write_text(json.dumps(b))
     with pytest.raises(SystemExit, match="different envs"):
