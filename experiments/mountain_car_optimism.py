@@ -183,7 +183,9 @@ def plot(results: dict, path: Path) -> None:
             ax.fill_between(t, mean - std, mean + std, color=colours[dyn], alpha=0.15)
         ax.axhline(GOAL_POSITION, color="green", ls="--", lw=1, label="goal")
         ax.set_ylim(OBS_LOW[0] - 0.05, OBS_HIGH[0] + 0.05)
-        ax.set_title(f"{algo}: optimism {results[algo]['optimism_return']:+.1f} (return, q_d - real)")
+        summary = results[algo]["mean"]
+        ax.set_title(f"{algo}: return gap q_d - real {summary['optimism_return']:+.1f}, "
+                     f"q_d - prior {summary['tilt_optimism_return']:+.1f}", fontsize=10)
         ax.set_xlabel("time step")
     axes[0][0].set_ylabel("car position (mean over rollouts and seeds)")
     axes[0][-1].legend(loc="lower right", fontsize=8)
