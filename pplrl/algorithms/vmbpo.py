@@ -106,8 +106,7 @@ class VMBPOConfig(MBPOConfig):
     1 is eq. (39), tau -> 0 the squared TD error. The VMBPO paper (Sec. 6, footnote 3, after
     Borkar 2002) names this temperature as the remedy for the exp-TD instability. For a
     deterministic transition every tau has the same minimiser Q = y; for a stochastic one
-    the minimiser is the risk-seeking log E[exp(tau u)] / tau, which is eq. (39)'s at tau = 1.
-    The clamp applies to tau u"""
+    the minimiser depends on tau (tau -> 0: the mean of y). The clamp applies to tau u"""
     nu_clip: float | None = 8.0
     """soft bound c of the log-ratio network: nu = c tanh(raw / c). With the TD clamp c_td the
     target log q_d/p = clamped TD - log E_p[exp(clamped TD)] lies in (-2 c_td, 2 c_td), so
