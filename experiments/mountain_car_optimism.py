@@ -144,9 +144,14 @@ def evaluate_dynamics(agent, rollouts: int, horizon: int, seed: int) -> dict:
     out = {"real": summarise(*rollout_real(agent, rollouts, horizon)),
            "variational": summarise(*rollout_model(agent, agent.q_dynamics, starts, horizon, seed)),
            "prior": summarise(*rollout_model(agent, agent.ensemble, starts, horizon, seed))}
+    out["prior_gap_return"] = out["prior"]["mean_return"] - out["real"]["mean_return"]
+    return add_gaps(out)
+
+
+def add_gaps(out: dict) -> dict:
+    """The optimism (q_d minus real: return and final position) and q_d minus p_theta."""
     out["optimism_return"] = out["variational"]["mean_return"] - out["real"]["mean_return"]
     out["optimism_final_position"] = out["variational"]["final_position"] - out["real"]["final_position"]
-    out["prior_gap_return"] = out["prior"]["mean_return"] - out["real"]["mean_return"]
     out["tilt_optimism_return"] = out["variational"]["mean_return"] - out["prior"]["mean_return"]
     return out
 
@@ -215,10 +220,7 @@ def _mean_over_seeds(per_seed: dict) -> dict:
     out = {dyn: {k: float(np.mean([r[dyn][k] for r in per_seed.values()])) for k in keys} for dyn in DYNAMICS}
     out["beta"] = float(np.mean([r["beta"] for r in per_seed.values()]))
     # means of differences = differences of means: the optimism is exactly q_d minus real
-    out["optimism_return"] = out["variational"]["mean_return"] - out["real"]["mean_return"]
-    out["optimism_final_position"] = out["variational"]["final_position"] - out["real"]["final_position"]
-    out["tilt_optimism_return"] = out["variational"]["mean_return"] - out["prior"]["mean_return"]
-    return out
+    return add_gaps(out)
 
 
 def _job(job) -> tuple[str, int, dict]:

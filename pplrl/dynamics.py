@@ -52,6 +52,8 @@ LOGVAR_BOUND_PENALTY = 0.01
 
 #: Hold-out inputs are evaluated in chunks of this many transitions (memory bound).
 EVAL_CHUNK = 8192
+#: mbrl-lib's initial bounds of the learned log-variance
+MIN_LOGVAR, MAX_LOGVAR = -10.0, 0.5
 
 
 # --------------------------------------------------------------------------- layers
@@ -159,7 +161,7 @@ class GaussianEnsemble(PyroModule):
 
     def __init__(self, obs_dim: int, act_dim: int, *, ensemble_size: int = 7, num_elites: int = 5,
                  hidden: Sequence[int] = (200, 200, 200, 200), activation: type[nn.Module] = nn.ReLU,
-                 min_logvar: float = -10.0, max_logvar: float = 0.5, name: str = "dynamics"):
+                 min_logvar: float = MIN_LOGVAR, max_logvar: float = MAX_LOGVAR, name: str = "dynamics"):
         super().__init__(name)
         if int(obs_dim) < 1 or int(act_dim) < 1:
             raise ValueError(f"obs_dim and act_dim must be >= 1, got {obs_dim}, {act_dim}")

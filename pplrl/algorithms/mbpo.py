@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from pplrl.algorithms.sac import SAC, SACConfig
-from pplrl.dynamics import GaussianEnsemble
+from pplrl.dynamics import MAX_LOGVAR, MIN_LOGVAR, GaussianEnsemble
 from pplrl.envs.continuous import termination_fn_for
 from pplrl.replay import Batch, ReplayBuffer, branched_rollouts, sample_mixed
 
@@ -49,7 +49,7 @@ class MBPOConfig(SACConfig):
     rollout_length: int = 1
     real_ratio: float = 0.05
     model_buffer_size: int = 100_000
-    model_min_logvar: float = -10.0
+    model_min_logvar: float = MIN_LOGVAR
     """initial lower bound of the models' log-variance (mbrl-lib's -10: a std floor of
     e^-5 = 6.7e-3 on each target [s' - s, r], which are not rescaled). Lower it where a state
     changes by less than that per step: Mountain Car's velocity changes by ~1.7e-3, and
@@ -65,8 +65,8 @@ class MBPOConfig(SACConfig):
             raise ValueError(f"model_min_updates must be >= 0, got {self.model_min_updates}")
         if self.rollout_length <= 0:
             raise ValueError(f"rollout length must be > 0, got {self.rollout_length}")
-        if not self.model_min_logvar < 0.5:
-            raise ValueError(f"model_min_logvar must be < 0.5 (the upper bound), got {self.model_min_logvar}")
+        if not self.model_min_logvar < MAX_LOGVAR:
+            raise ValueError(f"model_min_logvar must be < {MAX_LOGVAR} (the upper bound), got {self.model_min_logvar}")
         if not 0.0 <= self.real_ratio <= 1.0:
             raise ValueError(f"real_ratio must lie in [0, 1], got {self.real_ratio}")
 
