@@ -13,7 +13,11 @@ checkpoint, median wall-clock, ratios to SB3) and writes JSON.
     python experiments/bench_pendulum.py --algos sac virel virel-beta memb --set mbpo:gradient_steps=5 \
         --algo-steps memb=5000
 
-``--set KEY=VALUE`` applies to every pplrl agent, ``--set ALGO:KEY=VALUE`` to one;
+    python experiments/bench_pendulum.py --merge A.json B.json --paired beta-vmbpo vmbpo
+
+``--paired A B`` adds the per-seed paired difference A − B at each checkpoint (mean,
+standard error, 95% t-interval, seeds with A ≥ B): the way to say whether one
+algorithm is ahead of another beyond seed noise. ``--set KEY=VALUE`` applies to every pplrl agent, ``--set ALGO:KEY=VALUE`` to one;
 ``--algo-steps ALGO=N`` gives one algorithm its own step budget. The JSON is rewritten
 after every finished run, so an interrupted benchmark keeps what it finished.
 
@@ -157,7 +161,44 @@ def table(results: list[dict], checkpoints: list[int]) -> str:
     return "\n".join(lines)
 
 
-def merge(paths: list[Path], out_path: Path) -> dict:
+def paired(results: list[dict], a: str, b: str) -> list[dict]:
+    """Paired comparison of algorithm ``a`` against ``b`` over the seeds both ran: at each
+    checkpoint the mean of the per-seed differences (a − b) of the evaluation return, its
+    standard error, a 95% Student-t interval, and how many seeds have a ≥ b. Pairing by
+    seed removes what the seed shares across algorithms (the evaluation start states)."""
+    from scipy import stats
+
+    by_seed = {algo: {r["seed"]: r for r in results if r["algo"] == algo and "error" not in r} for algo in (a, b)}
+    for algo in (a, b):
+        if not by_seed[algo]:
+            raise SystemExit(f"error: --paired: no finished runs of {algo!r} (have {sorted({r['algo'] for r in results})})")
+    seeds = sorted(by_seed[a].keys() & by_seed[b].keys())
+    rows = []
+    for step in sorted({s for seed in seeds for s in by_seed[a][seed]["steps"]}):
+        diffs = np.array([by_seed[a][seed]["returns"][by_seed[a][seed]["steps"].index(step)]
+                          - by_seed[b][seed]["returns"][by_seed[b][seed]["steps"].index(step)]
+                          for seed in seeds if step in by_seed[a][seed]["steps"] and step in by_seed[b][seed]["steps"]])
+        if len(diffs) == 0:
+            continue
+        n, mean = len(diffs), float(diffs.mean())
+        se = float(diffs.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan")
+        half = float(stats.t.ppf(0.975, n - 1) * se) if n > 1 else float("nan")
+        rows.append({"step": step, "seeds": n, "mean_diff": mean, "se": se, "ci95": [mean - half, mean + half],
+                     "a_at_least_b": int((diffs >= 0).sum())})
+    return rows
+
+
+def paired_table(rows: list[dict], a: str, b: str) -> str:
+    lines = [f"paired difference {a} − {b} over seeds (mean ± standard error, 95% t-interval, seeds with {a} ≥ {b})",
+             f"{'step':>7} {'seeds':>5} {'mean ± se':>17} {'95% interval':>20} {'a ≥ b':>6}"]
+    for r in rows:
+        lo, hi = r["ci95"]
+        lines.append(f"{r['step']:>7d} {r['seeds']:>5d} {r['mean_diff']:>8.1f} ± {r['se']:<6.1f} "
+                     f"[{lo:>8.1f}, {hi:>8.1f}] {r['a_at_least_b']:>3d}/{r['seeds']}")
+    return "\n".join(lines)
+
+
+def merge(paths: list[Path], out_path: Path, compare: list[str] | None = None) -> dict:
     """One table of several benchmark files' runs (e.g. the same script run in parts, on
     different machines: compare their returns, not their wall-clock). A run of the same
     algorithm and seed in a later file replaces the earlier one (a rerun after a change)."""
@@ -177,6 +218,9 @@ def merge(paths: list[Path], out_path: Path) -> dict:
           "(wall-clock comparable only within one file)")
     print(table(results, steps))
     out = {"env": files[0]["env"], "merged_from": [str(f) for f in paths], "results": results}
+    if compare:
+        out["paired"] = {"a": compare[0], "b": compare[1], "rows": paired(results, *compare)}
+        print(paired_table(out["paired"]["rows"], *compare))
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(out, indent=1))
     print(f"wrote {out_path}")
@@ -203,9 +247,14 @@ def main(argv=None) -> dict:
     p.add_argument("--out", type=Path, default=Path("runs/bench_pendulum.json"))
     p.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
                    help="run nothing: print one table of these benchmark files' runs (and write it to --out)")
+    p.add_argument("--paired", nargs=2, default=None, metavar=("A", "B"),
+                   help="also print the per-seed paired difference A − B at each checkpoint (mean, standard "
+                        "error, 95%% interval, seeds with A ≥ B)")
     args = p.parse_args(argv)
     if args.merge:
-        return merge(args.merge, args.out)
+        return merge(args.merge, args.out, args.paired)
+    if args.paired and not set(args.paired) <= set(args.algos):
+        p.error(f"--paired {' '.join(args.paired)}: both must be among --algos {args.algos}")
     algo_steps = {k: int(v) for k, v in (item.split("=", 1) for item in args.algo_steps)}
     jobs = []
     for algo in args.algos:
@@ -249,6 +298,10 @@ def main(argv=None) -> dict:
           f"each) at env steps; {args.jobs} runs in parallel, 1 torch thread each")
     print(table(results, checkpoints))
     out = save(results)
+    if args.paired:
+        out["paired"] = {"a": args.paired[0], "b": args.paired[1], "rows": paired(results, *args.paired)}
+        print(paired_table(out["paired"]["rows"], *args.paired))
+        args.out.write_text(json.dumps(out, indent=1))
     print(f"wrote {args.out}")
     return out
 

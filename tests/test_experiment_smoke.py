@@ -71,3 +71,31 @@ def test_bench_merge_prints_one_table(tmp_path, capsys):
     (tmp_path / "b.json").write_text(json.dumps(b))
     with pytest.raises(SystemExit, match="different envs"):
         bench.main(["--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out", str(tmp_path / "m.json")])
+
+
+def test_bench_paired_difference_by_hand(tmp_path, capsys):
+    bench = load_experiment("bench_pendulum")
+
+    def run(algo, seed, returns):
+        return {"algo": algo, "seed": seed, "steps": [1000, 2000][:len(returns)], "returns": returns, "wall_s": 1.0}
+
+    results = [run("a", 0, [-100.0, -50.0]), run("a", 1, [-200.0, -60.0]), run("a", 2, [-300.0, -70.0]),
+               run("b", 0, [-110.0, -40.0]), run("b", 1, [-230.0, -60.0]), run("b", 2, [-300.0]),
+               run("b", 3, [-1.0, -1.0]), {"algo": "a", "seed": 4, "error": "boom"}]
+    rows = bench.paired(results, "a", "b")
+    # step 1000: diffs 10, 30, 0 over seeds 0-2 (seed 3 has no a run): mean 40/3, sd 15.275, se 8.819
+    assert rows[0]["step"] == 1000 and rows[0]["seeds"] == 3 and rows[0]["a_at_least_b"] == 3
+    assert rows[0]["mean_diff"] == pytest.approx(40 / 3)
+    assert rows[0]["se"] == pytest.approx(math.sqrt(((10 - 40 / 3) ** 2 + (30 - 40 / 3) ** 2 + (40 / 3) ** 2) / 2 / 3))
+    half = 4.302652729911275 * rows[0]["se"]  # t(0.975, 2)
+    assert rows[0]["ci95"] == pytest.approx([40 / 3 - half, 40 / 3 + half])
+    # step 2000: seed 2 of b stopped early, so diffs -10, 0 over 2 seeds
+    assert rows[1]["seeds"] == 2 and rows[1]["mean_diff"] == pytest.approx(-5.0) and rows[1]["a_at_least_b"] == 1
+    (tmp_path / "r.json").write_text(json.dumps({"env": "Pendulum-v1", "results": results}))
+    out = bench.main(["--merge", str(tmp_path / "r.json"), "--out", str(tmp_path / "m.json"), "--paired", "a", "b"])
+    assert out["paired"]["rows"] == rows and json.loads((tmp_path / "m.json").read_text())["paired"]["a"] == "a"
+    assert "paired difference a − b" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no finished runs of 'c'"):
+        bench.paired(results, "a", "c")
+    with pytest.raises(SystemExit):
+        bench.main(["--algos", "sac", "--paired", "sac", "vmbpo", "--out", str(tmp_path / "x.json")])
