@@ -306,6 +306,32 @@ def test_warm_up_actions_are_held():
     assert np.all(blocks == blocks[:, :1]) and len(set(blocks[:, 0])) == 4
 
 
+def test_held_warm_up_action_survives_a_checkpoint_mid_block():
+    """The held action is checkpointed (as every agent's ``warmup_action``); a checkpoint
+    of an older version (key ``warm_action``, float64) loads too."""
+    cfg = tiny(learning_starts=20, warmup_hold=5, action_repeat=1)
+    obs = np.array([1.0, 0.0, 0.0, 1.0], dtype=np.float32)
+
+    def steps(agent, n):
+        out = []
+        for _ in range(n):
+            out.append(float(agent.act(obs)[0]))
+            agent.observe(obs, None, 0.0, obs, False)
+        return out
+
+    agent = GenerativeAgent(cfg, 4, 1)
+    first = steps(agent, 7)  # mid-way through the second block of 5
+    state = agent.state_dict()
+    rest = steps(agent, 8)
+    resumed = GenerativeAgent(cfg, 4, 1)
+    resumed.load_state_dict(state)
+    assert steps(resumed, 8) == rest and rest[:3] == [first[-1]] * 3 and rest[3] != first[-1]
+    old = dict(state, warm_action=state.pop("warmup_action").astype(np.float64))
+    resumed = GenerativeAgent(cfg, 4, 1)
+    resumed.load_state_dict(old)
+    assert resumed.warmup_action.dtype == np.float32 and steps(resumed, 8) == rest
+
+
 def test_action_repeat_holds_the_action_and_sums_the_rewards():
     """k = 3: one decision per 3 env steps, stored with the 3 rewards' sum; the next
     decision's r is the sum of the rewards its observations carried; termination ends a

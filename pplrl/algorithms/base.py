@@ -74,6 +74,16 @@ class Agent:
         loss.backward()
         optimiser.step()
 
+    def held_uniform_action(self, count: int, hold: int) -> np.ndarray:
+        """A uniform action on [-1, 1]^act_dim from ``self.rng``, redrawn when ``count`` is a
+        multiple of ``hold`` (or none is held yet) and held in between: every agent's
+        random warm-up with its ``warmup_hold`` setting. ``count`` is what the hold counts
+        (env steps for the actor-critics, decisions for the generative agent); the held
+        action is ``self.warmup_action``, which the agent's checkpoint keeps."""
+        if getattr(self, "warmup_action", None) is None or count % hold == 0:
+            self.warmup_action = self.rng.uniform(-1.0, 1.0, self.act_dim).astype(np.float32)
+        return self.warmup_action.copy()
+
     @staticmethod
     def checked(step: int, **losses: torch.Tensor) -> dict[str, float]:
         """Floats of the losses, stopping with the step and the loss name on NaN/inf."""

@@ -305,7 +305,7 @@ class GenerativeAgent(Agent):
         self.steps_seen = 0
         self.decisions = 0
         self.fresh = False
-        self.warm_action: np.ndarray | None = None
+        self.warmup_action: np.ndarray | None = None
         self.last_plan: dict[str, float] = {}
 
     # -- E-step and interaction -------------------------------------------------------
@@ -353,9 +353,7 @@ class GenerativeAgent(Agent):
         with torch.no_grad():
             qz = self.filter_window(s.history, deterministic)
             if not deterministic and self.steps_seen < self.config.learning_starts:
-                if self.decisions % self.config.warmup_hold == 0 or self.warm_action is None:
-                    self.warm_action = self.rng.uniform(-1.0, 1.0, self.act_dim)
-                a = torch.as_tensor(self.warm_action, dtype=torch.float32)
+                a = torch.as_tensor(self.held_uniform_action(self.decisions, self.config.warmup_hold))
                 loc, scale = torch.zeros(self.act_dim), torch.full((self.act_dim,), UNIFORM_SCALE)
             else:
                 particles = qz.mean[None] if deterministic else qz.sample((self.config.particles,))
@@ -477,7 +475,7 @@ class GenerativeAgent(Agent):
         state = {"model": self.model.state_dict(), "guide": self.guide.state_dict(),
                  "model_opt": self.model_opt.state_dict(), "guide_opt": self.guide_opt.state_dict(),
                  "replay": self.replay.state_dict(), "rng": self.rng.bit_generator.state,
-                 "steps_seen": self.steps_seen, "decisions": self.decisions, "warm_action": self.warm_action,
+                 "steps_seen": self.steps_seen, "decisions": self.decisions, "warmup_action": self.warmup_action,
                  "pending": None if self.pending is None else dict(self.pending), "pending_steps": self.pending_steps}
         if self.action_guide is not None:
             state.update(action_guide=self.action_guide.state_dict(), action_guide_opt=self.action_guide_opt.state_dict())
@@ -495,7 +493,8 @@ class GenerativeAgent(Agent):
         self.rng.bit_generator.state = state["rng"]
         self.steps_seen = state["steps_seen"]
         self.decisions = state.get("decisions", state["steps_seen"])
-        self.warm_action = state.get("warm_action")
+        held = state.get("warmup_action", state.get("warm_action"))  # older checkpoints: warm_action, float64
+        self.warmup_action = None if held is None else np.asarray(held, dtype=np.float32)
         if self.action_guide is not None:
             self.action_guide.load_state_dict(state["action_guide"])
             self.action_guide_opt.load_state_dict(state["action_guide_opt"])

@@ -103,9 +103,7 @@ class OffPolicyActorCritic(Agent):
     # -- acting ---------------------------------------------------------------------
     def random_warmup_action(self) -> np.ndarray:
         """A uniform action on [-1, 1]^d, redrawn every ``warmup_hold`` env steps."""
-        if self.warmup_action is None or self.steps_seen % self.config.warmup_hold == 0:
-            self.warmup_action = self.rng.uniform(-1.0, 1.0, self.act_dim).astype(np.float32)
-        return self.warmup_action.copy()
+        return self.held_uniform_action(self.steps_seen, self.config.warmup_hold)
 
     def act(self, obs: np.ndarray, deterministic: bool = False) -> np.ndarray:
         if not deterministic and self.steps_seen < self.config.learning_starts:
