@@ -33,6 +33,11 @@ standard deviation, one panel per algorithm, a line per dynamics) and
 
     python experiments/mountain_car_optimism.py                       # about 7 minutes on 2 cores
     python experiments/mountain_car_optimism.py --seeds 0 1 2 --jobs 2 --out runs/mc_3seeds
+    python experiments/mountain_car_optimism.py --merge runs/mc_3seeds/mountain_car_optimism.json \
+        runs/mc_more/mountain_car_optimism.json --out runs/mc_all     # seeds run in parts: one table
+
+The JSON is rewritten after every finished run, so an interrupted call keeps what it
+finished. The summary line gives each gap's mean ± standard error over seeds.
 
 The short default budget rarely solves the task in the real environment (the paper
 trains far longer); the optimism number measures what the learned q_d promises against
@@ -42,6 +47,7 @@ what the real dynamics deliver, whatever the policy's quality.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import shutil
@@ -235,6 +241,63 @@ def _job(job) -> tuple[str, int, dict]:
     return algo, seed, r
 
 
+def summarize(per_algo: dict[str, dict[str, dict]]) -> dict:
+    """``{algo: {seed: result}}`` -> ``{algo: {"seeds", "mean", "se", "optimism_return"}}``;
+    ``se`` is the standard error over seeds of the two return gaps."""
+    results: dict = {}
+    for algo, per_seed in per_algo.items():
+        if not per_seed:
+            continue
+        per_seed = dict(sorted(per_seed.items(), key=lambda kv: int(kv[0])))
+        gaps = {k: np.array([r[k] for r in per_seed.values()]) for k in ("optimism_return", "tilt_optimism_return")}
+        se = {k: float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan") for k, v in gaps.items()}
+        results[algo] = {"seeds": per_seed, "mean": _mean_over_seeds(per_seed), "se": se}
+        results[algo]["optimism_return"] = results[algo]["mean"]["optimism_return"]
+    return results
+
+
+def report(saved: dict, out: Path) -> None:
+    """Print the table and the gaps' standard errors, write the plot and the JSON."""
+    results = saved["results"]
+    print(f"\n{ENV_ID}: learned prior policy (deterministic) from {saved['rollouts']} start states, "
+          f"{saved['horizon']} steps, under the real env, the variational q_d and the prior model p_theta; "
+          f"{saved['steps']} training steps, seeds {saved['seeds']}")
+    print(table(results))
+    print("optimism = mean return under q_d - mean return under the real env (same policy, same start states); "
+          "q_d - prior = the part the variational tilt adds to the prior model's own error")
+    for algo, res in results.items():
+        print(f"  {algo} over {len(res['seeds'])} seeds: optimism {res['mean']['optimism_return']:+.1f} "
+              f"± {res['se']['optimism_return']:.1f}, q_d - prior {res['mean']['tilt_optimism_return']:+.1f} "
+              f"± {res['se']['tilt_optimism_return']:.1f} (mean ± standard error)")
+    plot(results, out / "mountain_car_optimism.png")
+    (out / "mountain_car_optimism.json").write_text(json.dumps(saved, indent=1))
+    print(f"wrote {out / 'mountain_car_optimism.png'} and {out / 'mountain_car_optimism.json'}")
+
+
+def merge(paths: list[Path], out: Path) -> dict:
+    """One table and plot over several runs of this script with the same settings (seeds
+    run in parts, e.g. on different machines); a later file's (algorithm, seed) replaces
+    an earlier one."""
+    files = [json.loads(Path(f).read_text()) for f in paths]
+    keys = ("steps", "rollouts", "horizon", "overrides")
+    for f, data in zip(paths[1:], files[1:]):
+        differing = [k for k in keys if data[k] != files[0][k]]
+        if differing:
+            raise SystemExit(f"error: {f} was run with other settings than {paths[0]}: "
+                             + ", ".join(f"{k} {data[k]!r} vs {files[0][k]!r}" for k in differing))
+    per_algo: dict[str, dict[str, dict]] = {}
+    for data in files:
+        for algo, res in data["results"].items():
+            per_algo.setdefault(algo, {}).update(res["seeds"])
+    results = summarize(per_algo)
+    seeds = sorted({int(s) for res in results.values() for s in res["seeds"]})
+    saved = {**{k: files[0][k] for k in ("env", *keys)}, "seeds": seeds, "merged_from": [str(f) for f in paths],
+             "results": results}
+    out.mkdir(parents=True, exist_ok=True)
+    report(saved, out)
+    return saved
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=5000, help="env steps of training per agent")
@@ -247,34 +310,32 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--jobs", type=int, default=1, help="runs (algorithm, seed) in parallel worker processes")
     p.add_argument("--out", type=Path, default=Path("runs/mountain_car_optimism"))
+    p.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
+                   help="run nothing: one table and plot of these files' seeds, written to --out")
     args = p.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.out)
     if args.steps <= 0 or args.rollouts <= 0 or args.horizon <= 0 or args.jobs <= 0:
         raise SystemExit("error: --steps, --rollouts, --horizon and --jobs must be > 0")
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     jobs = [(algo, seed, args.steps, args.set, args.out / "runs" / f"{algo}-seed{seed}", args.rollouts, args.horizon,
              args.threads) for algo in args.algos for seed in args.seeds]
-    if args.jobs > 1:
-        with mp.get_context("spawn").Pool(args.jobs) as pool:
-            done = pool.map(_job, jobs)
-    else:
-        done = [_job(job) for job in jobs]
-    results: dict = {}
-    for algo in args.algos:
-        per_seed = {str(seed): r for a, seed, r in done if a == algo}
-        results[algo] = {"seeds": per_seed, "mean": _mean_over_seeds(per_seed)}
-        results[algo]["optimism_return"] = results[algo]["mean"]["optimism_return"]
-    print(f"\n{ENV_ID}: learned prior policy (deterministic) from {args.rollouts} start states, "
-          f"{args.horizon} steps, under the real env, the variational q_d and the prior model p_theta; "
-          f"{args.steps} training steps, seeds {args.seeds}")
-    print(table(results))
-    print("optimism = mean return under q_d - mean return under the real env (same policy, same start states); "
-          "q_d - prior = the part the variational tilt adds to the prior model's own error")
-    plot(results, args.out / "mountain_car_optimism.png")
+    per_algo: dict[str, dict[str, dict]] = {algo: {} for algo in args.algos}
     saved = {"env": ENV_ID, "steps": args.steps, "seeds": args.seeds, "rollouts": args.rollouts,
-             "horizon": args.horizon, "overrides": [*DEFAULT_SET, *args.set], "results": results}
-    (args.out / "mountain_car_optimism.json").write_text(json.dumps(saved, indent=1))
-    print(f"wrote {args.out / 'mountain_car_optimism.png'} and {args.out / 'mountain_car_optimism.json'}")
+             "horizon": args.horizon, "overrides": [*DEFAULT_SET, *args.set]}
+    with contextlib.ExitStack() as stack:
+        if args.jobs > 1:
+            done = stack.enter_context(mp.get_context("spawn").Pool(args.jobs)).imap_unordered(_job, jobs)
+        else:
+            done = map(_job, jobs)
+        for algo, seed, r in done:
+            per_algo[algo][str(seed)] = r
+            # after every finished run: an interrupted call keeps the runs it finished (--merge them later)
+            saved["results"] = summarize(per_algo)
+            (args.out / "mountain_car_optimism.json").write_text(json.dumps(saved, indent=1))
+    saved["results"] = summarize(per_algo)
+    report(saved, args.out)
     return saved
 
 

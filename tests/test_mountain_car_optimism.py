@@ -5,6 +5,8 @@ it reports is the difference it claims."""
 import json
 import math
 
+import pytest
+
 from experiments_loader import load_experiment
 
 TINY = ["learning_starts=100", "model_train_freq=100", "model_min_updates=0", "ensemble_size=3", "num_elites=2",
@@ -30,3 +32,26 @@ def test_mountain_car_optimism_runs(tmp_path, capsys):
         assert math.isfinite(r["beta"]) and r["beta"] > 0
     out = capsys.readouterr().out
     assert "optimism" in out and "beta-vmbpo" in out
+    # --merge: a second file's seed joins the first's; the mean and standard error are over both
+    other = json.loads(json.dumps(saved))
+    for res in other["results"].values():
+        r = res["seeds"].pop("0")
+        r["variational"]["mean_return"] += 10.0
+        r["optimism_return"] += 10.0
+        r["tilt_optimism_return"] += 10.0
+        res["seeds"]["1"] = r
+    (tmp_path / "a.json").write_text(json.dumps(saved))
+    (tmp_path / "b.json").write_text(json.dumps(other))
+    merged = mc.main(["--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out", str(tmp_path / "m")])
+    assert merged["seeds"] == [0, 1] and (tmp_path / "m" / "mountain_car_optimism.png").stat().st_size > 0
+    for algo, res in merged["results"].items():
+        one = saved["results"][algo]["seeds"]["0"]
+        assert list(res["seeds"]) == ["0", "1"]
+        assert res["optimism_return"] == pytest.approx(one["optimism_return"] + 5.0)
+        assert res["se"]["optimism_return"] == pytest.approx(5.0)  # two values 10 apart: sd 7.07, se 5
+        assert res["se"]["tilt_optimism_return"] == pytest.approx(5.0)
+    assert "± 5.0" in capsys.readouterr().out
+    other["horizon"] = 99
+    (tmp_path / "b.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="other settings.*horizon"):
+        mc.main(["--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out", str(tmp_path / "m")])
