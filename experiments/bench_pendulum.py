@@ -12,12 +12,13 @@ checkpoint, median wall-clock, ratios to SB3) and writes JSON.
     python experiments/bench_pendulum.py --algos sac --steps 150000 --env Hopper-v5
     python experiments/bench_pendulum.py --algos sac virel virel-beta memb --set mbpo:gradient_steps=5 \
         --algo-steps memb=5000
-
     python experiments/bench_pendulum.py --merge A.json B.json --paired beta-vmbpo vmbpo
 
 ``--paired A B`` adds the per-seed paired difference A − B at each checkpoint (mean,
 standard error, 95% t-interval, seeds with A ≥ B): the way to say whether one
-algorithm is ahead of another beyond seed noise. ``--set KEY=VALUE`` applies to every pplrl agent, ``--set ALGO:KEY=VALUE`` to one;
+algorithm is ahead of another beyond seed noise.
+
+``--set KEY=VALUE`` applies to every pplrl agent, ``--set ALGO:KEY=VALUE`` to one;
 ``--algo-steps ALGO=N`` gives one algorithm its own step budget. The JSON is rewritten
 after every finished run, so an interrupted benchmark keeps what it finished.
 
