@@ -169,24 +169,31 @@ def paired(results: list[dict], a: str, b: str) -> list[dict]:
     seed removes what the seed shares across algorithms (the evaluation start states)."""
     from scipy import stats
 
-    by_seed = {algo: {r["seed"]: r for r in results if r["algo"] == algo and "error" not in r} for algo in (a, b)}
+    from pplrl.diagnostics import standard_error
+
+    curves = {algo: {r["seed"]: dict(zip(r["steps"], r["returns"])) for r in results
+                     if r["algo"] == algo and "error" not in r} for algo in (a, b)}
     for algo in (a, b):
-        if not by_seed[algo]:
+        if not curves[algo]:
             raise SystemExit(f"error: --paired: no finished runs of {algo!r} (have {sorted({r['algo'] for r in results})})")
-    seeds = sorted(by_seed[a].keys() & by_seed[b].keys())
+    pairs = [(curves[a][seed], curves[b][seed]) for seed in sorted(curves[a].keys() & curves[b].keys())]
     rows = []
-    for step in sorted({s for seed in seeds for s in by_seed[a][seed]["steps"]}):
-        diffs = np.array([by_seed[a][seed]["returns"][by_seed[a][seed]["steps"].index(step)]
-                          - by_seed[b][seed]["returns"][by_seed[b][seed]["steps"].index(step)]
-                          for seed in seeds if step in by_seed[a][seed]["steps"] and step in by_seed[b][seed]["steps"]])
+    for step in sorted({s for ca, _ in pairs for s in ca}):
+        diffs = np.array([ca[step] - cb[step] for ca, cb in pairs if step in ca and step in cb])
         if len(diffs) == 0:
             continue
-        n, mean = len(diffs), float(diffs.mean())
-        se = float(diffs.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan")
+        n, mean, se = len(diffs), float(diffs.mean()), standard_error(diffs)
         half = float(stats.t.ppf(0.975, n - 1) * se) if n > 1 else float("nan")
         rows.append({"step": step, "seeds": n, "mean_diff": mean, "se": se, "ci95": [mean - half, mean + half],
                      "a_at_least_b": int((diffs >= 0).sum())})
     return rows
+
+
+def add_paired(out: dict, compare: list[str] | None) -> None:
+    """``out["paired"]`` for ``--paired A B`` (if given), and print its table."""
+    if compare:
+        out["paired"] = {"a": compare[0], "b": compare[1], "rows": paired(out["results"], *compare)}
+        print(paired_table(out["paired"]["rows"], *compare))
 
 
 def paired_table(rows: list[dict], a: str, b: str) -> str:
@@ -219,9 +226,7 @@ def merge(paths: list[Path], out_path: Path, compare: list[str] | None = None) -
           "(wall-clock comparable only within one file)")
     print(table(results, steps))
     out = {"env": files[0]["env"], "merged_from": [str(f) for f in paths], "results": results}
-    if compare:
-        out["paired"] = {"a": compare[0], "b": compare[1], "rows": paired(results, *compare)}
-        print(paired_table(out["paired"]["rows"], *compare))
+    add_paired(out, compare)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(out, indent=1))
     print(f"wrote {out_path}")
@@ -300,8 +305,7 @@ def main(argv=None) -> dict:
     print(table(results, checkpoints))
     out = save(results)
     if args.paired:
-        out["paired"] = {"a": args.paired[0], "b": args.paired[1], "rows": paired(results, *args.paired)}
-        print(paired_table(out["paired"]["rows"], *args.paired))
+        add_paired(out, args.paired)
         args.out.write_text(json.dumps(out, indent=1))
     print(f"wrote {args.out}")
     return out

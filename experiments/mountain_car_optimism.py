@@ -57,6 +57,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pplrl.diagnostics import standard_error
+
 ENV_ID = "MountainCarContinuous-v0"
 GOAL_POSITION = 0.45
 OBS_LOW, OBS_HIGH = np.array([-1.2, -0.07], dtype=np.float32), np.array([0.6, 0.07], dtype=np.float32)
@@ -249,8 +251,7 @@ def summarize(per_algo: dict[str, dict[str, dict]]) -> dict:
         if not per_seed:
             continue
         per_seed = dict(sorted(per_seed.items(), key=lambda kv: int(kv[0])))
-        gaps = {k: np.array([r[k] for r in per_seed.values()]) for k in ("optimism_return", "tilt_optimism_return")}
-        se = {k: float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan") for k, v in gaps.items()}
+        se = {k: standard_error([r[k] for r in per_seed.values()]) for k in ("optimism_return", "tilt_optimism_return")}
         results[algo] = {"seeds": per_seed, "mean": _mean_over_seeds(per_seed), "se": se}
         results[algo]["optimism_return"] = results[algo]["mean"]["optimism_return"]
     return results
@@ -334,7 +335,6 @@ def main(argv=None) -> dict:
             # after every finished run: an interrupted call keeps the runs it finished (--merge them later)
             saved["results"] = summarize(per_algo)
             (args.out / "mountain_car_optimism.json").write_text(json.dumps(saved, indent=1))
-    saved["results"] = summarize(per_algo)
     report(saved, args.out)
     return saved
 

@@ -365,6 +365,12 @@ def summarize(
         return summary(dt, var_names=names, group=group, round_to="none", skipna=skipna)
 
 
+def standard_error(values: Sequence[float]) -> float:
+    """Standard error of the mean over seeds, ``std(ddof=1) / sqrt(n)``; NaN for one value."""
+    x = np.asarray(values, dtype=float)
+    return float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")
+
+
 def format_summary(df: pd.DataFrame, *, decimals: int = 3) -> str:
     """Render a :func:`summarize` table under a header explaining what it measures."""
     table = df.to_string(float_format=lambda x: f"{x:.{decimals}f}")

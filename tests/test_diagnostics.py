@@ -17,6 +17,7 @@ from pplrl.diagnostics import (
     format_summary,
     plot_traces,
     runs_to_datatree,
+    standard_error,
     summarize,
 )
 
@@ -267,3 +268,9 @@ def test_non_finite_error_is_floating_point_error():
     assert issubclass(NonFiniteError, FloatingPointError)
     with pytest.raises(FloatingPointError):
         check_finite("loss", float("nan"), step=0)
+
+
+def test_standard_error_over_seeds():
+    # values 1, 2, 6: mean 3, sample variance (4 + 1 + 9) / 2 = 7, se sqrt(7 / 3)
+    assert standard_error([1.0, 2.0, 6.0]) == pytest.approx(math.sqrt(7 / 3))
+    assert math.isnan(standard_error([5.0]))

@@ -44,6 +44,7 @@ class Agent:
 
     algo: str = ""
     Config: type = object
+    warmup_action: np.ndarray | None = None  # the held random warm-up action (held_uniform_action)
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -80,7 +81,7 @@ class Agent:
         random warm-up with its ``warmup_hold`` setting. ``count`` is what the hold counts
         (env steps for the actor-critics, decisions for the generative agent); the held
         action is ``self.warmup_action``, which the agent's checkpoint keeps."""
-        if getattr(self, "warmup_action", None) is None or count % hold == 0:
+        if self.warmup_action is None or count % hold == 0:
             self.warmup_action = self.rng.uniform(-1.0, 1.0, self.act_dim).astype(np.float32)
         return self.warmup_action.copy()
 
