@@ -7,7 +7,7 @@ Objectives:
   ``mean(alpha * log q(a|x) - min Q(x, a))``;
 * the full SAC update using that ELBO vs the same update with the plain actor loss;
 * the dynamics-ensemble likelihood through SVI with an empty guide vs the same
-  Gaussian negative log-likelihood in plain torch (if pplrl.dynamics is available).
+  Gaussian negative log-likelihood in plain torch (if models.dynamics is available).
 
 Prints a table and writes JSON (default runs/bench_overhead.json).
 """
@@ -85,7 +85,7 @@ def sac_rows(repeats: int, inner: int, batch_size: int) -> list[dict]:
 
 def ensemble_rows(repeats: int, inner: int, batch_size: int) -> list[dict]:
     try:
-        from pplrl.dynamics import GaussianEnsemble
+        from models.dynamics import GaussianEnsemble
     except ImportError:
         return []
 

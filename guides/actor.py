@@ -6,8 +6,8 @@ import pyro
 import pyro.distributions as dist
 import torch
 
-from guides.continuous import TanhNormal
-from models.trajectory import site_name
+from models.sites import sample
+from pplrl.distributions import detached
 
 
 class StickingTheLanding(dist.TorchDistribution):
@@ -37,15 +37,6 @@ class StickingTheLanding(dist.TorchDistribution):
         return self.detached.log_prob(value)
 
 
-def detached(d):
-    """A copy of a policy distribution (TanhNormal or Normal.to_event(1)) with detached parameters."""
-    if isinstance(d, TanhNormal):
-        return TanhNormal(d.loc.detach(), d.scale.detach(), d.low, d.high)
-    if isinstance(d, dist.Independent) and isinstance(d.base_dist, dist.Normal):
-        return dist.Normal(d.base_dist.loc.detach(), d.base_dist.scale.detach()).to_event(d.reinterpreted_batch_ndims)
-    raise TypeError(f"no detached copy for {type(d).__name__}")
-
-
 def actor_guide(obs, prior_policy, q_fn, scale, policy=None, sticking_the_landing: bool = False) -> None:
     """Samples ``a_0`` from ``policy(obs)`` (e.g. a :class:`guides.continuous.GaussianPolicy`),
     reparameterised, on the same plate as the model; optionally with the
@@ -56,4 +47,4 @@ def actor_guide(obs, prior_policy, q_fn, scale, policy=None, sticking_the_landin
         d = policy(obs)
         if sticking_the_landing:
             d = StickingTheLanding(d, detached(d))
-        pyro.sample(site_name("a", 0), d)
+        sample("a", 0, d)

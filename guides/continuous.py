@@ -28,130 +28,18 @@ from typing import Sequence
 import pyro
 import pyro.distributions as dist
 import torch
-import torch.nn.functional as F
 from pyro.nn import PyroModule
 from pyro.nn.module import to_pyro_module_
 from torch import nn
-from torch.distributions.transforms import AffineTransform
-from torch.distributions.transforms import TanhTransform as _TorchTanhTransform
 
-from models.trajectory import AgentEnvironment, site_name
+from models.sites import sample
+from models.trajectory import AgentEnvironment
+from pplrl.distributions import TanhNormal, gaussian_mode
+from pplrl.nets import MLP, soft_clamp
 from pplrl.tabular import check_horizon
 
 #: SAC's clamp of the policy log-std (Haarnoja et al. 2018, reference implementation).
 LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
-
-
-# --------------------------------------------------------------------------- layers
-class MLP(PyroModule):
-    """Fully connected network ``in_dim -> hidden... -> out_dim`` with ReLU activations
-    (none after the output layer). Every layer is a ``PyroModule[nn.Linear]``."""
-
-    def __init__(self, in_dim: int, out_dim: int, hidden: Sequence[int] = (256, 256),
-                 activation: type[nn.Module] = nn.ReLU):
-        super().__init__()
-        dims = [int(in_dim), *map(int, hidden), int(out_dim)]
-        layers: list[nn.Module] = []
-        for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
-            layers.append(PyroModule[nn.Linear](d_in, d_out))
-            if i < len(dims) - 2:
-                layers.append(activation())
-        self.in_dim, self.out_dim = dims[0], dims[-1]
-        self.layers = PyroModule[nn.Sequential](*layers)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x)
-
-
-def soft_clamp(x: torch.Tensor, low: torch.Tensor | float, high: torch.Tensor | float) -> torch.Tensor:
-    """Smooth clamp of ``x`` into (low, high), as mbrl-lib's Gaussian MLP does for its
-    log-variance: ``high - softplus(high - x)``, then ``low + softplus(x - low)``.
-    Close to the identity well inside the interval; gradients never vanish. The result
-    lies in (low, high + log1p(exp(low - high))): the second step can overshoot ``high``
-    by at most softplus(low - high) (0.011 for the defaults -5, 0.5), as in mbrl-lib."""
-    x = high - F.softplus(high - x)
-    return low + F.softplus(x - low)
-
-
-# --------------------------------------------------------------------- distributions
-class ClampedTanhTransform(_TorchTanhTransform):
-    """``y = tanh(x)``, whose inverse clamps ``y`` into [-1 + eps, 1 - eps] first.
-
-    torch's :class:`~torch.distributions.transforms.TanhTransform` already uses the
-    stable ``log|dy/dx| = 2 (log 2 - x - softplus(-2x))`` (finite for any x) but
-    returns ``atanh(+-1) = +-inf`` for values on the boundary. With ``cache_size=1``
-    samples drawn by ``rsample`` are inverted exactly through the cache; the clamp
-    only affects values from elsewhere (e.g. stored actions at the bounds), which then
-    get a finite log-density instead of NaN.
-    """
-
-    def _inverse(self, y: torch.Tensor) -> torch.Tensor:
-        eps = torch.finfo(y.dtype).eps
-        return torch.atanh(y.clamp(-1.0 + eps, 1.0 - eps))
-
-
-class TanhNormal(dist.TransformedDistribution):
-    """``y = mid + half * tanh(u)``, ``u ~ Normal(loc, scale).to_event(1)``: a Gaussian
-    squashed into the box [low, high] (per dimension; ``mid, half = (high + low) / 2,
-    (high - low) / 2``). Reparameterised (``rsample``); the event is the action vector.
-
-    ``log_prob(y) = log N(u; loc, scale) - sum_i [log half_i + log(1 - tanh(u_i)^2)]``,
-    with ``log(1 - tanh^2 u) = 2 (log 2 - u - softplus(-2u))`` (stable for large |u|).
-    :attr:`mode` (= :attr:`mean_action`) is the deterministic action
-    ``mid + half * tanh(loc)``, the usual SAC evaluation action (not the true mode or
-    mean of the squashed density).
-    """
-
-    arg_constraints = {"loc": dist.constraints.real, "scale": dist.constraints.positive}
-    has_rsample = True
-
-    def __init__(self, loc: torch.Tensor, scale: torch.Tensor,
-                 low: torch.Tensor | float = -1.0, high: torch.Tensor | float = 1.0,
-                 validate_args: bool | None = None):
-        loc, scale = torch.broadcast_tensors(torch.as_tensor(loc), torch.as_tensor(scale))
-        if loc.dim() < 1:
-            raise ValueError("TanhNormal needs at least one event dimension (the action vector)")
-        low = torch.as_tensor(low, dtype=loc.dtype, device=loc.device)
-        high = torch.as_tensor(high, dtype=loc.dtype, device=loc.device)
-        if torch.any(high <= low):
-            raise ValueError("TanhNormal needs low < high in every dimension")
-        self.low, self.high = low, high
-        base = dist.Normal(loc, scale, validate_args=validate_args).to_event(1)
-        transforms = [ClampedTanhTransform(cache_size=1),
-                      AffineTransform((high + low) / 2, (high - low) / 2, event_dim=1, cache_size=1)]
-        super().__init__(base, transforms, validate_args=validate_args)
-
-    def expand(self, batch_shape, _instance=None):
-        new = self._get_checked_instance(TanhNormal, _instance)
-        new.low, new.high = self.low, self.high
-        return super().expand(batch_shape, _instance=new)
-
-    @property
-    def loc(self) -> torch.Tensor:
-        """Location of the Gaussian before squashing."""
-        return self.base_dist.base_dist.loc
-
-    @property
-    def scale(self) -> torch.Tensor:
-        """Scale of the Gaussian before squashing."""
-        return self.base_dist.base_dist.scale
-
-    @property
-    def mode(self) -> torch.Tensor:
-        return (self.high + self.low) / 2 + (self.high - self.low) / 2 * torch.tanh(self.loc)
-
-    @property
-    def mean_action(self) -> torch.Tensor:
-        """The deterministic action ``mid + half * tanh(loc)`` (same as :attr:`mode`)."""
-        return self.mode
-
-
-def gaussian_mode(d) -> torch.Tensor:
-    """Deterministic action of a :class:`GaussianPolicy` output: ``TanhNormal.mode``,
-    or the mean of a (possibly ``.to_event``) Normal."""
-    if isinstance(d, TanhNormal):
-        return d.mode
-    return d.mean
 
 
 # ------------------------------------------------------------------------- networks
@@ -255,7 +143,7 @@ class ContinuousGuide(PyroModule):
     (MaxEnt RL / SAC: KL(q_d || p) = 0). Plain ``nn.Module`` s are converted in place
     to PyroModules so that SVI sees their parameters.
 
-    Sites, plates and x_0 match the model exactly (:func:`site_name`,
+    Sites, plates and x_0 match the model exactly (:func:`models.sites.site`,
     ``env.start_plate()``, ``env.initial_state()``); a_t and x_{t+1} are
     reparameterised samples, so gradients are pathwise.
     """
@@ -297,6 +185,6 @@ class ContinuousGuide(PyroModule):
         with env.start_plate():
             x = env.initial_state()
             for t in pyro.markov(range(horizon)):
-                a = pyro.sample(site_name("a", t), self.q_c(x))
-                x = pyro.sample(site_name("x", t + 1), self.q_d(env, x, a))
+                a = sample("a", t, self.q_c(x))
+                x = sample("x", t + 1, self.q_d(env, x, a))
         return x

@@ -6,16 +6,13 @@ from __future__ import annotations
 
 import pyro
 
-from models.trajectory import site_name
-from models.virel import check_temperature
+from models.sites import sample
 
 
 def memb_guide(obs, prior_policy, dynamics, reward_fn, value_fn, gamma, alpha, termination_fn=None,
                policy=None) -> None:
     if policy is None:
         raise ValueError("memb_guide needs the policy module (policy=...)")
-    t = check_temperature(alpha)
     with pyro.plate("states", obs.shape[0], dim=-1):
-        with pyro.poutine.scale(scale=t):
-            a = pyro.sample(site_name("a", 0), policy(obs))
-        pyro.sample(site_name("x", 1), dynamics(obs, a))
+        a = sample("a", 0, policy(obs))
+        sample("x", 1, dynamics(obs, a))

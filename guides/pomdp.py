@@ -28,8 +28,9 @@ import torch
 import torch.nn.functional as F
 from pyro.nn import PyroModule
 
-from guides.continuous import MLP
-from models.pomdp import MIN_SCALE, POMDPModel, StateDist, Window, check_window, site
+from models.pomdp import MIN_SCALE, POMDPModel, StateDist, Window, check_window
+from models.sites import sample
+from pplrl.nets import MLP
 
 
 class FilteringGuide(PyroModule):
@@ -87,8 +88,8 @@ def pomdp_guide(model: POMDPModel, guide: FilteringGuide, window: Window, temper
     s = guide.initial_state((B,))
     with pyro.plate("windows", B):
         for t in pyro.markov(range(T)):
-            s = pyro.sample(site("z", t), guide.step(model, s, window.a_prev[:, t], window.x[:, t], window.r[:, t]))
-            pyro.sample(site("a", t), dist.Normal(window.qa_loc[:, t], window.qa_scale[:, t]).to_event(1))
+            s = sample("z", t, guide.step(model, s, window.a_prev[:, t], window.x[:, t], window.r[:, t]), term="kl_z")
+            sample("a", t, dist.Normal(window.qa_loc[:, t], window.qa_scale[:, t]).to_event(1), term="kl_a")
 
 
 # ------------------------------------------------------------------------ Tiger (tabular)
@@ -126,7 +127,7 @@ def tiger_filter_guide(filt: BeliefFilter, tables, a_prev, obs, prev_belief) -> 
     with pyro.plate("sequences", B):
         for t in pyro.markov(range(T)):
             probs = filt(prev_belief[:, t], a_prev[:, t], obs[:, t])
-            pyro.sample(site("z", t), dist.Categorical(probs=probs), infer={"enumerate": "parallel"})
+            sample("z", t, dist.Categorical(probs=probs), term="kl_z", infer={"enumerate": "parallel"})
 
 
 __all__ = ["ActionPosterior", "BeliefFilter", "FilteringGuide", "pomdp_guide", "tiger_filter_guide"]

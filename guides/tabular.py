@@ -14,7 +14,8 @@ import pyro
 import pyro.distributions as dist
 import torch
 
-from models.trajectory import AgentEnvironment, site_name
+from models.sites import sample
+from models.trajectory import AgentEnvironment
 from pplrl.tabular import check_horizon
 
 ENUM = {"enumerate": "parallel"}
@@ -76,5 +77,5 @@ class TabularGuide:
             # no pyro.markov here: Dice needs a distinct enumeration dim per guide site
             for t in range(horizon):
                 k = self._t(t)
-                a = pyro.sample(site_name("a", t), dist.Categorical(logits=qc[k][x]), infer=ENUM)
-                x = pyro.sample(site_name("x", t + 1), dist.Categorical(logits=qd[k][x, a]), infer=ENUM)
+                a = sample("a", t, dist.Categorical(logits=qc[k][x]), infer=ENUM)
+                x = sample("x", t + 1, dist.Categorical(logits=qd[k][x, a]), infer=ENUM)

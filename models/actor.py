@@ -10,9 +10,9 @@ ELBO of this model against a policy guide, on a batch of states::
 With the improper uniform prior (:func:`flat_prior`) the KL is the negative entropy
 and ``-ELBO / scale`` is SAC's actor loss E[alpha log q_c - Q] with alpha = 1/scale
 (the MaxEnt special case: variational dynamics pinned to the real ones, so the
-critic carries the future). Site names ``a_0`` / ``opt_0`` come from
-:func:`models.trajectory.site_name`, so the term report reads ``reward`` (the scaled
-critic term) and ``kl_policy``. The guide is :func:`guides.actor.actor_guide`.
+critic carries the future). The sites ``a_0`` / ``opt_0`` have the default terms of
+:mod:`models.sites`, so the term report reads ``reward`` (the scaled critic term) and
+``kl_policy``. The guide is :func:`guides.actor.actor_guide`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import pyro.distributions as dist
 import torch
 from pyro.distributions import constraints
 
-from models.trajectory import site_name
+from models.sites import optimality, sample
 
 
 def flat_prior(act_dim: int, low: float = -1.0, high: float = 1.0) -> Callable[[torch.Tensor], dist.Distribution]:
@@ -41,5 +41,5 @@ def actor_model(obs: torch.Tensor, prior_policy, q_fn: Callable[[torch.Tensor, t
     """Prior policy and critic optimality factor on a batch of states ``obs`` [B, d].
     (``policy`` and ``sticking_the_landing`` are the guide's; the model ignores them.)"""
     with pyro.plate("states", obs.shape[0], dim=-1):
-        a = pyro.sample(site_name("a", 0), prior_policy(obs))
-        pyro.factor(site_name("opt", 0), scale * q_fn(obs, a))
+        a = sample("a", 0, prior_policy(obs))
+        optimality(0, q_fn(obs, a), scale)

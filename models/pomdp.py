@@ -5,7 +5,7 @@ Generative agent, over a window of T steps (``pyro.markov``), for a batch of win
     s_t = [h_t, z_t],  h_t = GRU(h_{t-1}, [z_{t-1}, a_{t-1}]),  z_t ~ p_a(z_t | h_t)  (learned transition)
     x_t, r_t ~ p_a(x_t | s_t) p_a(r_t | s_t)                           (emitter; observed)
     factor  log p(O_t = 1 | r_t) = r_t / temperature                   (eq. 3 with a temperature)
-    factor  -log p_a(x_t, r_t | s_<t)   (K prior samples, pplrl.infogain) (eq. 8's marginal)
+    factor  -log p_a(x_t, r_t | s_<t)   (K prior samples, log_marginal_estimate) (eq. 8's marginal)
     a_t ~ p_a(a_t | s_t)                                               (action prior; latent)
 
 with s_{-1} = 0 at a window start (so the first z has the learned prior p_a(z | GRU(0, [0, a_{-1}]))).
@@ -34,7 +34,8 @@ KL(q(a_t) || p_a(a_t | s_t)): learning it moves the prior toward the planner
 (consolidation, Sec. 3.3).
 
 :func:`pomdp_model` pairs with :func:`guides.pomdp.pomdp_guide` (same signature);
-site names come from :func:`site`. :func:`tiger_filter_model` is the tabular Tiger
+site names and terms come from :mod:`models.sites`: ``z_t`` kl_z, ``x_t`` log_lik_x,
+``r_t`` log_lik_r, ``opt_t`` reward, ``marginal_t`` neg_log_marginal, ``a_t`` kl_a. :func:`tiger_filter_model` is the tabular Tiger
 filtering step used to check the amortised filter against exact beliefs.
 """
 
@@ -44,26 +45,52 @@ from dataclasses import dataclass
 
 import pyro
 import pyro.distributions as dist
+import math
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from pyro.distributions import TorchDistribution
 from pyro.nn import PyroModule
 from torch import nn
-from torch.distributions import constraints, kl_divergence, register_kl
+from torch.distributions import Distribution, constraints, kl_divergence, register_kl
 
-from guides.continuous import MLP
-from pplrl.infogain import check_samples, log_marginal_estimate
+from models.sites import factor, optimality, sample
+from pplrl.nets import MLP
 
 MIN_SCALE = 1e-2
 #: lower bound of the action prior's scale: keeps planning from locking onto the habit
 MIN_ACTION_SCALE = 0.1
 
 
-def site(kind: str, t: int) -> str:
-    """Site names: ``z_t``, ``x_t``, ``r_t``, ``a_t``, ``optimality_t``, ``marginal_t``."""
-    if kind not in ("z", "x", "r", "a", "optimality", "marginal"):
-        raise ValueError(f"unknown site kind {kind!r}")
-    return f"{kind}_{t}"
+def check_samples(K: int) -> int:
+    if isinstance(K, bool) or not isinstance(K, int) or K < 1:
+        raise ValueError(f"the number of importance samples K must be an integer >= 1, got {K!r}")
+    return K
+
+
+def log_marginal_estimate(prior: Distribution, log_lik: Callable[[torch.Tensor], torch.Tensor], K: int) -> torch.Tensor:
+    """``log (1/K) sum_k p(x | z_k)``, ``z_k ~ prior`` (reparameterised when the prior
+    allows it): the importance-sampling estimate of ``log p(x | z_<t) = log E_prior p(x | z)``.
+
+    ``prior`` has batch shape ``B`` (any) and the latent's event shape; ``log_lik`` maps
+    latents of shape ``(K, *B, *event)`` to log-densities ``(K, *B)``. Returns shape ``B``.
+
+    Bias. The average of the K likelihood weights is unbiased for p(x | z_<t), but its
+    log is not: by Jensen, E[estimate] <= log p(x | z_<t), so the marginal is
+    under-estimated and the information gain ``log p(x | z_t) - estimate`` is
+    over-estimated. The gap is ``Var(w) / (2 K E[w]^2) + O(K^-2)`` (delta method, w the
+    likelihood weight), i.e. it falls as 1/K; it is the gap of an importance-weighted
+    bound (Burda et al. 2016), so E[estimate] rises monotonically in K towards the true
+    value. With K = 1 the estimate is E_prior[log p(x | z)], the full Jensen gap. The
+    prior is a poor proposal when (x, r) is informative: the relative variance of w grows
+    roughly like exp(KL(posterior || prior)), so small K is most biased exactly where the
+    information gain is large.
+    """
+    K = check_samples(K)
+    z = prior.rsample((K,)) if prior.has_rsample else prior.sample((K,))
+    lp = log_lik(z)
+    return torch.logsumexp(lp, dim=0) - math.log(K)
 
 
 def check_window(T: int) -> int:
@@ -290,15 +317,15 @@ def pomdp_model(model: POMDPModel, guide, window: Window, temperature: float = 1
             x_t, r_t = window.x[:, t], window.r[:, t]
             pz = model.z_prior(t, z, window.a_prev[:, t], x_t, r_t)
             if model.generative:
-                pyro.factor(site("marginal", t),
-                            -log_marginal_estimate(pz, lambda zk: model.emitter.log_prob(zk, x_t, r_t), K))
-            z = pyro.sample(site("z", t), pz)
+                factor("marginal", t, -log_marginal_estimate(pz, lambda zk: model.emitter.log_prob(zk, x_t, r_t), K),
+                       term="neg_log_marginal")
+            z = sample("z", t, pz, term="kl_z")
             if model.generative:
                 px, pr = model.emitter(z)
-                pyro.sample(site("x", t), px, obs=x_t)
-                pyro.sample(site("r", t), pr, obs=r_t)
-            pyro.factor(site("optimality", t), r_t / temperature)
-            pyro.sample(site("a", t), model.action_prior(z))
+                sample("x", t, px, obs=x_t, term="log_lik_x")
+                sample("r", t, pr, obs=r_t, term="log_lik_r")
+            optimality(t, r_t, 1.0 / temperature)
+            sample("a", t, model.action_prior(z), term="kl_a")
 
 
 # ------------------------------------------------------------------------ Tiger (tabular)
@@ -319,10 +346,10 @@ def tiger_filter_model(filt, tables, a_prev: torch.Tensor, obs: torch.Tensor, pr
     with pyro.plate("sequences", B):
         for t in pyro.markov(range(T)):
             pred = (prev_belief[:, t, :, None] * T_tab[a_prev[:, t]]).sum(-2)
-            z = pyro.sample(site("z", t), dist.Categorical(probs=pred))
-            pyro.sample(site("x", t), dist.Categorical(probs=O_tab[a_prev[:, t], z]), obs=obs[:, t])
+            z = sample("z", t, dist.Categorical(probs=pred), term="kl_z")
+            sample("x", t, dist.Categorical(probs=O_tab[a_prev[:, t], z]), obs=obs[:, t], term="log_lik_x")
 
 
 __all__ = ["ActionPrior", "DiscriminativePrior", "Emitter", "POMDPModel", "Recurrent", "StateDist", "Transition",
            "Window",
-           "check_window", "pomdp_model", "site", "tiger_filter_model"]
+           "check_samples", "check_window", "log_marginal_estimate", "pomdp_model", "tiger_filter_model"]

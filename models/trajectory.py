@@ -16,7 +16,9 @@ ELBO is the one-step Bellman operator of VMBPO eqs. (6)-(7).
 Policies and dynamics are callables returning ``torch.distributions``-compatible
 distributions, so the same model serves categorical tables and Gaussian networks.
 The guide with the same signature lives in :mod:`guides.tabular` /
-:mod:`guides.continuous`; site names come from :func:`site_name`.
+:mod:`guides.continuous`; site names and terms come from :mod:`models.sites`
+(``a_t`` kl_policy, ``x_t`` kl_dynamics, ``x_0`` kl_initial, ``opt_t`` reward,
+``bootstrap`` bootstrap).
 """
 
 from __future__ import annotations
@@ -29,31 +31,12 @@ import pyro
 import torch
 from torch.distributions import Distribution
 
+from models.sites import factor, optimality, sample
 from pplrl.tabular import check_horizon, reward_scale
 
 Policy = Callable[[torch.Tensor], Distribution]
 Dynamics = Callable[[torch.Tensor, torch.Tensor], Distribution]
 Reward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-#: ELBO term that each kind of site contributes to (see :class:`pplrl.elbo.OptimalityELBO`).
-TERMS = {"x": "dynamics", "a": "policy", "opt": "reward", "bootstrap": "bootstrap"}
-
-
-def site_name(kind: str, t: int | None = None) -> str:
-    """The one place site names are built: ``x_t`` (states), ``a_t`` (actions),
-    ``opt_t`` (optimality factors), ``bootstrap`` (terminal value factor)."""
-    if kind not in TERMS:
-        raise ValueError(f"unknown site kind {kind!r}; expected one of {sorted(TERMS)}")
-    return kind if t is None else f"{kind}_{t}"
-
-
-def site_term(name: str) -> str:
-    """Which ELBO term a site belongs to: 'dynamics', 'policy', 'reward', 'bootstrap',
-    'initial' (x_0, which model and guide share) or 'other'."""
-    if name == "x_0":
-        return "initial"
-    return TERMS.get(name.rsplit("_", 1)[0] if "_" in name else name, "other")
-
 
 @dataclass
 class AgentEnvironment:
@@ -83,7 +66,7 @@ class AgentEnvironment:
         """x_0: the given start states, or a sample from p0 (model and guide alike)."""
         if isinstance(self.initial, torch.Tensor):
             return self.initial
-        return pyro.sample(site_name("x", 0), self.initial, infer=infer or {})
+        return sample("x", 0, self.initial, infer=infer)
 
 
 def trajectory_model(env: AgentEnvironment, horizon: int, *, eta: float | None = None,
@@ -94,12 +77,12 @@ def trajectory_model(env: AgentEnvironment, horizon: int, *, eta: float | None =
     with env.start_plate():
         x = env.initial_state()
         for t in pyro.markov(range(horizon)):
-            a = pyro.sample(site_name("a", t), env.prior_policy(x))
-            x_next = pyro.sample(site_name("x", t + 1), env.dynamics(x, a))
-            pyro.factor(site_name("opt", t), scale * env.reward(x, a, x_next))
+            a = sample("a", t, env.prior_policy(x))
+            x_next = sample("x", t + 1, env.dynamics(x, a))
+            optimality(t, env.reward(x, a, x_next), scale)
             x = x_next
         if env.terminal_value is not None:
-            pyro.factor(site_name("bootstrap"), env.terminal_value(x))
+            factor("bootstrap", None, env.terminal_value(x))
     return x
 
 

@@ -1,4 +1,11 @@
-"""Critics: plain torch modules with plain losses (the brief allows it), and Polyak targets."""
+"""Networks shared by models, guides and agents.
+
+* :class:`MLP`: the fully connected net of every model and guide, a
+  :class:`~pyro.nn.PyroModule` whose layers are ``PyroModule[nn.Linear]``, so SVI sees
+  its parameters; :func:`soft_clamp`, mbrl-lib's smooth bound on log-variances;
+* critics: plain torch modules with plain losses (:func:`mlp`, :class:`TwinQ`,
+  :class:`VNetwork`), and Polyak-averaged targets.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +13,43 @@ import copy
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
+from pyro.nn import PyroModule
 from torch import nn
 
 
+class MLP(PyroModule):
+    """Fully connected network ``in_dim -> hidden... -> out_dim`` with ReLU activations
+    (none after the output layer). Every layer is a ``PyroModule[nn.Linear]``."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden: Sequence[int] = (256, 256),
+                 activation: type[nn.Module] = nn.ReLU):
+        super().__init__()
+        dims = [int(in_dim), *map(int, hidden), int(out_dim)]
+        layers: list[nn.Module] = []
+        for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
+            layers.append(PyroModule[nn.Linear](d_in, d_out))
+            if i < len(dims) - 2:
+                layers.append(activation())
+        self.in_dim, self.out_dim = dims[0], dims[-1]
+        self.layers = PyroModule[nn.Sequential](*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+def soft_clamp(x: torch.Tensor, low: torch.Tensor | float, high: torch.Tensor | float) -> torch.Tensor:
+    """Smooth clamp of ``x`` into (low, high), as mbrl-lib's Gaussian MLP does for its
+    log-variance: ``high - softplus(high - x)``, then ``low + softplus(x - low)``.
+    Close to the identity well inside the interval; gradients never vanish. The result
+    lies in (low, high + log1p(exp(low - high))): the second step can overshoot ``high``
+    by at most softplus(low - high) (0.011 for the defaults -5, 0.5), as in mbrl-lib."""
+    x = high - F.softplus(high - x)
+    return low + F.softplus(x - low)
+
+
 def mlp(in_dim: int, out_dim: int, hidden: Sequence[int] = (256, 256)) -> nn.Sequential:
+    """A plain ``nn.Sequential`` MLP (ReLU) for critics, which torch losses train, not SVI."""
     layers: list[nn.Module] = []
     d = in_dim
     for h in hidden:

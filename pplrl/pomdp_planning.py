@@ -10,7 +10,7 @@ with the environment and future posteriors replaced by the agent's own model::
 with z_0 ~ q(z_t) (``particles`` samples), z_{tau+1} ~ p_a(z | z_tau, a_tau), the
 predicted reward E[r | z_{tau+1}], and the information gain
 IG = log p_a(x, r | z_{tau+1}) - log p_a(x, r | z_tau, a_tau) at (x, r) ~ p_a(. | z_{tau+1})
-(K prior samples, :func:`pplrl.infogain.log_marginal_estimate`), switchable with
+(K prior samples, :func:`models.pomdp.log_marginal_estimate`), switchable with
 ``info_gain`` so its effect can be measured. The -log q(a) part of the bound is the
 entropy of the search distribution, the same for every candidate, so it does not enter
 the ranking. Q is an optional learned bootstrap beyond the horizon; with
@@ -30,7 +30,7 @@ from typing import Callable
 
 import torch
 
-from pplrl.infogain import check_samples, log_marginal_estimate
+from models.pomdp import check_samples, log_marginal_estimate
 
 ValueFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

@@ -1,4 +1,4 @@
-"""The probabilistic dynamics ensemble (pplrl.dynamics): the Pyro model is eq. (10) of
+"""The probabilistic dynamics ensemble (models.dynamics): the Pyro model is eq. (10) of
 beta-VMBPO (001_…), SVI trains every parameter, the batched layers equal a loop over
 members, a linear-Gaussian system's noise is recovered, elites exclude bad members."""
 
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from pyro.infer import SVI, Trace_ELBO
 
-from pplrl.dynamics import LOGVAR_BOUND_PENALTY, EnsembleLinear, GaussianEnsemble, Normalizer
+from models.dynamics import LOGVAR_BOUND_PENALTY, EnsembleLinear, GaussianEnsemble, Normalizer
 
 
 def small_ensemble(**kwargs) -> GaussianEnsemble:

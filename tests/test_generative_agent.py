@@ -19,7 +19,8 @@ from models.pomdp import POMDPModel, Window, check_window, pomdp_model, tiger_fi
 from pplrl.algorithms import default_config
 from pplrl.algorithms.generative_agent import DiscriminativeAgent, GenerativeAgent, SequenceReplay
 from pplrl.envs.pomdp import LISTEN, OPEN_LEFT, TigerPOMDP
-from pplrl.infogain import POMDPELBO, log_marginal_estimate
+from models.pomdp import log_marginal_estimate
+from pplrl.elbo import POMDPELBO
 from pplrl.pomdp_planning import CEMPlanner, PlannerConfig
 from pplrl.runner import agent_from_checkpoint, train
 

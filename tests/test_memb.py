@@ -66,7 +66,8 @@ def _tiny_world(obs, act):
 def _elbo_value(policy, obs, seed, alpha=0.3, gamma=0.9):
     elbo = ReparamOptimalityELBO()
     pyro.set_rng_seed(seed)
-    return -elbo.differentiable_loss(memb_model, memb_guide, obs, flat_prior(1, -10.0, 10.0), _tiny_world,
+    # the ELBO is V(s) / alpha (models.sites' temperature convention): alpha times it is eq. (8)
+    return -alpha * elbo.differentiable_loss(memb_model, memb_guide, obs, flat_prior(1, -10.0, 10.0), _tiny_world,
                                      lambda s, a: -(s + a).pow(2).sum(-1), lambda s: -s.pow(2).sum(-1), gamma,
                                      alpha, policy=policy), elbo.last_terms
 

@@ -13,7 +13,8 @@ from experiments_loader import interrupted_and_resumed
 from guides.continuous import GaussianPolicy
 from guides.virel import virel_guide
 from models.actor import flat_prior
-from models.virel import MIN_TEMPERATURE, virel_model
+from models.sites import MIN_TEMPERATURE
+from models.virel import virel_model
 from pplrl.algorithms import VIREL, VIRELBeta, default_config
 from pplrl.elbo import ReparamOptimalityELBO
 from pplrl.replay import Batch
@@ -27,8 +28,8 @@ def tiny(algo="virel", **kw):
 
 
 def test_virel_elbo_by_hand():
-    """Pyro's ELBO of virel_model/virel_guide = eps * [E_q[(Q - b)/eps] + H(q)] on the same
-    reparameterised sample, and the agent's loss is its negative batch mean."""
+    """Pyro's ELBO of virel_model/virel_guide = eq. (4), E_q[(Q - b)/eps] + H(q), on the same
+    reparameterised sample, and the agent's loss is -eps times its batch mean (App. E.1)."""
     agent = VIREL(tiny(alpha=0.3), 3, 1)
     obs = torch.randn(16, 3)
     eps = torch.tensor(0.3)
@@ -40,8 +41,8 @@ def test_virel_elbo_by_hand():
     q, b, log_q = agent.critic.min(obs, a), agent.value_target(obs), d.log_prob(a)
     eq4 = ((q - b) / 0.3 - log_q).mean()  # eq. (4) with baseline, per state
     assert float(loss.detach()) == pytest.approx(-0.3 * float(eq4.detach()), rel=1e-5)
-    assert terms["elbo"] / 16 == pytest.approx(0.3 * float(eq4.detach()), rel=1e-5)
-    assert terms["kl_policy"] / 16 == pytest.approx(0.3 * float(log_q.mean().detach()), rel=1e-5)
+    assert terms["elbo"] / 16 == pytest.approx(float(eq4.detach()), rel=1e-5)
+    assert terms["kl_policy"] / 16 == pytest.approx(float(log_q.mean().detach()), rel=1e-5)
     loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in agent.policy.parameters())
 
@@ -84,13 +85,13 @@ def test_e_step_reaches_the_boltzmann_policy():
         policy = GaussianPolicy(1, 1, low=-1.0, high=1.0, hidden=(16,))
         opt = torch.optim.Adam(policy.parameters(), lr=1e-2)
         for _ in range(1500):
-            loss = elbo.differentiable_loss(virel_model, virel_guide, obs, prior, critic, eps, policy=policy)
+            loss = eps * elbo.differentiable_loss(virel_model, virel_guide, obs, prior, critic, eps, policy=policy)
             opt.zero_grad()
             loss.backward()
             opt.step()
         big = torch.zeros(20_000, 1)
         with torch.no_grad():
-            L = -elbo.differentiable_loss(virel_model, virel_guide, big, prior, critic, eps, policy=policy) / eps
+            L = -elbo.differentiable_loss(virel_model, virel_guide, big, prior, critic, eps, policy=policy)
     L = float(L) / 20_000
     kl = log_z - L
     kl_min = _best_tanh_normal_kl(q_fn, eps, log_z)

@@ -9,7 +9,7 @@ import torch
 from pplrl.algorithms import BetaVMBPO, VMBPO, VMBPOMFE, default_config
 from pplrl.algorithms.vmbpo import VMBPOConfig
 from pplrl.diagnostics import NonFiniteError
-from pplrl.dynamics import GaussianEnsemble
+from models.dynamics import GaussianEnsemble
 from pplrl.replay import Batch
 from pplrl.runner import train
 

@@ -8,7 +8,7 @@ inference, q(a_t) by planning under the agent's own model (eq. 10,
 (:class:`guides.pomdp.ActionPosterior`), or the consolidated prior p_a(a_t | z_t) alone
 when ``plan=False``; **interaction** — a_t ~ q(a_t), clipped to [-1, 1]. Per update
 (``update``): **learning** on windows of T steps from the replay — the bound
-(eq. 8 generative, eq. 6 discriminative; :class:`pplrl.infogain.POMDPELBO` on
+(eq. 8 generative, eq. 6 discriminative; :class:`pplrl.elbo.POMDPELBO` on
 :func:`models.pomdp.pomdp_model` / :func:`guides.pomdp.pomdp_guide`) trains the guide
 (amortised E-step) and the model (M-step) with separate optimisers; its KL(q(a_t) ||
 p_a(a_t | z_t)) term trains the action prior toward the planner (consolidation).
@@ -40,11 +40,12 @@ import torch
 import torch.nn.functional as F
 
 from guides.pomdp import ActionPosterior, FilteringGuide, pomdp_guide
-from models.pomdp import POMDPModel, Window, check_window, pomdp_model, site
+from models.pomdp import POMDPModel, Window, check_samples, check_window, pomdp_model
+from models.sites import site
 from pplrl.algorithms.base import Agent
 from pplrl.envs.continuous import make_continuous_env
 from pplrl.envs.pomdp import pomdp_spec, split_view
-from pplrl.infogain import POMDPELBO, check_samples
+from pplrl.elbo import POMDPELBO
 from pplrl.nets import mlp, polyak_update, target_copy
 from pplrl.pomdp_planning import CEMPlanner, PlannerConfig
 
@@ -77,7 +78,7 @@ class GenerativeAgentConfig:
     r_scale: float = 1.0
     """fixed std of p_a(r_t | s_t) (0: learned)"""
     free_nats: float = 0.0
-    """PlaNet's free nats on KL(q(z_t) || p(z_t)) in the loss (pplrl.infogain.POMDPELBO; 0: the bound)"""
+    """PlaNet's free nats on KL(q(z_t) || p(z_t)) in the loss (pplrl.elbo.POMDPELBO; 0: the bound)"""
     temperature: float = 1.0
     """optimality log-likelihood r / temperature (eq. 3)"""
     info_gain_samples: int = 8

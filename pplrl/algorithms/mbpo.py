@@ -2,7 +2,7 @@
 probabilistic dynamics ensemble (Janner et al. 2019).
 
 The ensemble is the Pyro model of prior dynamics p_theta (beta-VMBPO eq. 10, see
-:class:`pplrl.dynamics.GaussianEnsemble`), fitted by SVI every ``model_train_freq``
+:class:`models.dynamics.GaussianEnsemble`), fitted by SVI every ``model_train_freq``
 environment steps on all real data; then ``rollout_batch_size`` states drawn from
 the real buffer are rolled ``rollout_length`` steps with the current policy through
 random elite members into the model buffer; SAC updates draw ``real_ratio`` of each
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from pplrl.algorithms.sac import SAC, SACConfig
-from pplrl.dynamics import MAX_LOGVAR, MIN_LOGVAR, GaussianEnsemble
+from models.dynamics import MAX_LOGVAR, MIN_LOGVAR, GaussianEnsemble
 from pplrl.envs.continuous import termination_fn_for
 from pplrl.replay import Batch, ReplayBuffer, branched_rollouts, sample_mixed
 

@@ -32,70 +32,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import pyro.distributions as dist
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
-from guides.continuous import soft_clamp
 from guides.memb import memb_guide
-from models.memb import memb_model
+from models.memb import ReparamModel, memb_model
+from models.sites import check_temperature
 from pplrl.algorithms.sac import OffPolicyActorCritic, OffPolicyConfig
 from pplrl.elbo import ReparamOptimalityELBO
 from pplrl.envs.continuous import termination_fn_for
-from pplrl.nets import TwinQ, VNetwork, mlp, polyak_update, target_copy
+from pplrl.nets import TwinQ, VNetwork, polyak_update, target_copy
 from pplrl.replay import Batch
-
-LOG_STD_MIN, LOG_STD_MAX = -10.0, 0.5
-
-
-class ReparamModel(nn.Module):
-    """MEMB's reparameterised dynamics f(s, a, zeta) and reward r_hat(s, a, zeta): two
-    independent MLPs with the same input (Sec. 3.1), each giving a mean and a log-std."""
-
-    def __init__(self, obs_dim: int, act_dim: int, hidden=(32, 16)):
-        super().__init__()
-        self.obs_dim = obs_dim
-        self.dyn = mlp(obs_dim + act_dim, 2 * obs_dim, hidden)
-        self.rew = mlp(obs_dim + act_dim, 2, hidden)
-        self.register_buffer("in_mean", torch.zeros(obs_dim + act_dim))
-        self.register_buffer("in_std", torch.ones(obs_dim + act_dim))
-
-    def set_normaliser(self, obs: torch.Tensor, act: torch.Tensor) -> None:
-        x = torch.cat([obs, act], -1)
-        self.in_mean.copy_(x.mean(0))
-        self.in_std.copy_(x.std(0).clamp_min(1e-3))
-
-    def _inputs(self, obs, act):
-        return (torch.cat([obs, act], -1) - self.in_mean) / self.in_std
-
-    def dynamics(self, obs: torch.Tensor, act: torch.Tensor) -> dist.Distribution:
-        """p_hat(s'|s, a) = Normal(s + mu, sigma): rsample() is f(s, a, zeta)."""
-        mu, log_std = self.dyn(self._inputs(obs, act)).chunk(2, -1)
-        log_std = soft_clamp(log_std, LOG_STD_MIN, LOG_STD_MAX)
-        return dist.Normal(obs + mu, log_std.exp()).to_event(1)
-
-    def reward_dist(self, obs: torch.Tensor, act: torch.Tensor) -> dist.Distribution:
-        mu, log_std = self.rew(self._inputs(obs, act)).unbind(-1)
-        return dist.Normal(mu, soft_clamp(log_std, LOG_STD_MIN, LOG_STD_MAX).exp())
-
-    def reward(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
-        """r_hat(s, a, zeta): a reparameterised sample."""
-        return self.reward_dist(obs, act).rsample()
-
-    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-        """Eq. (4): 1/2 E[(f(s, a, zeta) - s')^2] + 1/2 E[(r_hat(s, a, zeta) - r)^2], squared
-        errors summed over state dimensions, averaged over the batch; also the MSE of
-        the means (the model error MEMB App. B.2 tracks)."""
-        d = self.dynamics(batch.obs, batch.act)
-        r = self.reward_dist(batch.obs, batch.act)
-        dyn_loss = 0.5 * (d.rsample() - batch.next_obs).pow(2).sum(-1).mean()
-        rew_loss = 0.5 * (r.rsample() - batch.rew).pow(2).mean()
-        with torch.no_grad():
-            info = {"model_state_mse": float((d.mean - batch.next_obs).pow(2).sum(-1).mean()),
-                    "model_reward_mse": float((r.mean - batch.rew).pow(2).mean())}
-        return dyn_loss + rew_loss, info
-
 
 #: App. C, Table 2, by environment name (the table's empty cells read as "same as the
 #: cell to the left", the layout of a merged cell): value lr, model lr, alpha, model
@@ -213,12 +160,18 @@ class MEMB(OffPolicyActorCritic):
         return 0.5 * F.mse_loss(self.value(obs), target)
 
     def actor_loss(self, obs: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """-ELBO / B of the model-embedded model/guide pair = -(eq. 8's V(s)), averaged."""
+        """-alpha ELBO / B of the model-embedded model/guide pair = -(eq. 8's V(s)), averaged
+        (the ELBO is V(s) / alpha, the temperature convention of :mod:`models.sites`)."""
         loss = self.elbo.differentiable_loss(memb_model, memb_guide, obs, self.prior, self.model.dynamics,
                                              self.model.reward, self.value_target, self.config.gamma,
                                              self.config.alpha, termination_fn=self.termination_fn,
                                              policy=self.policy)
-        return loss / obs.shape[0], self.elbo.last_terms
+        return self.temperature * loss / obs.shape[0], self.elbo.last_terms
+
+    @property
+    def temperature(self) -> float:
+        """alpha, floored at MIN_TEMPERATURE as the model floors it."""
+        return float(check_temperature(self.config.alpha))
 
     # -- the loop ------------------------------------------------------------------------
     def update(self, step: int) -> dict[str, float]:
@@ -248,8 +201,8 @@ class MEMB(OffPolicyActorCritic):
         self.gradient_step(self.actor_opt, actor_loss)
         polyak_update(self.value, self.value_target, self.config.tau)
 
-        B = batch.obs.shape[0]
-        out.update({"elbo": terms["elbo"] / B, "elbo_reward": terms["reward"] / B,
+        B, t = batch.obs.shape[0], self.temperature  # elbo and reward in reward units (x alpha)
+        out.update({"elbo": t * terms["elbo"] / B, "elbo_reward": t * terms["reward"] / B,
                     "elbo_kl_policy": terms["kl_policy"] / B, "elbo_kl_dynamics": terms.get("kl_dynamics", 0.0) / B})
         return out
 

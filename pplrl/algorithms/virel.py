@@ -39,7 +39,8 @@ import torch
 import torch.nn.functional as F
 
 from guides.virel import virel_guide
-from models.virel import MIN_TEMPERATURE, virel_model
+from models.sites import MIN_TEMPERATURE
+from models.virel import virel_model
 from pplrl.algorithms.sac import OffPolicyActorCritic, OffPolicyConfig
 from pplrl.elbo import ReparamOptimalityELBO
 from pplrl.nets import TwinQ, VNetwork, polyak_update, target_copy
@@ -134,10 +135,11 @@ class VIREL(OffPolicyActorCritic):
         return 0.5 * (F.mse_loss(q1, y) + F.mse_loss(q2, y))
 
     def actor_loss(self, obs: torch.Tensor, temperature: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """-(eps * ELBO) / B = E[eps log pi(a|s) - (min Q(s, a) - V_bar(s))], from Pyro."""
+        """-(eps * ELBO) / B = E[eps log pi(a|s) - (min Q(s, a) - V_bar(s))], from Pyro (the
+        ELBO is eq. 4, L; the paper optimises eps L, App. E.1)."""
         loss = self.elbo.differentiable_loss(virel_model, virel_guide, obs, self.prior, self.critic.min,
                                              temperature, baseline=self.value_target, policy=self.policy)
-        return loss / obs.shape[0], self.elbo.last_terms
+        return temperature * loss / obs.shape[0], self.elbo.last_terms
 
     def update(self, step: int) -> dict[str, float]:
         if not self.ready():
@@ -163,9 +165,9 @@ class VIREL(OffPolicyActorCritic):
 
         B = batch.obs.shape[0]
         t = float(temperature)
-        log_q = terms["kl_policy"] / B / t  # the action sites are scaled by the temperature
-        out.update({"temperature": t, "entropy": -log_q, "elbo_tempered": terms["elbo"] / B,
-                    "elbo": terms["elbo"] / B / t, "elbo_reward": terms["reward"] / B,
+        log_q = terms["kl_policy"] / B  # flat prior: KL = E[log pi]
+        out.update({"temperature": t, "entropy": -log_q, "elbo_tempered": t * terms["elbo"] / B,
+                    "elbo": terms["elbo"] / B, "elbo_reward": t * terms["reward"] / B,
                     "elbo_kl_policy": log_q})
         return out
 

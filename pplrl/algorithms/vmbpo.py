@@ -11,7 +11,7 @@ dynamics q_d; they differ in how the E-step estimates its pieces. The shared cod
   thing with ``scale = 1``. So ``beta = 1`` fixed gives VMBPO's losses (a test
   checks it).
 * **step 1, q_d** (:meth:`VariationalAgent.dynamics_weights`): a second
-  :class:`pplrl.dynamics.GaussianEnsemble`, fitted by the weighted likelihood of
+  :class:`models.dynamics.GaussianEnsemble`, fitted by the weighted likelihood of
   VMBPO eq. (19) / beta eq. (11), weights ``exp(scale (r + gamma V'(x') - Q'(x, a)))``
   computed in log space and, for beta-VMBPO, with the scaled TD error clamped to
   (-4, 4) (App. C.1). The weighted likelihood is the ensemble's Pyro model under
@@ -72,7 +72,7 @@ from guides.actor import actor_guide
 from models.actor import actor_model
 from pplrl.algorithms.mbpo import MBPO, MBPOConfig, _names
 from pplrl.diagnostics import NonFiniteError
-from pplrl.dynamics import GaussianEnsemble
+from models.dynamics import GaussianEnsemble
 from pplrl.nets import VNetwork, mlp, polyak_update, target_copy
 from pplrl.replay import Batch
 

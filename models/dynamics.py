@@ -45,7 +45,8 @@ from pyro.nn import PyroModule, pyro_method
 from pyro.optim import PyroOptim
 from torch import nn
 
-from guides.continuous import soft_clamp
+from models.sites import factor, sample
+from pplrl.nets import soft_clamp
 
 #: Weight of mbrl-lib's penalty ``(sum max_logvar - sum min_logvar)`` on the loss.
 LOGVAR_BOUND_PENALTY = 0.01
@@ -270,8 +271,8 @@ class GaussianEnsemble(PyroModule):
         scale = 1.0 / batch if weight is None else weight.expand(n_members, batch).clamp_min(1e-30) / batch
         with pyro.plate("members", n_members, dim=-2), pyro.plate("data", batch, dim=-1), \
                 poutine.scale(scale=scale):
-            pyro.sample("target", dist.Normal(mean, (0.5 * logvar).exp()).to_event(1), obs=target)
-        pyro.factor("logvar_bound_penalty", -self.logvar_bound_penalty())
+            sample("target", None, dist.Normal(mean, (0.5 * logvar).exp()).to_event(1), obs=target, term="log_lik")
+        factor("logvar_bound_penalty", None, -self.logvar_bound_penalty())
 
     def guide(self, obs: torch.Tensor, act: torch.Tensor, next_obs: torch.Tensor,
               reward: torch.Tensor, weight: torch.Tensor | None = None) -> None:
