@@ -72,7 +72,7 @@ DYNAMICS = ("real", "variational", "prior")
 # p_theta's velocity change was biased by +2.4e-3 (correlation with the true one 0.35-0.5 on
 # seed 0's run); with -20, -0.7e-3 (correlation 0.7-0.85)
 DEFAULT_SET = ["gradient_steps=1", "learning_starts=2000", "warmup_hold=30", "model_min_updates=200",
-               "model_hidden=(200,200)", "rollout_batch_size=1000", "model_min_logvar=-20"]
+               "model_hidden=(200,200)", "model_min_logvar=-20"]
 
 
 def mountain_car_reward(act: np.ndarray, done: np.ndarray) -> np.ndarray:

@@ -199,6 +199,19 @@ class GaussianEnsemble(PyroModule):
         self.load_state_dict(other.state_dict())
         self._optim = None
 
+    def optimizer_state(self):
+        """The fit's optimiser state (None before the first fit), for checkpoints."""
+        return None if self._optim is None else (self._optim[0], self._optim[1].state_dict())
+
+    def load_optimizer_state(self, state) -> None:
+        """Restore :meth:`optimizer_state` (creating the optimiser of that setting first)."""
+        if state is None:
+            self._optim = None
+            return
+        key, optim_state = state
+        self._step_function(key[1], key[2])
+        self._optim[1].load_state_dict(optim_state)
+
     # -- shapes -------------------------------------------------------------------
     def _per_member(self, x: torch.Tensor, dim: int, what: str) -> torch.Tensor:
         """``x`` as ``[E, B, dim]``: broadcast a ``[B, dim]`` batch to every member."""

@@ -59,7 +59,19 @@ def test_model_min_logvar_reaches_both_ensembles():
     from pplrl.algorithms import VMBPO
 
     assert torch.all(MBPO(tiny(), 3, 1).ensemble.min_logvar == -10.0)  # mbrl-lib's default
-    cfg = default_config("vmbpo", **{**TINY, "model_min_logvar": -20.0})
+    shared = {k: v for k, v in TINY.items() if k not in ("rollout_batch_size", "model_buffer_size")}
+    cfg = default_config("vmbpo", **{**shared, "model_min_logvar": -20.0})
     agent = VMBPO(cfg, 3, 1)
     for ens in (agent.ensemble, agent.q_dynamics):
         assert torch.all(ens.min_logvar == -20.0)
+
+
+def test_vmbpo_holds_its_ensembles_and_no_model_buffer():
+    """The VMBPO family holds p_theta and q_d as members; it has no rollout machinery
+    (no model buffer to allocate or checkpoint), unlike MBPO."""
+    from pplrl.algorithms import VMBPO, MBPO as _MBPO
+
+    shared = {k: v for k, v in TINY.items() if k not in ("rollout_batch_size", "model_buffer_size")}
+    agent = VMBPO(default_config("vmbpo", **shared), 3, 1)
+    assert not isinstance(agent, _MBPO) and not hasattr(agent, "model_replay")
+    assert "model_replay" not in agent.state_dict() and "ensemble" in agent.state_dict()

@@ -10,7 +10,7 @@ import pytest
 from experiments_loader import load_experiment
 
 TINY = ["learning_starts=100", "model_train_freq=100", "model_min_updates=0", "ensemble_size=3", "num_elites=2",
-        "model_hidden=(16,16)", "hidden=(16,16)", "batch_size=32", "rollout_batch_size=32"]
+        "model_hidden=(16,16)", "hidden=(16,16)", "batch_size=32"]
 
 
 def test_mountain_car_optimism_runs(tmp_path, capsys):

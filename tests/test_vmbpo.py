@@ -14,8 +14,7 @@ from pplrl.replay import Batch
 from pplrl.runner import train
 
 TINY = dict(hidden=(16, 16), batch_size=32, learning_starts=100, gradient_steps=1, model_train_freq=100,
-            model_epochs=1, model_min_updates=0, ensemble_size=3, num_elites=2, model_hidden=(16, 16), rollout_batch_size=32,
-            model_buffer_size=1000)
+            model_epochs=1, model_min_updates=0, ensemble_size=3, num_elites=2, model_hidden=(16, 16))
 
 
 def agent(cls=VMBPO, **kw):
@@ -264,7 +263,7 @@ def test_diverging_exponent_is_named():
 
 
 @pytest.mark.parametrize("kw, match", [(dict(beta_init=0.0), "beta init"), (dict(epsilon_kl=-1.0), "epsilon"),
-                                       (dict(eta=0.0), "eta"), (dict(rollout_length=0), "rollout length"),
+                                       (dict(eta=0.0), "eta"), (dict(model_train_freq=0), "model_train_freq"),
                                        (dict(log_ratio="x"), "log_ratio"),
                                        (dict(q_d_min_updates=-1), "q_d_min_updates")])
 def test_bad_input(kw, match):

@@ -70,16 +70,21 @@ import torch.nn.functional as F
 
 from guides.actor import actor_guide
 from models.actor import actor_model
-from pplrl.algorithms.mbpo import MBPO, MBPOConfig, _names
-from pplrl.diagnostics import NonFiniteError
 from models.dynamics import GaussianEnsemble
+from pplrl.algorithms.model_based import EnsembleConfig, elite_holdout_mse, fit_on_replay
+from pplrl.algorithms.sac import SAC, SACConfig
+from pplrl.diagnostics import NonFiniteError
+from pplrl.envs.continuous import termination_fn_for
 from pplrl.nets import VNetwork, mlp, polyak_update, target_copy
 from pplrl.replay import Batch
 
 
 @dataclass
-class VMBPOConfig(MBPOConfig):
-    """Shared settings; the presets :func:`vmbpo_config` etc. fix the variant."""
+class VMBPOConfig(EnsembleConfig, SACConfig):
+    """Shared settings; the presets (:class:`VMBPOMFEConfig`, :class:`BetaVMBPOConfig`) fix the variant."""
+
+    gradient_steps: int = 10
+    """E-step updates per environment step (papers: 20, VMBPO App. C / beta App. C.2)"""
 
     eta: float = 1.0
     """VMBPO temperature: optimality factor eta * r (ignored when use_beta)"""
@@ -161,6 +166,8 @@ class VMBPOConfig(MBPOConfig):
 
     def validate(self) -> None:
         super().validate()
+        if not 0.0 <= self.real_ratio <= 1.0:
+            raise ValueError(f"real_ratio must lie in [0, 1], got {self.real_ratio}")
         if not np.isfinite(self.eta) or self.eta <= 0:
             raise ValueError(f"eta must be > 0, got {self.eta}")
         if not np.isfinite(self.beta_init) or self.beta_init <= 0:
@@ -208,9 +215,10 @@ def exp_td_loss(u: torch.Tensor, clip: float | None = None) -> torch.Tensor:
     return f + slope * (u - inside)
 
 
-class VariationalAgent(MBPO):
-    """The VMBPO family. Reuses MBPO's prior-dynamics ensemble (p_theta, eq. 10),
-    replay and rollout machinery; adds q_d, nu, V, the prior policy and beta."""
+class VariationalAgent(SAC):
+    """The VMBPO family: SAC's critic, temperature and actor ELBO, and two ensembles it
+    holds, the prior dynamics p_theta (eq. 10) and the variational q_d; adds nu, V, the
+    prior policy and beta."""
 
     algo = "vmbpo-family"
     Config = VMBPOConfig
@@ -218,13 +226,15 @@ class VariationalAgent(MBPO):
     def __init__(self, config: VMBPOConfig, obs_dim: int, act_dim: int):
         super().__init__(config, obs_dim, act_dim)
         c = config
+        self.ensemble = c.make_ensemble(obs_dim, act_dim, "vmbpo.p_theta")
+        self.termination_fn = termination_fn_for(c.env_id)
+        self.last_model_fit: dict = {}
+        self.last_model_seed: int | None = None
         # q_c is self.policy (SAC's); pi is the prior policy, a copy that acts in the env
         self.prior_policy = copy.deepcopy(self.policy)
         for p in self.prior_policy.parameters():
             p.requires_grad_(False)
-        self.q_dynamics = GaussianEnsemble(obs_dim, act_dim, ensemble_size=c.ensemble_size, num_elites=c.num_elites,
-                                           hidden=c.model_hidden, min_logvar=c.model_min_logvar,
-                                           name=f"vmbpo{next(_names)}.q_dynamics")
+        self.q_dynamics = c.make_ensemble(obs_dim, act_dim, "vmbpo.q_d")
         self.q_dynamics_fitted = False
         self.nu = mlp(2 * obs_dim + act_dim, 1, c.hidden)
         self.nu_opt = torch.optim.Adam(self.nu.parameters(), lr=c.lr)
@@ -279,16 +289,13 @@ class VariationalAgent(MBPO):
 
     # -- values -----------------------------------------------------------------------------
     def policy_log_ratio(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """A sample a ~ q_c(.|x) and log q_c(a|x) / pi(a|x), both densities evaluated at the same
-        point: TanhNormal caches the pre-squash u of its own samples, so ``d.log_prob(a)`` would
-        use the exact u while ``pi.log_prob(a)`` inverts tanh, which loses u once q_c is sharp
-        (measured on Pendulum: |log q_c/pi| up to 1.7e4 nats with pi = q_c, V loss 1e11). Also
-        returns log q_c(a) with the cached u (the accurate one, for the entropy term)."""
+        """A sample a ~ q_c(.|x), log q_c(a|x) / pi(a|x) and log q_c(a|x). (Both densities are
+        functions of the action alone: :class:`pplrl.distributions.TanhNormal` keeps no
+        pre-squash cache, which once made this ratio reach 1.7e4 nats with pi = q_c.)"""
         d = self.policy(obs)
         a = d.sample()
-        log_q_exact = d.log_prob(a)
-        point = a.clone()  # a new tensor: both log-densities invert tanh at the same value
-        return a, d.log_prob(point) - self.prior_policy(obs).log_prob(point), log_q_exact
+        log_q = d.log_prob(a)
+        return a, log_q - self.prior_policy(obs).log_prob(a), log_q
 
     def soft_value_target(self, obs: torch.Tensor) -> torch.Tensor:
         """V'(x) in reward units: the target V network, or E_{a~q_c}[Q'(x,a) - (1/scale) log q_c/pi]."""
@@ -298,6 +305,12 @@ class VariationalAgent(MBPO):
             a, ratio, log_q = self.policy_log_ratio(obs)
             v = self.critic_target.min(obs, a) - ratio / self.scale
             return v - self.alpha * log_q if self.config.entropy_regularizer else v
+
+    # -- prior dynamics p_theta (eq. 10) ---------------------------------------------------
+    def fit_model(self) -> dict:
+        """p_theta on the real replay; the fit's split and bootstrap seed is kept for q_d's warm start."""
+        self.last_model_fit, self.last_model_seed = fit_on_replay(self.ensemble, self.replay, self.config, self.rng)
+        return self.last_model_fit
 
     # -- step 1: variational dynamics ------------------------------------------------------
     def dynamics_log_weights(self, batch: Batch) -> torch.Tensor:
@@ -327,9 +340,10 @@ class VariationalAgent(MBPO):
             # replay), so q_d starts where p is and sees the same inputs (see q_d_warm_start for
             # what this does and does not do to the KL floor)
             self.q_dynamics.copy_from(self.ensemble)
-            epochs, seed = self.model_epochs(len(data), self.config.q_d_min_updates, min_epochs=1), self.last_model_seed
+            epochs = self.config.fit_epochs(len(data), self.config.q_d_min_updates, min_epochs=1)
+            seed = self.last_model_seed
         else:
-            epochs, seed = self.model_epochs(len(data)), int(self.rng.integers(2**31))
+            epochs, seed = self.config.fit_epochs(len(data)), int(self.rng.integers(2**31))
         info = self.q_dynamics.fit(data.obs, data.act, data.next_obs, data.rew, epochs=epochs,
                                    weights=weights, seed=seed)
         self.q_dynamics_fitted = True
@@ -491,7 +505,7 @@ class VariationalAgent(MBPO):
             # every model_train_freq steps: p_theta by eq. (10), then q_d by step 1 (eq. 19/11);
             # for VMBPO-MFE this refit is "q_d computed at the end of the E-step"
             info = self.fit_model()
-            out["model_holdout_mse"] = float(np.mean([info["holdout_mse"][i] for i in info["elites"]]))
+            out["model_holdout_mse"] = elite_holdout_mse(info)
             out.update(self.fit_variational_dynamics(step))
         for _ in range(c.gradient_steps):
             out.update(self.e_step_update(step))
@@ -548,10 +562,10 @@ class VariationalAgent(MBPO):
     # -- checkpoints ---------------------------------------------------------------------
     def state_dict(self) -> dict:
         state = super().state_dict()
-        optim = self.q_dynamics._optim
         state.update({
+            "ensemble": self.ensemble.state_dict(), "ensemble_optim": self.ensemble.optimizer_state(),
             "prior_policy": self.prior_policy.state_dict(), "q_dynamics": self.q_dynamics.state_dict(),
-            "q_dynamics_optim": None if optim is None else (optim[0], optim[1].state_dict()),
+            "q_dynamics_optim": self.q_dynamics.optimizer_state(),
             "q_dynamics_fitted": self.q_dynamics_fitted, "nu": self.nu.state_dict(),
             "nu_opt": self.nu_opt.state_dict(), "value": self.value.state_dict(),
             "value_target": self.value_target.state_dict(), "value_opt": self.value_opt.state_dict(),
@@ -561,12 +575,11 @@ class VariationalAgent(MBPO):
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
+        self.ensemble.load_state_dict(state["ensemble"])
+        self.ensemble.load_optimizer_state(state["ensemble_optim"])
         self.prior_policy.load_state_dict(state["prior_policy"])
         self.q_dynamics.load_state_dict(state["q_dynamics"])
-        if state["q_dynamics_optim"] is not None:
-            key, optim_state = state["q_dynamics_optim"]
-            self.q_dynamics._step_function(key[1], key[2])
-            self.q_dynamics._optim[1].load_state_dict(optim_state)
+        self.q_dynamics.load_optimizer_state(state["q_dynamics_optim"])
         self.q_dynamics_fitted = state["q_dynamics_fitted"]
         self.nu.load_state_dict(state["nu"])
         self.nu_opt.load_state_dict(state["nu_opt"])
