@@ -41,13 +41,12 @@ filtering step used to check the amortised filter against exact beliefs.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Callable
 
 import pyro
 import pyro.distributions as dist
-import math
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 from pyro.distributions import TorchDistribution

@@ -38,6 +38,7 @@ import warnings
 import torch
 from pyro.distributions.util import is_identically_zero, scale_and_mask
 from pyro.infer import Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO
+
 # _find_ordinal (private): the plate ordinal of a site in a packed trace, which Dice
 # needs to take a per-term expectation; TraceEnum_ELBO computes it the same way, and
 # Pyro exposes no public equivalent.

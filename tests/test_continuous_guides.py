@@ -22,8 +22,8 @@ from guides.continuous import LOG_STD_MAX, LOG_STD_MIN, ContinuousGuide, Gaussia
 from models.sites import site
 from models.trajectory import AgentEnvironment, trajectory_model
 from pplrl.distributions import TanhNormal
-from pplrl.nets import MLP, soft_clamp
 from pplrl.elbo import OptimalityELBO
+from pplrl.nets import MLP, soft_clamp
 
 
 # ----------------------------------------------------------------------- TanhNormal

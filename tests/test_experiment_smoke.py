@@ -4,7 +4,6 @@ import json
 import math
 
 import pytest
-
 from experiments_loader import load_experiment
 
 

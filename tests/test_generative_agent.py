@@ -11,16 +11,15 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from experiments_loader import interrupted_and_resumed
 from pyro.infer import TraceEnum_ELBO
 
-from experiments_loader import interrupted_and_resumed
 from guides.pomdp import BeliefFilter, FilteringGuide, pomdp_guide, tiger_filter_guide
-from models.pomdp import POMDPModel, Window, check_window, pomdp_model, tiger_filter_model
+from models.pomdp import POMDPModel, Window, check_window, log_marginal_estimate, pomdp_model, tiger_filter_model
 from pplrl.algorithms import default_config
 from pplrl.algorithms.generative_agent import DiscriminativeAgent, GenerativeAgent, SequenceReplay
-from pplrl.envs.pomdp import LISTEN, OPEN_LEFT, TigerPOMDP
-from models.pomdp import log_marginal_estimate
 from pplrl.elbo import POMDPELBO
+from pplrl.envs.pomdp import LISTEN, OPEN_LEFT, TigerPOMDP
 from pplrl.pomdp_planning import CEMPlanner, PlannerConfig
 from pplrl.runner import agent_from_checkpoint, train
 

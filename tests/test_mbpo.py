@@ -69,7 +69,8 @@ def test_model_min_logvar_reaches_both_ensembles():
 def test_vmbpo_holds_its_ensembles_and_no_model_buffer():
     """The VMBPO family holds p_theta and q_d as members; it has no rollout machinery
     (no model buffer to allocate or checkpoint), unlike MBPO."""
-    from pplrl.algorithms import VMBPO, MBPO as _MBPO
+    from pplrl.algorithms import MBPO as _MBPO
+    from pplrl.algorithms import VMBPO
 
     shared = {k: v for k, v in TINY.items() if k not in ("rollout_batch_size", "model_buffer_size")}
     agent = VMBPO(default_config("vmbpo", **shared), 3, 1)

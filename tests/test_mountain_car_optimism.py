@@ -6,7 +6,6 @@ import json
 import math
 
 import pytest
-
 from experiments_loader import load_experiment
 
 TINY = ["learning_starts=100", "model_train_freq=100", "model_min_updates=0", "ensemble_size=3", "num_elites=2",

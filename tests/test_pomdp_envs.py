@@ -5,8 +5,18 @@ import numpy as np
 import pytest
 
 from pplrl.envs import make_continuous_env
-from pplrl.envs.pomdp import (HEAR_LEFT, HEAR_RIGHT, LISTEN, OPEN_LEFT, AgentView, PartialObservation,
-                              TigerPOMDP, make_pomdp_env, pomdp_spec, split_view)
+from pplrl.envs.pomdp import (
+    HEAR_LEFT,
+    HEAR_RIGHT,
+    LISTEN,
+    OPEN_LEFT,
+    AgentView,
+    PartialObservation,
+    TigerPOMDP,
+    make_pomdp_env,
+    pomdp_spec,
+    split_view,
+)
 
 
 def test_tiger_belief_update_by_hand():

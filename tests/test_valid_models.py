@@ -12,9 +12,9 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from conftest import as_torch
 from pyro.infer import SVI, Trace_ELBO, TraceEnum_ELBO
 
-from conftest import as_torch
 from guides.actor import actor_guide
 from guides.continuous import ContinuousGuide, GaussianPolicy
 from guides.memb import memb_guide
@@ -28,7 +28,7 @@ from models.pomdp import POMDPModel, Window, pomdp_model, tiger_filter_model
 from models.trajectory import AgentEnvironment, tabular_environment, trajectory_model
 from models.virel import virel_model
 from pplrl.distributions import TanhNormal
-from pplrl.elbo import OptimalityELBO, POMDPELBO, ReparamOptimalityELBO, RiskSensitiveELBO
+from pplrl.elbo import POMDPELBO, OptimalityELBO, ReparamOptimalityELBO, RiskSensitiveELBO
 from pplrl.envs import risky_arm
 from pplrl.envs.pomdp import TigerPOMDP
 from pplrl.nets import TwinQ

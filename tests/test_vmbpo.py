@@ -6,10 +6,10 @@ import pyro
 import pytest
 import torch
 
-from pplrl.algorithms import BetaVMBPO, VMBPO, VMBPOMFE, default_config
+from models.dynamics import GaussianEnsemble
+from pplrl.algorithms import VMBPO, VMBPOMFE, BetaVMBPO, default_config
 from pplrl.algorithms.vmbpo import VMBPOConfig
 from pplrl.diagnostics import NonFiniteError
-from models.dynamics import GaussianEnsemble
 from pplrl.replay import Batch
 from pplrl.runner import train
 

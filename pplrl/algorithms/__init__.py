@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from pplrl.algorithms.base import Agent, apply_overrides  # noqa: E402
-from pplrl.algorithms.mbpo import MBPO, MBPOConfig  # noqa: E402
-from pplrl.algorithms.sac import SAC, SACConfig  # noqa: E402
-from pplrl.algorithms.vmbpo import VMBPO, VMBPOMFE, BetaVMBPO  # noqa: E402
-from pplrl.algorithms.generative_agent import DiscriminativeAgent, GenerativeAgent  # noqa: E402
-from pplrl.algorithms.virel import VIREL, VIRELBeta  # noqa: E402
-from pplrl.algorithms.memb import MEMB  # noqa: E402
+from pplrl.algorithms.base import Agent, apply_overrides
+from pplrl.algorithms.generative_agent import DiscriminativeAgent, GenerativeAgent
+from pplrl.algorithms.mbpo import MBPO, MBPOConfig
+from pplrl.algorithms.memb import MEMB
+from pplrl.algorithms.sac import SAC, SACConfig
+from pplrl.algorithms.virel import VIREL, VIRELBeta
+from pplrl.algorithms.vmbpo import VMBPO, VMBPOMFE, BetaVMBPO
 
 ALGORITHMS: dict[str, type[Agent]] = {a.algo: a for a in (SAC, MBPO, VMBPO, VMBPOMFE, BetaVMBPO, VIREL, VIRELBeta, MEMB, GenerativeAgent, DiscriminativeAgent)}
 

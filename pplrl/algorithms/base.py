@@ -86,6 +86,13 @@ class Agent:
         return self.warmup_action.copy()
 
     @staticmethod
+    def elbo_metrics(terms: dict[str, float], batch: int) -> dict[str, float]:
+        """Every term of an ELBO report (:attr:`pplrl.elbo.OptimalityELBO.last_terms`), per
+        state of a batch of ``batch``: ``elbo`` and ``elbo_<term>`` for whatever terms the
+        model declares, so logs and ``pplrl diagnose`` show a new objective's terms unasked."""
+        return {k if k == "elbo" else f"elbo_{k}": v / batch for k, v in terms.items()}
+
+    @staticmethod
     def checked(step: int, **losses: torch.Tensor) -> dict[str, float]:
         """Floats of the losses, stopping with the step and the loss name on NaN/inf."""
         out = {}

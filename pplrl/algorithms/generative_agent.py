@@ -43,9 +43,9 @@ from guides.pomdp import ActionPosterior, FilteringGuide, pomdp_guide
 from models.pomdp import POMDPModel, Window, check_samples, check_window, pomdp_model
 from models.sites import site
 from pplrl.algorithms.base import Agent
+from pplrl.elbo import POMDPELBO
 from pplrl.envs.continuous import make_continuous_env
 from pplrl.envs.pomdp import pomdp_spec, split_view
-from pplrl.elbo import POMDPELBO
 from pplrl.nets import mlp, polyak_update, target_copy
 from pplrl.pomdp_planning import CEMPlanner, PlannerConfig
 

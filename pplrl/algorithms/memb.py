@@ -201,9 +201,8 @@ class MEMB(OffPolicyActorCritic):
         self.gradient_step(self.actor_opt, actor_loss)
         polyak_update(self.value, self.value_target, self.config.tau)
 
-        B, t = batch.obs.shape[0], self.temperature  # elbo and reward in reward units (x alpha)
-        out.update({"elbo": t * terms["elbo"] / B, "elbo_reward": t * terms["reward"] / B,
-                    "elbo_kl_policy": terms["kl_policy"] / B, "elbo_kl_dynamics": terms.get("kl_dynamics", 0.0) / B})
+        B = batch.obs.shape[0]  # soft_value: alpha * ELBO, eq. (8)'s V(s) in reward units
+        out.update({"soft_value": self.temperature * terms["elbo"] / B, **self.elbo_metrics(terms, B)})
         return out
 
     def _modules(self) -> dict:

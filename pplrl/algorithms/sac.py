@@ -205,8 +205,7 @@ class SAC(OffPolicyActorCritic):
         polyak_update(self.critic, self.critic_target, self.config.tau)
         B = batch.obs.shape[0]
         out.update(self.checked(step, alpha_loss=alpha_loss))
-        out.update({"alpha": float(self.alpha), "entropy": -log_q, "elbo": terms["elbo"] / B,
-                    "elbo_reward": terms["reward"] / B, "elbo_kl_policy": terms["kl_policy"] / B})
+        out.update({"alpha": float(self.alpha), "entropy": -log_q, **self.elbo_metrics(terms, B)})
         return out
 
     # -- checkpoints ------------------------------------------------------------------

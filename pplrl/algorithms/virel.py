@@ -167,8 +167,7 @@ class VIREL(OffPolicyActorCritic):
         t = float(temperature)
         log_q = terms["kl_policy"] / B  # flat prior: KL = E[log pi]
         out.update({"temperature": t, "entropy": -log_q, "elbo_tempered": t * terms["elbo"] / B,
-                    "elbo": terms["elbo"] / B, "elbo_reward": t * terms["reward"] / B,
-                    "elbo_kl_policy": log_q})
+                    **self.elbo_metrics(terms, B)})
         return out
 
     def _modules(self) -> dict:

@@ -555,8 +555,7 @@ class VariationalAgent(SAC):
         polyak_update(self.critic, self.critic_target, c.tau)
         polyak_update(self.value, self.value_target, c.tau)
         B = batch.obs.shape[0]
-        metrics.update({"beta": self.beta, "kl_dynamics": self.last_kl, "elbo": terms["elbo"] / B,
-                        "elbo_reward": terms["reward"] / B, "elbo_kl_policy": terms["kl_policy"] / B})
+        metrics.update({"beta": self.beta, "kl_dynamics": self.last_kl, **self.elbo_metrics(terms, B)})
         return metrics
 
     # -- checkpoints ---------------------------------------------------------------------
