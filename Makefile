@@ -26,7 +26,9 @@ demo: venv
 risky-arm: venv
 	MPLBACKEND=Agg $(BIN)/python experiments/risky_arm.py --out runs/risky_arm
 
+# Lint (ruff: pyflakes, pycodestyle, import order; configured in pyproject.toml), then the tests.
 test: venv
+	$(BIN)/ruff check .
 	MPLBACKEND=Agg $(BIN)/python -m pytest -q
 
 clean:

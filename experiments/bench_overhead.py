@@ -120,7 +120,8 @@ def main(argv=None) -> list[dict]:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    rows = sac_rows(args.repeats, args.inner, args.batch_size) + ensemble_rows(args.repeats, args.inner, args.batch_size)
+    rows = (sac_rows(args.repeats, args.inner, args.batch_size)
+            + ensemble_rows(args.repeats, args.inner, args.batch_size))
     print(f"Pyro overhead per update, batch {args.batch_size}, median of {args.repeats} x {args.inner}, "
           f"{torch.get_num_threads()} torch threads")
     print(f"{'objective':42s} {'pyro ms':>9s} {'torch ms':>9s} {'ratio':>7s}")

@@ -120,7 +120,7 @@ def _job(args):
     kind, kwargs = args
     try:
         return run_sb3(**kwargs) if kind == "sb3" else run_pplrl(**kwargs)
-    except Exception as e:  # noqa: BLE001 - report, keep the other runs
+    except Exception as e:
         return {"algo": kwargs.get("algo", "sb3-sac"), "seed": kwargs["seed"], "error": f"{type(e).__name__}: {e}"}
 
 
@@ -175,7 +175,8 @@ def paired(results: list[dict], a: str, b: str) -> list[dict]:
                      if r["algo"] == algo and "error" not in r} for algo in (a, b)}
     for algo in (a, b):
         if not curves[algo]:
-            raise SystemExit(f"error: --paired: no finished runs of {algo!r} (have {sorted({r['algo'] for r in results})})")
+            have = sorted({r['algo'] for r in results})
+            raise SystemExit(f"error: --paired: no finished runs of {algo!r} (have {have})")
     pairs = [(curves[a][seed], curves[b][seed]) for seed in sorted(curves[a].keys() & curves[b].keys())]
     rows = []
     for step in sorted({s for ca, _ in pairs for s in ca}):

@@ -34,12 +34,12 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
 
-from pplrl.algorithms import apply_overrides, default_config  # noqa: E402
-from pplrl.runner import evaluate, train  # noqa: E402
+from pplrl.algorithms import apply_overrides, default_config
+from pplrl.runner import evaluate, train
 
 VARIANTS = {
     "generative": ("generative-agent", {"critic": "false"}),
@@ -119,7 +119,7 @@ def _job(job) -> dict:
     torch.set_num_threads(1)
     try:
         return run_one(name, seed, args, out)
-    except Exception as e:  # noqa: BLE001 - report and let the other runs finish
+    except Exception as e:
         return {"variant": name, "seed": seed, "error": f"{type(e).__name__}: {e}"}
 
 

@@ -17,7 +17,8 @@ What this script does, per algorithm (``vmbpo``, ``beta-vmbpo``) and seed:
    **variational** dynamics q_d and its **prior** model p_theta (beta eq. 10). Model
    steps sample an elite member and its Gaussian noise (seeded), as the agents' own
    model samples do, and are clipped to the observation box (position [-1.2, 0.6],
-   velocity [-0.07, 0.07]) as the real environment clips its state. Rewards are Mountain Car's own reward function applied to each
+   velocity [-0.07, 0.07]) as the real environment clips its state. Rewards are Mountain Car's own reward function
+   applied to each
    transition (``100 * [goal] - 0.1 a^2``), an episode ends at the goal
    (the same termination function the agents use), and after it the position is held;
 3. reports per dynamics the mean return, final position, maximum position and share
@@ -209,7 +210,8 @@ def plot(results: dict, path: Path) -> None:
 
 def table(results: dict) -> str:
     lines = [f"{'algorithm':>11} {'seed':>4} {'beta':>8} | {'return real':>11} {'q_d':>8} {'prior':>8} | "
-             f"{'final pos real':>14} {'q_d':>6} | {'goal real':>9} {'q_d':>5} | {'optimism (return)':>17} {'(final pos)':>11} "
+             f"{'final pos real':>14} {'q_d':>6} | {'goal real':>9} {'q_d':>5} | "
+             f"{'optimism (return)':>17} {'(final pos)':>11} "
              f"{'q_d - prior':>11}"]
     for algo, res in results.items():
         rows = list(res["seeds"].items()) + [("mean", res["mean"])]

@@ -25,22 +25,22 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pyro  # noqa: E402
-import pyro.distributions as dist  # noqa: E402
-import torch  # noqa: E402
-from pyro.infer import SVI  # noqa: E402
-from scipy.optimize import brentq  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.infer import SVI
+from scipy.optimize import brentq
+from tqdm import tqdm
 
-from guides.tabular import TabularGuide  # noqa: E402
-from models.trajectory import tabular_environment, trajectory_model  # noqa: E402
-from pplrl import diagnostics  # noqa: E402
-from pplrl import tabular as tb  # noqa: E402
-from pplrl.elbo import RiskSensitiveELBO  # noqa: E402
-from pplrl.envs import TabularEnv, cliff_gridworld, risky_arm  # noqa: E402
-from pplrl.tabular_learning import q_learning, tabular_vmbpo  # noqa: E402
+from guides.tabular import TabularGuide
+from models.trajectory import tabular_environment, trajectory_model
+from pplrl import diagnostics
+from pplrl import tabular as tb
+from pplrl.elbo import RiskSensitiveELBO
+from pplrl.envs import TabularEnv, cliff_gridworld, risky_arm
+from pplrl.tabular_learning import q_learning, tabular_vmbpo
 
 
 def beta_sweep(betas: np.ndarray) -> dict:
@@ -211,7 +211,8 @@ def main(argv=None) -> dict:
 
     seeds = list(range(args.seeds))
     learning = cliff_learning(seeds, args.steps)
-    checkpoints = [i for i, s in enumerate(learning["Q-learning"]["steps"]) if s in (500, 1000, 2000, 3000, 5000) or s == args.steps]
+    checkpoints = [i for i, s in enumerate(learning["Q-learning"]["steps"])
+                   if s in (500, 1000, 2000, 3000, 5000) or s == args.steps]
     print(f"\nCliff gridworld learning, {len(seeds)} seeds: mean (sd) expected return of the greedy policy")
     print(f"{'algorithm':>16} " + " ".join(f"{learning['Q-learning']['steps'][i]:>14d}" for i in checkpoints))
     for name, res in learning.items():

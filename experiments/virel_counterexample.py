@@ -29,11 +29,11 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from pplrl import tabular as tb  # noqa: E402
-from pplrl.envs import virel_counterexample  # noqa: E402
+from pplrl import tabular as tb
+from pplrl.envs import virel_counterexample
 
 
 def p1_closed_form(c: float, k1: int, gamma: float) -> float:
@@ -102,7 +102,8 @@ def main(argv=None) -> None:
     ap.add_argument("--k1", type=int, nargs="+", default=[2, 4, 16, 64])
     args = ap.parse_args(argv)
     res = run(args.out, args.gamma, tuple(args.k1))
-    print(f"closed form vs soft value iteration: max |p1* difference| = {res['max_abs_error_closed_form_vs_soft_vi']:.2e}")
+    gap = res["max_abs_error_closed_form_vs_soft_vi"]
+    print(f"closed form vs soft value iteration: max |p1* difference| = {gap:.2e}")
     print("| k1 | critical c = 1/(gamma ln k1) | p1* at c=0.1 | p1* at c=1 | p1* at c=10 |")
     print("|---|---|---|---|---|")
     for k1 in args.k1:

@@ -26,7 +26,8 @@ def _train(args) -> int:
         if saved is None:
             raise SystemExit(f"error: {out} holds no run to resume (no {CONFIG})")
         algo = saved["algo"]
-        config = ALGORITHMS[algo].Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved["config"].items()})
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in saved["config"].items()}
+        config = ALGORITHMS[algo].Config(**fields)
         steps = args.steps or saved["steps"]
     else:
         if not args.algo:

@@ -395,9 +395,9 @@ def _import_arviz_plots() -> Any:
         import matplotlib.style
 
         if not hasattr(matplotlib.style, "core"):
-            import matplotlib.style.core  # noqa: F401
+            import matplotlib.style.core
         import arviz_plots
-        import arviz_plots.backend.matplotlib  # noqa: F401
+        import arviz_plots.backend.matplotlib
     return arviz_plots
 
 
@@ -512,7 +512,7 @@ def plot_traces(
         figs_before = set(plt.get_fignums())
         try:
             fig = _trace_figure_arviz(dt, ds, names, group)
-        except Exception as err:  # noqa: BLE001 - any plotting failure -> fallback
+        except Exception as err:
             _log.warning(
                 "arviz_plots trace plot failed (%s: %s); falling back to plain matplotlib",
                 type(err).__name__,

@@ -89,7 +89,7 @@ def load_checkpoint(path: Path, expected_algo: str | None = None) -> dict:
         raise RunError(f"no checkpoint at {file}")
     try:
         state = torch.load(file, weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means a corrupt file
+    except Exception as e:
         raise RunError(f"checkpoint {file} is corrupt or unreadable: {type(e).__name__}: {e}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION or "algo" not in state:
         raise RunError(f"checkpoint {file} is not a pplrl checkpoint (format {FORMAT_VERSION})")

@@ -45,7 +45,8 @@ def q_learning(env: TabularEnv, total_steps: int, *, alpha: float = 0.5, epsilon
     s, _ = env.reset(seed=seed)
     t_ep = 0
     for step in range(1, total_steps + 1):
-        a = int(rng.integers(mdp.n_actions)) if rng.random() < epsilon else int(rng.choice(np.flatnonzero(Q[s] == Q[s].max())))
+        greedy = np.flatnonzero(Q[s] == Q[s].max())
+        a = int(rng.integers(mdp.n_actions)) if rng.random() < epsilon else int(rng.choice(greedy))
         s2, r, term, _, _ = env.step(a)
         target = r + (0.0 if term else gamma * Q[s2].max())
         Q[s, a] += alpha * (target - Q[s, a])

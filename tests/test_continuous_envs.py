@@ -124,7 +124,8 @@ def _check_agreement(env_id, episodes, max_steps, seed=0, **kwargs):
             next_obs, _, terminated, truncated, _ = env.step(act)
             assert bool(fn(obs, act, next_obs)) == terminated
             # batched call agrees as well
-            assert fn(np.stack([obs, obs]), np.stack([act, act]), np.stack([next_obs, next_obs])).tolist() == [terminated] * 2
+            both = fn(np.stack([obs, obs]), np.stack([act, act]), np.stack([next_obs, next_obs]))
+            assert both.tolist() == [terminated] * 2
             n_terminated += terminated
             if terminated or truncated:
                 break

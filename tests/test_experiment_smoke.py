@@ -48,10 +48,11 @@ def test_bench_keep_runs_keeps_the_run_directory(tmp_path):
 
 def test_bench_merge_prints_one_table(tmp_path, capsys):
     bench = load_experiment("bench_pendulum")
-    a = {"env": "Pendulum-v1", "results": [{"algo": "sac", "seed": 0, "steps": [1000], "returns": [-100.0], "wall_s": 5.0},
-                                           {"algo": "sb3-sac", "seed": 0, "steps": [1000], "returns": [-90.0], "wall_s": 2.0}]}
-    b = {"env": "Pendulum-v1", "results": [{"algo": "mbpo", "seed": 0, "steps": [1000, 2000], "returns": [-300.0, -150.0],
-                                            "wall_s": 50.0}]}
+    def run(algo, steps, returns, wall_s):
+        return {"algo": algo, "seed": 0, "steps": steps, "returns": returns, "wall_s": wall_s}
+
+    a = {"env": "Pendulum-v1", "results": [run("sac", [1000], [-100.0], 5.0), run("sb3-sac", [1000], [-90.0], 2.0)]}
+    b = {"env": "Pendulum-v1", "results": [run("mbpo", [1000, 2000], [-300.0, -150.0], 50.0)]}
     for name, data in (("a.json", a), ("b.json", b)):
         (tmp_path / name).write_text(json.dumps(data))
     out = bench.main(["--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out", str(tmp_path / "m.json")])
@@ -60,7 +61,7 @@ def test_bench_merge_prints_one_table(tmp_path, capsys):
     assert "2.50" in rows["sac"]  # wall-clock ratio to SB3 within one file
     assert "-150.0" in rows["mbpo"] and rows["mbpo"].rstrip().endswith("-")  # none across files
     # a later file's run of the same algorithm and seed replaces the earlier one
-    c = {"env": "Pendulum-v1", "results": [{"algo": "sac", "seed": 0, "steps": [1000], "returns": [-80.0], "wall_s": 4.0}]}
+    c = {"env": "Pendulum-v1", "results": [run("sac", [1000], [-80.0], 4.0)]}
     (tmp_path / "c.json").write_text(json.dumps(c))
     out = bench.main(["--merge", str(tmp_path / "a.json"), str(tmp_path / "c.json"), "--out", str(tmp_path / "m.json")])
     assert [(r["algo"], r["returns"], r["source"]) for r in out["results"]] == [

@@ -265,7 +265,8 @@ def test_recurrent_state_is_shared_by_model_and_guide():
     torch.testing.assert_close(s1[:, :8], model.deter(s0, w.a_prev[:, 1]))
     q = guide.step(model, s0, w.a_prev[:, 1], w.x[:, 1], w.r[:, 1])
     p = model.transition(s0, w.a_prev[:, 1])
-    torch.testing.assert_close(torch.distributions.kl_divergence(q, p), torch.distributions.kl_divergence(q.base, p.base))
+    kl = torch.distributions.kl_divergence
+    torch.testing.assert_close(kl(q, p), kl(q.base, p.base))
     assert q.log_prob(s1).shape == (4,)
     h_plus = model.transition(s0, torch.ones(4, 1)).mean[:, :8]
     h_minus = model.transition(s0, -torch.ones(4, 1)).mean[:, :8]
@@ -381,10 +382,11 @@ def test_sequence_replay_windows_never_cross_an_episode_start():
 # the discriminative agent also runs through runner.train (with resume) in test_pomdp_experiment.py
 @pytest.mark.parametrize("algo", ["generative-agent", pytest.param("discriminative-agent", marks=pytest.mark.slow)])
 def test_agent_runs_through_runner_and_resumes_exactly(tmp_path, algo):
-    cfg = tiny(algo, update_every=4, candidates=8, elites=2, cem_iterations=1, horizon=1 if algo == "generative-agent" else 0)
+    cfg = tiny(algo, update_every=4, candidates=8, elites=2, cem_iterations=1,
+               horizon=1 if algo == "generative-agent" else 0)
     kw = dict(eval_every=10_000, eval_episodes=1, checkpoint_every=200, progress=False)
     full = train(algo, cfg, tmp_path / "full", 400, **kw)
-    records = [json.loads(l) for l in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in records if r["kind"] == "train"]
     expected = {"elbo_elbo", "elbo_kl_z", "elbo_kl_a", "elbo_reward", "critic_loss"}
     if algo == "generative-agent":

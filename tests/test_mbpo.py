@@ -9,8 +9,8 @@ from pplrl.algorithms import MBPO, default_config
 from pplrl.runner import train
 
 TINY = dict(hidden=(32, 32), batch_size=32, learning_starts=100, gradient_steps=1, model_train_freq=100,
-            model_epochs=1, model_min_updates=0, ensemble_size=3, num_elites=2, model_hidden=(32, 32), rollout_batch_size=64,
-            model_buffer_size=2000)
+            model_epochs=1, model_min_updates=0, ensemble_size=3, num_elites=2, model_hidden=(32, 32),
+            rollout_batch_size=64, model_buffer_size=2000)
 
 
 def tiny(**kw):

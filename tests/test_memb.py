@@ -43,7 +43,8 @@ def test_model_loss_eq4_by_hand():
     s1, r1 = d.rsample(), r.rsample()
     expected = 0.5 * (s1 - b.next_obs).pow(2).sum(-1).mean() + 0.5 * (r1 - b.rew).pow(2).mean()
     assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-6)
-    assert info["model_state_mse"] == pytest.approx(float((d.mean - b.next_obs).pow(2).sum(-1).mean().detach()), rel=1e-5)
+    mse = float((d.mean - b.next_obs).pow(2).sum(-1).mean().detach())
+    assert info["model_state_mse"] == pytest.approx(mse, rel=1e-5)
 
 
 class _Policy(torch.nn.Module):

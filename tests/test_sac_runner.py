@@ -70,12 +70,13 @@ def test_critic_target_value_by_hand():
 
 
 def test_short_run_writes_everything_and_is_reproducible(tmp_path):
-    a1 = train("sac", tiny(), tmp_path / "a", 400, eval_every=200, eval_episodes=1, checkpoint_every=200, progress=False)
-    a2 = train("sac", tiny(), tmp_path / "b", 400, eval_every=200, eval_episodes=1, checkpoint_every=200, progress=False)
+    kw = dict(eval_every=200, eval_episodes=1, checkpoint_every=200, progress=False)
+    a1 = train("sac", tiny(), tmp_path / "a", 400, **kw)
+    a2 = train("sac", tiny(), tmp_path / "b", 400, **kw)
     for run in ("a", "b"):
         assert {p.name for p in (tmp_path / run).iterdir()} >= {"config.json", "metrics.jsonl", "checkpoint.pt"}
-    evals = [[json.loads(l)["mean_return"] for l in (tmp_path / r / "metrics.jsonl").read_text().splitlines()
-              if json.loads(l)["kind"] == "eval"] for r in ("a", "b")]
+    evals = [[json.loads(line)["mean_return"] for line in (tmp_path / r / "metrics.jsonl").read_text().splitlines()
+              if json.loads(line)["kind"] == "eval"] for r in ("a", "b")]
     assert len(evals[0]) == 2 and evals[0] == evals[1]
     for p1, p2 in zip(a1.policy.parameters(), a2.policy.parameters()):
         assert torch.equal(p1, p2)
@@ -162,7 +163,8 @@ def test_cli_train_eval_diagnose(tmp_path, capsys):
     args = ["--steps", "200", "--quiet", "--eval-every", "200", "--eval-episodes", "1", "--checkpoint-every", "200",
             "--set", "hidden=16,16", "batch_size=16", "learning_starts=50"]
     for seed in (0, 1):
-        assert cli(["train", "sac", "--env", "Pendulum-v1", "--seed", str(seed), "--out", str(tmp_path / f"s{seed}"), *args]) == 0
+        out = str(tmp_path / f"s{seed}")
+        assert cli(["train", "sac", "--env", "Pendulum-v1", "--seed", str(seed), "--out", out, *args]) == 0
     assert "final evaluation return" in capsys.readouterr().out
     assert cli(["eval", str(tmp_path / "s0"), "--episodes", "1"]) == 0
     assert "mean return" in capsys.readouterr().out

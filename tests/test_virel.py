@@ -80,7 +80,8 @@ def test_e_step_reaches_the_boltzmann_policy():
     obs = torch.zeros(256, 1)
     elbo = ReparamOptimalityELBO()
     prior = flat_prior(1)
-    critic = lambda o, a: q_fn(a[..., 0])
+    def critic(o, a):
+        return q_fn(a[..., 0])
     with pyro.settings.context(module_local_params=True):
         policy = GaussianPolicy(1, 1, low=-1.0, high=1.0, hidden=(16,))
         opt = torch.optim.Adam(policy.parameters(), lr=1e-2)
