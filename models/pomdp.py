@@ -16,10 +16,10 @@ z; here the agent's state is s_t = [h_t, z_t] with a deterministic part h_t. Thi
 a Markov transition p_a(s_t | s_{t-1}, a_{t-1}) (h_t is a deterministic function of its
 parents), so eqs. (6)-(10) apply unchanged with z := s; the ``z_t`` sites carry the whole
 state s_t (:class:`StateDist`: a point mass on h_t times a Gaussian on z_t). Why: with a
-purely stochastic 8-d z trained one step at a time, the learned model's 12-step open-loop
-predictions barely depended on the actions on velocity-hidden Pendulum (all-+1 vs all--1
-changed the predicted reward sum by ~2), so planning could not help; a deterministic path
-carries the action's effect over many steps (PlaNet's motivation).
+purely stochastic z trained one step at a time, the learned model's open-loop predictions
+barely depended on the actions on velocity-hidden Pendulum, so planning could not help; a
+deterministic path carries the action's effect over many steps (PlaNet's motivation;
+measurements: docs/notes.md, 'POMDP model: RSSM state').
 Densities and KLs of ``z_t`` sites are those of the stochastic part: model and guide
 compute the same h_t from the same s_{t-1} (the guide replays the model's recurrent path,
 :meth:`POMDPModel.deter`), so the point masses cancel.
@@ -35,8 +35,9 @@ KL(q(a_t) || p_a(a_t | s_t)): learning it moves the prior toward the planner
 
 :func:`pomdp_model` pairs with :func:`guides.pomdp.pomdp_guide` (same signature);
 site names and terms come from :mod:`models.sites`: ``z_t`` kl_z, ``x_t`` log_lik_x,
-``r_t`` log_lik_r, ``opt_t`` reward, ``marginal_t`` neg_log_marginal, ``a_t`` kl_a. :func:`tiger_filter_model` is the tabular Tiger
-filtering step used to check the amortised filter against exact beliefs.
+``r_t`` log_lik_r, ``opt_t`` reward, ``marginal_t`` neg_log_marginal, ``a_t`` kl_a.
+:func:`tiger_filter_model` is the tabular Tiger filtering step used to check the amortised
+filter against exact beliefs.
 """
 
 from __future__ import annotations
@@ -193,8 +194,8 @@ class Emitter(PyroModule):
     """p_a(x_t | s_t) p_a(r_t | s_t): diagonal Gaussians. ``x_scale`` / ``r_scale``: None
     learns the standard deviation (at least ``MIN_SCALE``); a number fixes it (as PlaNet's
     unit-variance decoders). A fixed small x scale keeps the reconstruction term strong:
-    with a learned one the (cos, sin) likelihood started at sigma ~0.7, gained little from
-    encoding x, and the filter stayed on the prior for thousands of updates."""
+    with a learned one the filter stayed on the prior (measurements: docs/notes.md, 'POMDP
+    model: Emitter x_scale')."""
 
     def __init__(self, s_dim: int, x_dim: int, hidden: int = 64, x_scale: float | None = None,
                  r_scale: float | None = None):

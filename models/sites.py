@@ -127,4 +127,5 @@ def optimality(t: int | None, value: torch.Tensor, scale: float | torch.Tensor =
     factor(kind, t, scale * value, term=term)
 
 
-__all__ = ["DEFAULT_TERMS", "MIN_TEMPERATURE", "check_temperature", "inverse_temperature", "default_term", "factor", "optimality", "sample", "site", "term_of", "undeclared_term"]
+__all__ = ["DEFAULT_TERMS", "MIN_TEMPERATURE", "check_temperature", "inverse_temperature", "default_term", "factor",
+           "optimality", "sample", "site", "term_of", "undeclared_term"]

@@ -33,10 +33,11 @@ class TanhNormal(dist.TransformedDistribution):
     samples included. The transforms keep no cache: torch's default (``cache_size=1``)
     hands back the exact pre-squash ``u`` of the last sample, so log q(a) of a sample and
     log pi(a) of the same action under another TanhNormal (which re-inverts tanh in float
-    precision) disagreed, by up to 1.7e4 nats for a saturated sample. Without the cache
-    a density is a function of the action alone. :attr:`mode` (= :attr:`mean_action`)
-    is the deterministic action ``mid + half * tanh(loc)``, the usual SAC evaluation
-    action (not the true mode or mean of the squashed density).
+    precision) disagreed badly for a saturated sample (docs/notes.md, 'distributions:
+    TanhNormal cache'). Without the cache a density is a function of the action alone.
+    :attr:`mode` (= :attr:`mean_action`) is the deterministic action ``mid + half *
+    tanh(loc)``, the usual SAC evaluation action (not the true mode or mean of the squashed
+    density).
     """
 
     arg_constraints = {"loc": dist.constraints.real, "scale": dist.constraints.positive}

@@ -57,8 +57,8 @@ class PlannerConfig:
     action_hold: int = 1
     """CEM noise is drawn once per block of this many steps and held (piecewise-constant
     perturbations; not in the paper). On Pendulum one step of torque barely moves the
-    state, and i.i.d. per-step noise averages out: the elite mean of 32 jittery sequences
-    was a small, jittery action"""
+    state, and i.i.d. per-step noise averages out in the elite mean (docs/notes.md, 'CEM
+    planner: action_hold')"""
 
     def validate(self) -> None:
         if not isinstance(self.horizon, int) or self.horizon < 0:
@@ -168,7 +168,8 @@ class CEMPlanner:
             idx = scores.topk(c.elites).indices
             elite_actions = cand[idx]
             mean = elite_actions.mean(0)
-            std = elite_actions.std(0, unbiased=False).clamp_min(c.min_std) if c.elites > 1 else torch.full_like(mean, c.min_std)
+            std = (elite_actions.std(0, unbiased=False).clamp_min(c.min_std) if c.elites > 1
+                   else torch.full_like(mean, c.min_std))
         info = {k: float(v[idx].mean()) for k, v in terms.items()}
         info["score"] = float(scores[idx].mean())
         return mean[0], std[0], info

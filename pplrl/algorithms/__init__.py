@@ -10,7 +10,8 @@ from pplrl.algorithms.sac import SAC, SACConfig
 from pplrl.algorithms.virel import VIREL, VIRELBeta
 from pplrl.algorithms.vmbpo import VMBPO, VMBPOMFE, BetaVMBPO
 
-ALGORITHMS: dict[str, type[Agent]] = {a.algo: a for a in (SAC, MBPO, VMBPO, VMBPOMFE, BetaVMBPO, VIREL, VIRELBeta, MEMB, GenerativeAgent, DiscriminativeAgent)}
+ALGORITHMS: dict[str, type[Agent]] = {a.algo: a for a in (SAC, MBPO, VMBPO, VMBPOMFE, BetaVMBPO, VIREL, VIRELBeta, MEMB,
+                                                          GenerativeAgent, DiscriminativeAgent)}
 
 
 def make_agent(algo: str, config, obs_dim: int, act_dim: int) -> Agent:
@@ -34,4 +35,6 @@ def default_config(algo: str, **overrides):
     return dataclasses.replace(config, **overrides)
 
 
-__all__ = ["ALGORITHMS", "Agent", "BetaVMBPO", "DiscriminativeAgent", "GenerativeAgent", "MBPO", "VMBPO", "VMBPOMFE", "MEMB", "VIREL", "VIRELBeta", "MBPOConfig", "SAC", "SACConfig", "apply_overrides", "default_config", "make_agent"]
+__all__ = ["ALGORITHMS", "Agent", "BetaVMBPO", "DiscriminativeAgent", "GenerativeAgent", "MBPO", "VMBPO", "VMBPOMFE",
+           "MEMB", "VIREL", "VIRELBeta", "MBPOConfig", "SAC", "SACConfig", "apply_overrides", "default_config",
+           "make_agent"]

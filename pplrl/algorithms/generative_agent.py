@@ -16,14 +16,15 @@ A critic Q(z, a) (SARSA on the executed actions, in reward units) bootstraps the
 beyond the planning horizon; the discriminative agent, which has no model to roll out,
 plans with horizon 0 on it, and its critic's gradient shapes its encoder.
 
-Choices that are not in the paper (each a config field; measured on velocity-hidden
-Pendulum, see the fields' docstrings): the RSSM state s_t = [h_t, z_t] (models.pomdp);
-fixed emitter scales (``x_scale``, ``r_scale``); optional free nats and overshooting in the
-model loss; the critic's SARSA(lambda) target; piecewise-constant warm-up actions
-(``warmup_hold``) and an exploration floor (``explore_scale``) on the executed action;
-action repeat (``action_repeat``: one decision, one model step, per k environment steps,
-rewards summed) and several updates per decision (``gradient_steps``), which are what made
-the agent learn the task.
+Choices that are not in the paper (each a config field, see the fields' docstrings;
+measurements on velocity-hidden Pendulum: the 'generative agent' sections of docs/notes.md): the
+RSSM state s_t = [h_t, z_t] (models.pomdp); fixed emitter scales (``x_scale``,
+``r_scale``); optional free nats and overshooting in the model loss; the critic's
+SARSA(lambda) target; piecewise-constant warm-up actions (``warmup_hold``) and an
+exploration floor (``explore_scale``) on the executed action; action repeat
+(``action_repeat``: one decision, one model step, per k environment steps, rewards summed)
+and several updates per decision (``gradient_steps``), which are what made the agent
+learn the task.
 
 Observations come from a POMDP view ``[x_t, r_t, first_t]`` (:mod:`pplrl.envs.pomdp`);
 a fully observed env raises. Acting filters the last T steps (the training window) of
@@ -66,10 +67,8 @@ class GenerativeAgentConfig:
     batch_size: int = 16
     """windows per update"""
     lr_model: float = 3e-3
-    """Adam step of the model (M-step). 3e-3, not 1e-3 (not in the paper): refitting a fresh
-    model offline on one run's replay (1,000 decisions, action repeat 4), 8-step open-loop
-    (cos, sin) RMSE after 2,400 updates 0.32 vs 0.46, and the executed-vs-shuffled-actions
-    gap opened after 800 updates vs 1,200"""
+    """Adam step of the model (M-step). 3e-3, not 1e-3 (not in the paper): offline refits predict
+    better and learn the actions' effect sooner (measurements: docs/notes.md, 'generative agent: lr_model')"""
     lr_guide: float = 3e-3
     """Adam step of the filter (amortised E-step); as ``lr_model``"""
     lr_critic: float = 1e-3
@@ -91,10 +90,8 @@ class GenerativeAgentConfig:
     plan_info_gain: bool = True
     """the mutual-information term in the planning objective"""
     horizon: int = 6
-    """model steps (decisions) planned ahead. With the true Pendulum model the planner swings
-    up at 12 steps of 1 env step, not at 6 (tests/test_pomdp_planning.py); with action repeat
-    4, 6 steps (24 env steps) suffice (-2 / -119 on two seeds). Learned model, seed 0, 6,000
-    steps: horizon 6, hold 1: -452 (221 s); horizon 12, hold 4: -628 (328 s)"""
+    """model steps (decisions) planned ahead; with action repeat 4, 6 (24 env steps) suffice for
+    the Pendulum swing-up (measurements: docs/notes.md, 'generative agent: horizon')"""
     candidates: int = 64
     elites: int = 8
     cem_iterations: int = 3
@@ -106,9 +103,8 @@ class GenerativeAgentConfig:
     overshooting: int = 0
     """D > 0 adds open-loop prediction of x, r up to D steps from each filtered z_t (under
     the executed actions) to the model loss, as PlaNet's overshooting; not part of the
-    paper's bound (0: the bound only). Off: with action repeat 4, lr 3e-3 and 2 updates per
-    decision, D = 4 gave -509 vs -452 without (seed 0, 6,000 steps), at ~10% more time per
-    update (offline, with lr 1e-3, it halved the 8-step prediction error like lr 3e-3 did)"""
+    paper's bound (0: the bound only). Off: it did not help at the default settings and costs
+    time per update (measurements: docs/notes.md, 'generative agent: overshooting')"""
     amortised_action: bool = True
     """start planning from an amortised q(a_t | z_t) trained toward the planner's output"""
     critic: bool = True
@@ -120,32 +116,27 @@ class GenerativeAgentConfig:
     """uniformly random steps before learning and planning"""
     explore_scale: float = 0.3
     """training actions are drawn from N(q's mean, max(q's scale, explore_scale)) (not in the
-    paper; PlaNet's exploration noise 0.3): the planner's elite spread alone is ~0.1, too
-    little to show the model the effect of actions it does not yet predict. q(a) itself is
-    stored unchanged for consolidation"""
+    paper; PlaNet's exploration noise 0.3): the planner's elite spread alone is too little to
+    show the model the effect of actions it does not yet predict (docs/notes.md, 'generative
+    agent: explore_scale'). q(a) itself is stored unchanged for consolidation"""
     warmup_hold: int = 3
     """each warm-up action is a uniform draw held for this many decisions (12 env steps at
-    the default action repeat 4; was 10 env steps without action repeat) (piecewise-constant
-    random torques; not in the paper; 1: i.i.d. uniform). With i.i.d. actions the torque
-    averages out within a few steps on Pendulum, so the learned transition saw no
-    sustained effect of actions and ignored them (open-loop predictions under shuffled
-    actions were as good as under the executed ones)"""
+    the default action repeat 4) (piecewise-constant random torques; not in the paper; 1:
+    i.i.d. uniform): i.i.d. torques average out within a few steps on Pendulum, and the
+    learned transition then ignored the actions (docs/notes.md, 'generative agent: warmup_hold')"""
     action_repeat: int = 4
     """k: each decision's action is executed for k environment steps and the agent sees
     the k-th observation with the sum of the k rewards (PlaNet's action repeat, 2-8 there;
     not in the paper). One model step is then k environment steps: ``window``, ``horizon``,
     ``action_hold``, ``warmup_hold``, ``update_every`` and ``gamma`` count decisions, while
     ``learning_starts`` and the runner's steps count environment steps. The episode's last
-    block may be shorter (truncation, termination). 1: every step is a decision.
-    Why 4 (velocity-hidden Pendulum, seed 0): without it the agent did not learn (-931 ± 75
-    over 3 seeds at 3,000 steps; the learned model underestimated the effect of actions
-    ~3x); with k = 4 (and lr 3e-3, 2 updates per decision, horizon 6) -452 at 6,000 steps,
-    the model's 8-decision reward sensitivity (all +1 vs all -1) 59 vs ~60 true. k = 8
-    (horizon 3, 4 updates per decision): -929 at 6,000 steps, against -320 with k = 4"""
+    block may be shorter (truncation, termination). 1: every step is a decision. 4: with 1
+    the learned model underestimated the effect of actions and the agent did not learn
+    (measurements: docs/notes.md, 'generative agent: action_repeat')"""
     gradient_steps: int = 4
     """updates per learning step. 4, not 1 (not in the paper): the model's open-loop
-    predictions improve with the number of updates, not the data (offline refits); with action
-    repeat 4, seed 0, 6,000 steps: 4 updates -320 (379 s), 2 updates -452 (221 s)"""
+    predictions improve with the number of updates, not the data (measurements: docs/notes.md,
+    'generative agent: gradient_steps')"""
     update_every: int = 1
     """learn every this many decisions (gradient_steps updates each time)"""
     buffer_size: int = 100_000
@@ -415,7 +406,8 @@ class GenerativeAgent(Agent):
         G = q_next[:, -1]
         out = []
         for t in range(q_next.shape[1] - 1, -1, -1):
-            boot = q_next[:, t] if t == q_next.shape[1] - 1 else (1 - c.critic_lambda) * q_next[:, t] + c.critic_lambda * G
+            boot = (q_next[:, t] if t == q_next.shape[1] - 1
+                    else (1 - c.critic_lambda) * q_next[:, t] + c.critic_lambda * G)
             G = window.rew[:, t] + c.gamma * (1 - window.done[:, t]) * boot
             out.append(G)
         return torch.stack(out[::-1], 1)
@@ -479,7 +471,8 @@ class GenerativeAgent(Agent):
                  "steps_seen": self.steps_seen, "decisions": self.decisions, "warmup_action": self.warmup_action,
                  "pending": None if self.pending is None else dict(self.pending), "pending_steps": self.pending_steps}
         if self.action_guide is not None:
-            state.update(action_guide=self.action_guide.state_dict(), action_guide_opt=self.action_guide_opt.state_dict())
+            state.update(action_guide=self.action_guide.state_dict(),
+                         action_guide_opt=self.action_guide_opt.state_dict())
         if self.critic is not None:
             state.update(critic=self.critic.state_dict(), critic_target=self.critic_target.state_dict(),
                          critic_opt=self.critic_opt.state_dict())

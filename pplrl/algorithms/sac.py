@@ -48,9 +48,8 @@ class OffPolicyConfig:
     """environment steps with uniform random actions before learning"""
     warmup_hold: int = 1
     """each uniform random warm-up action is held for this many env steps (1: a fresh draw
-    every step). Temporally correlated warm-up actions reach states that i.i.d. ones do not:
-    on MountainCarContinuous-v0, 5,000 random steps reach the goal 0 times with 1, 10 times
-    with 20 and 12 times with 30 (seed 0, measured with gymnasium)."""
+    every step); held actions reach states that i.i.d. ones do not, e.g. Mountain Car's goal
+    (measurements: docs/notes.md, 'off-policy agents: warmup_hold')"""
     hidden: tuple[int, ...] = (256, 256)
 
     #: further fields that must be > 0 (subclasses extend)

@@ -43,20 +43,20 @@ critic without a clamp) a logit above ``max_log_weight`` (default 30) stops trai
 with a :class:`pplrl.diagnostics.NonFiniteError` naming the term and the step.
 
 What keeps VMBPO and VMBPO-MFE stable on Pendulum (eta = 1, rewards down to -16 per
-step, so TD errors of tens of nats), each the default of every preset:
+step, so TD errors of tens of nats), each the default of every preset (measurements:
+docs/notes.md, 'vmbpo: stabilisers'):
 
 * the TD clamp (-4, 4) in the q_d weights -- beta paper App. C.1, which describes the
-  authors' VMBPO re-implementation; without it exp(TD) spans thousands of nats and q_d
-  is fitted to a handful of transitions;
+  authors' VMBPO re-implementation; without it q_d is fitted to a handful of transitions;
 * nu bounded softly to (-8, 8) = twice the clamp (the range of log q_d/p for a q_d
   tilted by a clamped TD, see ``nu_clip``) and fitted against prior-model samples
   x' ~ p_theta rather than the deterministic real x' (against which log q_d/p is
-  unbounded: the nu estimate of KL reached 67 nats); both are this implementation's;
+  unbounded); both are this implementation's;
 * VMBPO-MFE's exp-TD loss continued by its tangent beyond the clamp (:func:`exp_td_loss`;
-  the loss reached 1e8-1e11 without it; App. D reports this instability);
+  the loss explodes without it; App. D reports this instability);
 * log q_c/pi evaluated at one point for both densities (:meth:`policy_log_ratio`);
 * SAC's entropy regulariser (beta paper App. C.1): after pi <- q_c the KL term has no
-  gradient, and without it q_c collapsed to a deterministic policy.
+  gradient, and without it q_c collapsed to a deterministic policy (``entropy_regularizer``).
 """
 
 from __future__ import annotations
@@ -95,10 +95,9 @@ class VMBPOConfig(EnsembleConfig, SACConfig):
     epsilon_kl: float = 0.1
     """KL constraint of the dual on beta (beta paper App. C.2: 0.1; App. C.4: "for environments
     with deterministic dynamics the KL term should be tight at zero. In practice this never
-    happens ... epsilon = 10 was sufficient for our more simple environments"). Measured on
-    Pendulum-v1 (deterministic): the batch KL between the two fitted ensembles stays at 0.5-2.7
-    nats even with flat q_d weights, so with 0.1 beta only rises (100 -> 586 at 4k steps ->
-    15,255 at 8k) and q_d ~ p_theta; the Pendulum benchmark therefore uses 10"""
+    happens ... epsilon = 10 was sufficient for our more simple environments"). On Pendulum-v1
+    the fitted ensembles' KL stays above 0.1, so beta only rises; the Pendulum benchmark uses 10
+    (measurements: docs/notes.md, 'vmbpo: epsilon_kl')"""
     beta_lr: float = 3e-4
     beta_min: float = 1e-3
     beta_max: float = 1e7
@@ -138,11 +137,9 @@ class VMBPOConfig(EnsembleConfig, SACConfig):
     q_d_warm_start: bool = True
     """start every step-1 fit of q_d from p_theta's weights, refitted just before on the same
     split and bootstrap, and fit only ``q_d_min_updates`` steps, instead of continuing q_d's own
-    last fit for model_min_updates (the papers do not say how q_d is initialised). Cheaper:
-    p + q_d fits at 2,000 Pendulum-v1 transitions take 20 s instead of 35 s (1 thread). On the
-    tests' small model it also keeps q_d within 0.04 nats of p under flat weights (1.1 fitted
-    apart), but NOT on Pendulum-v1, whose near-deterministic models differ by 0.7-0.9 nats
-    either way: there the KL floor of beta paper App. C.4 remains (see ``epsilon_kl``)"""
+    last fit for model_min_updates (the papers do not say how q_d is initialised). Cheaper; on
+    Pendulum-v1 the KL floor of beta paper App. C.4 remains (see ``epsilon_kl``; measurements:
+    docs/notes.md, 'vmbpo: q_d_warm_start')"""
     q_d_min_updates: int = 100
     """SVI steps of a warm-started q_d fit (at least one epoch); a cold fit uses model_min_updates"""
     real_ratio: float = 0.0
@@ -161,8 +158,8 @@ class VMBPOConfig(EnsembleConfig, SACConfig):
     entropy_regularizer: bool = True
     """add SAC's auto-tuned entropy bonus to critic and actor (beta paper App. C.1 found
     it helps exploration); the KL to the prior is zero-gradient right after pi <- q_c, so
-    without it q_c collapses to a deterministic policy (measured on Pendulum: log std -8.8 by
-    step 2,000 and no learning by then; with it -985 vs -1405 at 2,000 steps, seed 0)"""
+    without it q_c collapses to a deterministic policy (measurements: docs/notes.md,
+    'vmbpo: entropy_regularizer')"""
 
     def validate(self) -> None:
         super().validate()
@@ -291,7 +288,8 @@ class VariationalAgent(SAC):
     def policy_log_ratio(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A sample a ~ q_c(.|x), log q_c(a|x) / pi(a|x) and log q_c(a|x). (Both densities are
         functions of the action alone: :class:`pplrl.distributions.TanhNormal` keeps no
-        pre-squash cache, which once made this ratio reach 1.7e4 nats with pi = q_c.)"""
+        pre-squash cache, which once made this ratio far from 0 with pi = q_c; docs/notes.md,
+        'distributions: TanhNormal cache'.)"""
         d = self.policy(obs)
         a = d.sample()
         log_q = d.log_prob(a)
@@ -597,13 +595,9 @@ class VMBPOMFEConfig(VMBPOConfig):
     e_step: str = "model_free"
     m_step_every: int = 250
     exp_td_temperature: float = 0.01
-    """measured on Pendulum-v1 (3 seeds, gradient_steps 2, mean evaluation return at 2k env
-    steps): tau 1 (eq. 39 as printed) -1764, worse than at 1k (-1377); tau 0.1 -1296, 0.03
-    -1230, 0.01 -1181; seed 0 reached -126 at 3k with 0.03 and 0.01. At tau 1 the loss's
-    slope at u = +4 is about 1.6e5 times its slope at u = -4, so a Q above its target is
-    pulled down far harder than one below it is pushed up (an earlier tau-1 run's batch mean
-    of Q fell from -318 to -393 between 3.75k and 4.2k steps while its returns stayed near
-    -1,600)"""
+    """0.01, not eq. (39)'s tau = 1 (the temperature of VMBPO Sec. 6, footnote 3): at tau 1 a Q
+    above its target is pulled down far harder than one below it is pushed up (measurements:
+    docs/notes.md, 'vmbpo-mfe: exp_td_temperature')"""
 
 
 @dataclass

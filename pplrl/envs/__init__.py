@@ -17,4 +17,6 @@ from pplrl.envs.tabular_gym import ENV_IDS, TabularEnv, register_tabular_envs
 register_tabular_envs()
 register_pomdp_envs()
 
-__all__ = ["AgentView", "PartialObservation", "TigerEnv", "TigerPOMDP", "make_pomdp_env", "pomdp_spec", "ENV_IDS", "FiniteObservation", "TabularEnv", "env_dims", "make_continuous_env", "termination_fn_for", "cliff_gridworld", "random_mdp", "risky_arm", "virel_counterexample"]
+__all__ = ["AgentView", "PartialObservation", "TigerEnv", "TigerPOMDP", "make_pomdp_env", "pomdp_spec", "ENV_IDS",
+           "FiniteObservation", "TabularEnv", "env_dims", "make_continuous_env", "termination_fn_for",
+           "cliff_gridworld", "random_mdp", "risky_arm", "virel_counterexample"]

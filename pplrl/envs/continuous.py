@@ -30,11 +30,11 @@ from typing import Any
 # mujoco creates a GL context. Respect a user's choice.
 os.environ.setdefault("MUJOCO_GL", "egl")
 
-import gymnasium as gym  # noqa: E402
-import numpy as np  # noqa: E402
-from gymnasium import spaces  # noqa: E402
-from gymnasium.envs.registration import parse_env_id  # noqa: E402
-from gymnasium.wrappers import RescaleAction  # noqa: E402
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+from gymnasium.envs.registration import parse_env_id
+from gymnasium.wrappers import RescaleAction
 
 TerminationFn = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
@@ -117,7 +117,8 @@ def make_continuous_env(env_id: str, *, seed: int | None = None, **kwargs) -> gy
                 f"{env_id!r} has action space {act_space}, but this algorithm needs continuous "
                 "actions (a gymnasium Box action space)"
             )
-        if len(act_space.shape) != 1 or not (np.all(np.isfinite(act_space.low)) and np.all(np.isfinite(act_space.high))):
+        if len(act_space.shape) != 1 or not (np.all(np.isfinite(act_space.low))
+                                              and np.all(np.isfinite(act_space.high))):
             raise ValueError(
                 f"{env_id!r} has action space {act_space}; a 1-D Box with finite bounds is needed "
                 "to rescale actions to [-1, 1]"

@@ -66,10 +66,10 @@ class TigerPOMDP:
         return T
 
     def emission(self) -> np.ndarray:
-        O = np.full((3, 2, 2), 0.5)
+        obs_probs = np.full((3, 2, 2), 0.5)
         p = self.accuracy
-        O[LISTEN] = [[p, 1 - p], [1 - p, p]]
-        return O
+        obs_probs[LISTEN] = [[p, 1 - p], [1 - p, p]]
+        return obs_probs
 
     def reward(self) -> np.ndarray:
         R = np.empty((2, 3))
