@@ -98,13 +98,14 @@ def sample(kind: str, t: int | None, fn, *, term: str | None = None, obs=None, i
     return pyro.sample(site(kind, t), fn, obs=obs, infer=infer)
 
 
-def factor(kind: str, t: int | None, log_factor: torch.Tensor, *, term: str | None = None) -> None:
+def factor(kind: str, t: int | None, log_factor: torch.Tensor, *, term: str | None = None,
+           infer: dict | None = None) -> None:
     """``pyro.factor(site(kind, t), log_factor)`` declaring its ELBO term (``pyro.factor``
     itself takes no ``infer``): an observed :class:`pyro.distributions.Unit` site, as
     ``pyro.factor`` writes it, with the term added."""
     unit = dist.Unit(log_factor)
     pyro.sample(site(kind, t), unit, obs=unit.sample(),
-                infer={"is_auxiliary": True, "term": term or default_term(kind, t)})
+                infer={**(infer or {}), "is_auxiliary": True, "term": term or default_term(kind, t)})
 
 
 def check_temperature(temperature: float | torch.Tensor) -> torch.Tensor:
@@ -123,8 +124,10 @@ def inverse_temperature(temperature: float | torch.Tensor) -> torch.Tensor:
 def optimality(t: int | None, value: torch.Tensor, scale: float | torch.Tensor = 1.0, *,
                kind: str = "opt", term: str = "reward") -> None:
     """The optimality factor log p(O_t = 1 | ...) = ``scale * value``, ``scale`` the inverse
-    temperature (see the module docstring): the one way every model writes it."""
-    factor(kind, t, scale * value, term=term)
+    temperature (see the module docstring): the one way every model writes it. The site
+    also keeps ``value`` itself (``infer["value"]``, reward units), from which
+    :func:`pplrl.elbo.soft_value` reads the per-state ELBO in reward units."""
+    factor(kind, t, scale * value, term=term, infer={"value": value})
 
 
 __all__ = ["DEFAULT_TERMS", "MIN_TEMPERATURE", "check_temperature", "inverse_temperature", "default_term", "factor",

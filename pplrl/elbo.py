@@ -36,6 +36,7 @@ from __future__ import annotations
 import warnings
 
 import torch
+from pyro import poutine
 from pyro.distributions.util import is_identically_zero, scale_and_mask
 from pyro.infer import Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO
 
@@ -45,6 +46,7 @@ from pyro.infer import Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO
 from pyro.infer.traceenum_elbo import _find_ordinal
 from pyro.infer.util import Dice, torch_item
 from pyro.ops import packed
+from pyro.poutine.util import prune_subsample_sites
 from pyro.util import warn_if_nan
 from torch.distributions import kl_divergence
 
@@ -78,6 +80,37 @@ def site_terms(model_trace) -> dict[str, tuple[str, str]]:
                              f"observed site {kinds[term][1] if kind == LATENT else name!r}; give them different terms")
         out[name] = (term, kind)
     return out
+
+
+def soft_value(model, guide, temperature: float | torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """The per-state ELBO of a model/guide pair in reward units, one sample per state::
+
+        V(x) = sum_opt value_opt(x, a) - temperature * sum_latent [log q(z) - log p(z)],   z ~ q
+
+    for a model over a batch of states in one plate: the optimality sites
+    (:func:`models.sites.optimality`, whose factor is ``value / temperature``) contribute
+    their value, every latent site its log-ratio; observed data sites (e.g. a behaviour
+    likelihood) are not part of a state's value. This is the soft value a critic target
+    needs (for SAC's flat prior: Q'(x, a) - alpha log q(a|x)), read from the same pair the
+    actor maximises, so the two cannot drift apart. Returns the batch-shaped tensor."""
+    guide_trace = prune_subsample_sites(poutine.trace(guide).get_trace(*args, **kwargs))
+    model_trace = prune_subsample_sites(
+        poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs))
+    value = log_ratio = None
+    for name, site in model_trace.nodes.items():
+        if site["type"] != "sample":
+            continue
+        if site["is_observed"]:
+            v = site["infer"].get("value")
+            if v is not None:
+                value = v if value is None else value + v
+            continue
+        g = guide_trace.nodes[name]
+        r = g["fn"].log_prob(g["value"]) - site["fn"].log_prob(site["value"])
+        log_ratio = r if log_ratio is None else log_ratio + r
+    if value is None:
+        raise ValueError("the model has no optimality site (models.sites.optimality) to take a soft value from")
+    return value if log_ratio is None else value - temperature * log_ratio
 
 
 class _NamedTerms:
@@ -324,4 +357,4 @@ class POMDPELBO(_NamedTerms, TraceMeanField_ELBO):
 
 
 __all__ = ["OptimalityELBO", "POMDPELBO", "ReparamOptimalityELBO", "RiskSensitiveELBO", "check_site_match",
-           "site_terms"]
+           "site_terms", "soft_value"]

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from guides.memb import memb_guide
 from models.memb import ReparamModel, memb_model
 from models.sites import check_temperature
-from pplrl.algorithms.sac import OffPolicyActorCritic, OffPolicyConfig
+from pplrl.algorithms.off_policy import OffPolicyActorCritic, OffPolicyConfig
 from pplrl.elbo import ReparamOptimalityELBO
 from pplrl.envs.continuous import termination_fn_for
 from pplrl.nets import TwinQ, VNetwork, polyak_update, target_copy

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from guides.virel import virel_guide
 from models.sites import MIN_TEMPERATURE
 from models.virel import virel_model
-from pplrl.algorithms.sac import OffPolicyActorCritic, OffPolicyConfig
+from pplrl.algorithms.off_policy import OffPolicyActorCritic, OffPolicyConfig
 from pplrl.elbo import ReparamOptimalityELBO
 from pplrl.nets import TwinQ, VNetwork, polyak_update, target_copy
 from pplrl.replay import Batch
