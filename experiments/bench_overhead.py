@@ -74,11 +74,11 @@ def sac_rows(repeats: int, inner: int, batch_size: int) -> list[dict]:
     def plain_update():
         SAC.actor_loss = lambda self, obs: (plain_actor_loss(obs), {"kl_policy": 0.0, "elbo": 0.0, "reward": 0.0})
         try:
-            agent.sac_update(batch, 0)
+            agent.train_step(batch, 0)
         finally:
             SAC.actor_loss = original
 
-    rows.append(bench_pair("full SAC update (critic+actor+alpha)", lambda: agent.sac_update(batch, 0), plain_update,
+    rows.append(bench_pair("full SAC update (critic+actor+alpha)", lambda: agent.train_step(batch, 0), plain_update,
                            repeats, max(1, inner // 2)))
     return rows
 

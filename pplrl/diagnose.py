@@ -1,4 +1,8 @@
-"""``pplrl diagnose``: ArviZ summaries of training runs, seeds as chains."""
+"""``pplrl diagnose``: ArviZ summaries of training runs, seeds as chains.
+
+The plugins the runs recorded (algorithms defined outside pplrl) are loaded first; the
+summaries only read ``metrics.jsonl``, so one that no longer loads is a note in the
+report, not a failure."""
 
 from __future__ import annotations
 
@@ -20,11 +24,36 @@ def load_run_traces(run: Path, kind: str = "train") -> tuple[np.ndarray, dict[st
     return steps, {k: np.array([r.get(k, np.nan) for r in rows], dtype=float) for k in keys}
 
 
+def load_recorded_plugins(runs: list[Path]) -> list[str]:
+    """Load the plugin each run's ``config.json`` records (each one once) and check that its
+    algorithm resolves; returns a one-line note per run whose plugin or algorithm does not load."""
+    from pplrl.plugins import resolve
+
+    notes, outcome = [], {}
+    for run in runs:
+        try:
+            saved = json.loads((run / CONFIG).read_text())
+            key = (saved.get("algo"), saved.get("plugin")) if isinstance(saved, dict) else (None, None)
+        except (ValueError, OSError) as e:
+            notes.append(f"note: {run / CONFIG} is unreadable ({type(e).__name__}: {e}); its metrics are summarised")
+            continue
+        if key not in outcome:
+            outcome[key] = None
+            if isinstance(key[0], str):
+                try:
+                    resolve(*key)
+                except (ValueError, TypeError) as e:  # PluginError and UnknownAlgorithmError are ValueErrors
+                    outcome[key] = " ".join(str(e).split())
+        if outcome[key] is not None:
+            notes.append(f"note: {run}: {outcome[key]}; its metrics are summarised anyway")
+    return notes
+
+
 def diagnose(folder: Path, plot: Path | None = None) -> str:
     runs = sorted(p.parent for p in Path(folder).rglob(CONFIG) if (p.parent / METRICS).exists())
     if not runs:
         raise FileNotFoundError(f"no run folders (with {CONFIG} and {METRICS}) under {folder}")
-    text = []
+    text = load_recorded_plugins(runs)
     for kind in ("train", "eval"):
         traces = [load_run_traces(r, kind) for r in runs]
         traces = [(s, t) for s, t in traces if len(s) > 1]

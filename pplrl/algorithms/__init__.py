@@ -1,4 +1,4 @@
-"""The algorithms pplrl trains, by CLI name."""
+"""The algorithms pplrl trains, by CLI name; more come from plugins (:mod:`pplrl.plugins`)."""
 
 from __future__ import annotations
 
@@ -9,25 +9,24 @@ from pplrl.algorithms.memb import MEMB
 from pplrl.algorithms.sac import SAC, SACConfig
 from pplrl.algorithms.virel import VIREL, VIRELBeta
 from pplrl.algorithms.vmbpo import VMBPO, VMBPOMFE, BetaVMBPO
+from pplrl.plugins import ALGORITHMS, agent_class, register, resolve
 
-ALGORITHMS: dict[str, type[Agent]] = {a.algo: a for a in (SAC, MBPO, VMBPO, VMBPOMFE, BetaVMBPO, VIREL, VIRELBeta, MEMB,
-                                                          GenerativeAgent, DiscriminativeAgent)}
-
-
-def make_agent(algo: str, config, obs_dim: int, act_dim: int) -> Agent:
-    if algo not in ALGORITHMS:
-        raise ValueError(f"unknown algorithm {algo!r}; known: {sorted(ALGORITHMS)}")
-    return ALGORITHMS[algo](config, obs_dim, act_dim)
+for _shipped in (SAC, MBPO, VMBPO, VMBPOMFE, BetaVMBPO, VIREL, VIRELBeta, MEMB, GenerativeAgent, DiscriminativeAgent):
+    ALGORITHMS.setdefault(_shipped.algo, _shipped)
+del _shipped
 
 
-def default_config(algo: str, **overrides):
+def make_agent(algo: str | type[Agent], config, obs_dim: int, act_dim: int) -> Agent:
+    """An agent of ``algo`` (a registered name, see :func:`pplrl.plugins.resolve`, or an Agent class)."""
+    return agent_class(algo)(config, obs_dim, act_dim)
+
+
+def default_config(algo: str | type[Agent], **overrides):
     """The algorithm's config: its defaults, then the paper's per-environment settings
     where the config class has them (``Config.env_defaults(env_id)``), then ``overrides``."""
-    if algo not in ALGORITHMS:
-        raise ValueError(f"unknown algorithm {algo!r}; known: {sorted(ALGORITHMS)}")
     import dataclasses
 
-    cls = ALGORITHMS[algo].Config
+    cls = agent_class(algo).Config
     config = cls()
     env_defaults = getattr(cls, "env_defaults", None)
     if env_defaults is not None:
@@ -37,4 +36,4 @@ def default_config(algo: str, **overrides):
 
 __all__ = ["ALGORITHMS", "Agent", "BetaVMBPO", "DiscriminativeAgent", "GenerativeAgent", "MBPO", "VMBPO", "VMBPOMFE",
            "MEMB", "VIREL", "VIRELBeta", "MBPOConfig", "SAC", "SACConfig", "apply_overrides", "default_config",
-           "make_agent"]
+           "make_agent", "register", "resolve"]
