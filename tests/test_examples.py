@@ -28,3 +28,4 @@ def test_behaviour_prior_plugin_trains_resumes_evaluates_and_diagnoses(tmp_path,
     capsys.readouterr()
     assert main(["diagnose", out]) == 0
     assert "elbo_kl_behaviour" in capsys.readouterr().out
+    ALGORITHMS.pop("behaviour-prior", None)  # leave the registry as the other tests expect it

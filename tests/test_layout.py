@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-#: the layer that may import algorithms: the drivers that run them by name
-DRIVERS = {"pplrl/runner.py", "pplrl/cli.py", "pplrl/diagnose.py", "pplrl/__main__.py"}
+#: the layer that may import algorithms: the registry and the drivers that run them by name
+DRIVERS = {"pplrl/runner.py", "pplrl/cli.py", "pplrl/diagnose.py", "pplrl/plugins.py", "pplrl/__main__.py"}
 
 
 def imports(path: Path) -> set[str]:

@@ -2,6 +2,7 @@
 runs of them that eval, resume and diagnose without being told about the plugin."""
 
 import json
+import subprocess
 import sys
 
 import pytest
@@ -133,16 +134,16 @@ def test_unknown_algorithms_are_one_error_line(tmp_path, plugin_file, capsys):
           eval_episodes=1, checkpoint_every=60, progress=False)
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["plugin"] is None
-    (run / "config.json").write_text(json.dumps({**cfg, "algo": "behaviour-prior"}))
+    (run / "config.json").write_text(json.dumps({**cfg, "algo": "no-such-algorithm"}))
     assert cli(["train", "--resume", str(run), "--steps", "100", *FAST]) != 0
-    one_error_line(capsys, "unknown algorithm 'behaviour-prior'; known: ")
+    one_error_line(capsys, "unknown algorithm 'no-such-algorithm'; known: ")
     state = load_checkpoint(run)
-    state["algo"] = "behaviour-prior"
+    state["algo"] = "no-such-algorithm"
     import torch
 
     torch.save(state, run / "checkpoint.pt")
     assert cli(["eval", str(run), "--episodes", "1"]) != 0
-    one_error_line(capsys, "unknown algorithm 'behaviour-prior'; known: ")
+    one_error_line(capsys, "unknown algorithm 'no-such-algorithm'; known: ")
     assert cli(["diagnose", str(tmp_path)]) in (0, 2)  # no KeyError; too few records to summarise is fine
     assert "Traceback" not in capsys.readouterr().err
 
@@ -221,10 +222,16 @@ def test_entry_points(monkeypatch, tmp_path, capsys):
         calls.append(group)
         return [FakeEntryPoint("entry-sac", EntrySAC)]
 
+    # importing pplrl (and its algorithms, the CLI) loads no entry points
+    probe = ("import importlib.metadata as m\n"
+             "real = m.entry_points\n"
+             "def checked(*a, group=None, **k):\n"
+             "    assert group != 'pplrl.algorithms', 'entry points loaded at import'\n"
+             "    return real(*a, group=group, **k) if group is not None else real(*a, **k)\n"
+             "m.entry_points = checked\n"
+             "import pplrl, pplrl.algorithms, pplrl.plugins, pplrl.runner, pplrl.cli\n")
+    subprocess.run([sys.executable, "-c", probe], check=True)
     monkeypatch.setattr(plugins.importlib.metadata, "entry_points", lambda group: fake(group))
-    import pplrl  # noqa: F401  importing pplrl loads no entry points
-
-    assert calls == []
     assert resolve("sac") is SAC and calls == []  # known names need no entry points
     assert resolve("entry-sac") is EntrySAC and calls == ["pplrl.algorithms"] and EntrySAC.algo == "entry-sac"
     assert resolve("entry-sac") is EntrySAC and len(calls) == 1
