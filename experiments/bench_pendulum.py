@@ -13,6 +13,8 @@ checkpoint, median wall-clock, ratios to SB3) and writes JSON.
     python experiments/bench_pendulum.py --algos sac virel virel-beta memb --set mbpo:gradient_steps=5 \
         --algo-steps memb=5000
     python experiments/bench_pendulum.py --merge A.json B.json --paired beta-vmbpo vmbpo
+    python experiments/bench_pendulum.py --plugin examples/behaviour_prior.py --algos behaviour-prior sac \
+        --steps 5000 --paired behaviour-prior sac        # a user's objective beside SAC
 
 ``--paired A B`` adds the per-seed paired difference A − B at each checkpoint (mean,
 standard error, 95% t-interval, seeds with A ≥ B): the way to say whether one
@@ -45,13 +47,17 @@ class _TimeUp(Exception):
 
 
 def run_pplrl(algo: str, env_id: str, seed: int, steps: int, eval_every: int, eval_episodes: int,
-              overrides: list[str], time_limit: float | None = None, run_dir: str | None = None) -> dict:
+              overrides: list[str], time_limit: float | None = None, run_dir: str | None = None,
+              plugins: tuple[str, ...] = ()) -> dict:
     import torch
 
     torch.set_num_threads(1)
     from pplrl.algorithms import apply_overrides, default_config
+    from pplrl.plugins import load_plugin
     from pplrl.runner import train
 
+    for plugin in plugins:  # each worker is a fresh process: load the user's algorithms there
+        load_plugin(plugin)
     config = apply_overrides(default_config(algo, env_id=env_id, seed=seed), overrides)
     t0 = time.perf_counter()
 
@@ -251,6 +257,8 @@ def main(argv=None) -> dict:
     p.add_argument("--keep-runs", type=Path, default=None, metavar="DIR",
                    help="train each pplrl run in DIR/ALGO_seedN and keep it (metrics.jsonl grows while it "
                         "runs; checkpoint and logs for `pplrl diagnose`); default: a temporary directory")
+    p.add_argument("--plugin", action="append", default=[], metavar="FILE_OR_MODULE",
+                   help="a plugin that registers algorithms named in --algos (as `pplrl train --plugin`); repeatable")
     p.add_argument("--out", type=Path, default=Path("runs/bench_pendulum.json"))
     p.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
                    help="run nothing: print one table of these benchmark files' runs (and write it to --out)")
@@ -260,6 +268,13 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if args.merge:
         return merge(args.merge, args.out, args.paired)
+    if args.plugin:  # fail here, in one line, rather than in every worker
+        from pplrl.plugins import PluginError, load_plugin
+        try:
+            for plugin in args.plugin:
+                load_plugin(plugin)
+        except PluginError as e:
+            p.error(str(e))
     if args.paired and not set(args.paired) <= set(args.algos):
         p.error(f"--paired {' '.join(args.paired)}: both must be among --algos {args.algos}")
     algo_steps = {k: int(v) for k, v in (item.split("=", 1) for item in args.algo_steps)}
@@ -277,7 +292,7 @@ def main(argv=None) -> dict:
                 jobs.append(("sb3", common))
             else:
                 jobs.append(("pplrl", dict(algo=algo, overrides=overrides_for(algo, args.set),
-                                           time_limit=args.time_limit, **common,
+                                           time_limit=args.time_limit, plugins=tuple(args.plugin), **common,
                                            run_dir=None if args.keep_runs is None
                                            else str(args.keep_runs / f"{algo}_seed{seed}"))))
     t0 = time.time()
@@ -285,7 +300,8 @@ def main(argv=None) -> dict:
 
     def save(results):
         out = {"env": args.env, "steps": args.steps, "algo_steps": algo_steps, "seeds": args.seeds,
-               "jobs": args.jobs, "overrides": args.set, "results": results, "total_wall_s": time.time() - t0}
+               "jobs": args.jobs, "overrides": args.set, "plugins": args.plugin, "results": results,
+               "total_wall_s": time.time() - t0}
         args.out.write_text(json.dumps(out, indent=1))
         return out
 

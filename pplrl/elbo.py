@@ -92,7 +92,8 @@ def soft_value(model, guide, temperature: float | torch.Tensor, *args, **kwargs)
     their value, every latent site its log-ratio; observed data sites (e.g. a behaviour
     likelihood) are not part of a state's value. This is the soft value a critic target
     needs (for SAC's flat prior: Q'(x, a) - alpha log q(a|x)), read from the same pair the
-    actor maximises, so the two cannot drift apart. Returns the batch-shaped tensor."""
+    actor maximises, so the two cannot drift apart. At temperature 0 it is the expected
+    optimality value alone (no log-ratio is computed). Returns the batch-shaped tensor."""
     guide_trace = prune_subsample_sites(poutine.trace(guide).get_trace(*args, **kwargs))
     model_trace = prune_subsample_sites(
         poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs))
@@ -105,12 +106,18 @@ def soft_value(model, guide, temperature: float | torch.Tensor, *args, **kwargs)
             if v is not None:
                 value = v if value is None else value + v
             continue
+        if _is_zero(temperature):
+            continue
         g = guide_trace.nodes[name]
         r = g["fn"].log_prob(g["value"]) - site["fn"].log_prob(site["value"])
         log_ratio = r if log_ratio is None else log_ratio + r
     if value is None:
         raise ValueError("the model has no optimality site (models.sites.optimality) to take a soft value from")
     return value if log_ratio is None else value - temperature * log_ratio
+
+
+def _is_zero(temperature) -> bool:
+    return not torch.is_tensor(temperature) and temperature == 0
 
 
 class _NamedTerms:

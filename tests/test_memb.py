@@ -114,16 +114,16 @@ def test_critic_target_h1_is_real_data_and_h2_expands_through_the_model():
     b = _batch()
     agent = MEMB(tiny(gamma=0.9), 3, 1)
     with torch.no_grad():
-        y1 = agent.critic_target(b)
+        y1 = agent.critic_target_value(b)
         torch.testing.assert_close(y1, b.rew + 0.9 * (1 - b.done) * agent.value_target(b.next_obs))
         agent2 = MEMB(tiny(gamma=0.9, horizon=2), 3, 1)
         torch.manual_seed(5)
-        y2 = agent2.critic_target(b)
+        y2 = agent2.critic_target_value(b)
         torch.manual_seed(5)
         d = agent2.policy(b.next_obs)
         a = d.sample()
-        r = agent2.model.reward_dist(b.next_obs, a).sample() - 0.2 * d.log_prob(a)
-        s2 = agent2.model.dynamics(b.next_obs, a).sample()
+        r = agent2.world_model.reward_dist(b.next_obs, a).sample() - 0.2 * d.log_prob(a)
+        s2 = agent2.world_model.dynamics(b.next_obs, a).sample()
         expected = b.rew + 0.9 * (1 - b.done) * r + 0.81 * (1 - b.done) * agent2.value_target(s2)
         torch.testing.assert_close(y2, expected)
 
@@ -176,7 +176,7 @@ def test_short_run_logs_model_errors_and_resumes(tmp_path):
     kept, resumed = interrupted_and_resumed("memb", tiny(), tmp_path / "cut", 600, eval_every=200,
                                             eval_episodes=1, checkpoint_every=200, progress=False)
     assert kept == 400
-    for p1, p2 in zip(full.model.parameters(), resumed.model.parameters()):
+    for p1, p2 in zip(full.world_model.parameters(), resumed.world_model.parameters()):
         assert torch.equal(p1, p2)
     assert (tmp_path / "full" / "metrics.jsonl").read_text() == (tmp_path / "cut" / "metrics.jsonl").read_text()
 

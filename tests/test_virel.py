@@ -136,10 +136,10 @@ def test_beta_temperature_is_lambda_times_residual():
     for r in (-2.0, -4.0, 2.0):
         agent.observe(np.zeros(3), np.zeros(1), r, np.zeros(3), False)
     assert agent.lam() == pytest.approx(0.01 / (8.0 / 3.0))
-    assert float(agent.temperature(torch.tensor(5.0))) == pytest.approx(5.0 * 0.01 / (8.0 / 3.0))
+    assert float(agent.current_temperature(torch.tensor(5.0))) == pytest.approx(5.0 * 0.01 / (8.0 / 3.0))
     fixed = VIRELBeta(tiny("virel-beta", lam=4e-3), 3, 1)
-    assert float(fixed.temperature(torch.tensor(5.0))) == pytest.approx(0.02)
-    assert float(VIREL(tiny(alpha=0.25), 3, 1).temperature(torch.tensor(5.0))) == pytest.approx(0.25)
+    assert float(fixed.current_temperature(torch.tensor(5.0))) == pytest.approx(0.02)
+    assert float(VIREL(tiny(alpha=0.25), 3, 1).current_temperature(torch.tensor(5.0))) == pytest.approx(0.25)
 
 
 def test_vanishing_residual_is_the_greedy_limit_not_nan():
@@ -147,7 +147,7 @@ def test_vanishing_residual_is_the_greedy_limit_not_nan():
     floored, the tempered ELBO stays finite and equals E_q[Q - V] up to the floor, so the
     E-step is the deterministic policy gradient of Q (Theorem 1's greedy limit)."""
     agent = VIRELBeta(tiny("virel-beta", lam=1.0), 3, 1)
-    t = agent.temperature(torch.tensor(0.0))
+    t = agent.current_temperature(torch.tensor(0.0))
     assert float(t) == pytest.approx(MIN_TEMPERATURE)
     obs = torch.randn(32, 3)
     pyro.set_rng_seed(1)
@@ -172,7 +172,7 @@ def test_short_run_logs_terms_and_resumes(algo, tmp_path):
                  progress=False)
     rows = [__import__("json").loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     logged = {k for r in rows for k in r}
-    assert {"epsilon_omega", "temperature", "elbo", "elbo_tempered", "elbo_reward", "entropy"} <= logged
+    assert {"epsilon_omega", "alpha", "elbo", "elbo_tempered", "elbo_reward", "elbo_kl_policy"} <= logged
     kept, resumed = interrupted_and_resumed(algo, tiny(algo), tmp_path / "cut", 600, eval_every=200,
                                             eval_episodes=1, checkpoint_every=200, progress=False)
     assert kept == 400

@@ -17,6 +17,12 @@ Per environment step (Algorithm 1):
    eq. (8), whose reparameterised gradient is eq. (9) (through the learned model,
    SVG(1)-style, on states s ~ D); V_bar Polyak-averaged.
 
+On the objective API (:class:`pplrl.algorithms.off_policy.ActorCritic`): the actor's pair is
+the model-embedded one (:func:`models.memb.memb_model`); the critic's soft value (eq. 5) is the
+flat-prior actor pair's (:func:`models.actor.actor_model`) under the online Q, learnt by a
+state-value network (``state_value``); the temperature is the fixed alpha; the model fits run
+in :meth:`MEMB.before_updates`. The learned model is ``world_model`` (checkpoint key ``model``).
+
 Options: value expansion ``horizon`` H (App. B.1: the Q target follows the model
 for H - 1 more steps, ``r + sum_k gamma^k (r_hat_k - alpha log pi_k) + gamma^H V_bar(s_H)``;
 H = 1, the default, is eq. 6 on real data, the paper's recommendation) and alpha.
@@ -33,15 +39,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
+from guides.actor import actor_guide
 from guides.memb import memb_guide
+from models.actor import actor_model
 from models.memb import ReparamModel, memb_model
-from models.sites import check_temperature
-from pplrl.algorithms.off_policy import OffPolicyActorCritic, OffPolicyConfig
-from pplrl.elbo import ReparamOptimalityELBO
+from pplrl.algorithms.off_policy import ActorCritic, OffPolicyConfig
 from pplrl.envs.continuous import termination_fn_for
-from pplrl.nets import TwinQ, VNetwork, polyak_update, target_copy
 from pplrl.replay import Batch
 
 #: App. C, Table 2, by environment name (the table's empty cells read as "same as the
@@ -96,31 +100,68 @@ class MEMBConfig(OffPolicyConfig):
             raise ValueError("model_updates_per_step and model_warmup_updates must be >= 0")
 
 
-class MEMB(OffPolicyActorCritic):
+class MEMB(ActorCritic):
     algo = "memb"
     Config = MEMBConfig
+    # the policy step: eq. (8)'s model-embedded pair (through the learned model)
+    model = staticmethod(memb_model)
+    guide = staticmethod(memb_guide)
+    # V's target, eq. (5): E_a[min Q(s, a) - alpha log pi(a|s)], the flat-prior pair's soft value
+    critic_model = staticmethod(actor_model)
+    critic_guide = staticmethod(actor_guide)
+    state_value = True
+    critic_loss_weight = 0.5  # eq. (6): 1/2 (Q(s, a) - r - gamma V_bar(s'))^2 per head
 
     def __init__(self, config: MEMBConfig, obs_dim: int, act_dim: int):
         super().__init__(config, obs_dim, act_dim)
-        self.model = ReparamModel(obs_dim, act_dim, config.model_hidden)
-        self.critic = TwinQ(obs_dim, act_dim, config.hidden)
-        self.value = VNetwork(obs_dim, config.hidden)
-        self.value_target = target_copy(self.value)
-        self.actor_opt = torch.optim.Adam(self.policy.parameters(), lr=config.lr)
-        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=config.value_lr)
-        self.value_opt = torch.optim.Adam(self.value.parameters(), lr=config.value_lr)
-        self.model_opt = torch.optim.Adam(self.model.parameters(), lr=config.model_lr)
+        self.world_model = ReparamModel(obs_dim, act_dim, config.model_hidden)
+        self.model_opt = torch.optim.Adam(self.world_model.parameters(), lr=config.model_lr)
         self.termination_fn = termination_fn_for(config.env_id)
-        self.elbo = ReparamOptimalityELBO()
         self.model_updates = 0
 
-    # -- the pieces --------------------------------------------------------------------
+    # -- the objective's pieces (what MEMB declares) -------------------------------------
+    def temperature(self):
+        return None  # alpha is fixed (Table 2)
+
+    def initial_temperature(self) -> float:
+        return self.config.alpha
+
+    def learning_rate(self, group: str) -> float:
+        return self.config.value_lr if group in ("critic", "value") else self.config.lr
+
+    def updates_per_step(self) -> int:
+        return self.config.m
+
+    def actor_args(self, obs, critic, temperature):
+        """memb_model(obs, prior, f, r_hat, V_bar, gamma, alpha, termination_fn=..., policy=...):
+        the policy's value goes through the learned model and V_bar, not through Q."""
+        return ((obs, self.prior, self.world_model.dynamics, self.world_model.reward, self.value_target,
+                 self.config.gamma, temperature), {"termination_fn": self.termination_fn, "policy": self.policy})
+
+    def extra_metrics(self, terms, batch_size, temperature, critic_loss):
+        """soft_value: alpha * ELBO per state, eq. (8)'s V(s) in reward units."""
+        return {"soft_value": float(temperature) * terms["elbo"] / batch_size}
+
+    # -- the learned model ------------------------------------------------------------------
     def model_step(self, batch: Batch, step: int) -> dict[str, float]:
-        loss, info = self.model.loss(batch)
+        loss, info = self.world_model.loss(batch)
         out = self.checked(step, model_loss=loss)
         self.gradient_step(self.model_opt, loss)
         self.model_updates += 1
         return {**out, **info}
+
+    def before_updates(self, step: int) -> dict[str, float]:
+        """Algorithm 1, step 1: the normaliser (refreshed every normalise_every steps) and
+        the model's gradient steps (plus model_warmup_updates on the first call)."""
+        c = self.config
+        if self.model_updates == 0 or step % c.normalise_every == 0:
+            data = self.replay.all()
+            self.world_model.set_normaliser(data.obs, data.act)
+        out: dict[str, float] = {}
+        n_model = c.model_updates_per_step + (c.model_warmup_updates if self.model_updates == 0 else 0)
+        for _ in range(n_model):
+            out = self.model_step(self.sample_batch(), step)
+        return out
 
     def _not_done(self, obs, act, next_obs) -> torch.Tensor:
         if self.termination_fn is None:
@@ -128,10 +169,12 @@ class MEMB(OffPolicyActorCritic):
         done = self.termination_fn(obs.numpy(), act.numpy(), next_obs.numpy())
         return 1.0 - torch.as_tensor(done, dtype=torch.float32)
 
-    def critic_target(self, batch: Batch) -> torch.Tensor:
-        """Eq. (6) target r + gamma (1 - d) V_bar(s'); with H > 1 the value expansion along
-        the model: + sum_{k=1}^{H-1} gamma^k (r_hat_k - alpha log pi_k) + gamma^H V_bar(s_H)."""
+    def critic_target_value(self, batch: Batch) -> torch.Tensor:
+        """Eq. (6) target r + gamma (1 - d) V_bar(s') (H = 1, the API's); with H > 1 the value
+        expansion along the model: + sum_{k=1}^{H-1} gamma^k (r_hat_k - alpha log pi_k) + gamma^H V_bar(s_H)."""
         c = self.config
+        if c.horizon == 1:
+            return super().critic_target_value(batch)
         with torch.no_grad():
             target = batch.rew.clone()
             cont = 1.0 - batch.done
@@ -139,76 +182,16 @@ class MEMB(OffPolicyActorCritic):
             for _ in range(c.horizon - 1):
                 d = self.policy(s)
                 a = d.sample()
-                r = self.model.reward_dist(s, a).sample() - c.alpha * d.log_prob(a)
-                s_next = self.model.dynamics(s, a).sample()
+                r = self.world_model.reward_dist(s, a).sample() - c.alpha * d.log_prob(a)
+                s_next = self.world_model.dynamics(s, a).sample()
                 target = target + discount * cont * r
                 cont = cont * self._not_done(s, a, s_next)
                 s, discount = s_next, discount * c.gamma
             return target + discount * cont * self.value_target(s)
 
-    def critic_loss(self, batch: Batch) -> torch.Tensor:
-        y = self.critic_target(batch)
-        q1, q2 = self.critic(batch.obs, batch.act)
-        return 0.5 * (F.mse_loss(q1, y) + F.mse_loss(q2, y))
-
-    def value_loss(self, obs: torch.Tensor) -> torch.Tensor:
-        """Eq. (5): 1/2 (V(s) - E_{a~pi}[min Q(s, a) - alpha log pi(a|s)])^2."""
-        with torch.no_grad():
-            d = self.policy(obs)
-            a = d.sample()
-            target = self.critic.min(obs, a) - self.config.alpha * d.log_prob(a)
-        return 0.5 * F.mse_loss(self.value(obs), target)
-
-    def actor_loss(self, obs: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """-alpha ELBO / B of the model-embedded model/guide pair = -(eq. 8's V(s)), averaged
-        (the ELBO is V(s) / alpha, the temperature convention of :mod:`models.sites`)."""
-        loss = self.elbo.differentiable_loss(memb_model, memb_guide, obs, self.prior, self.model.dynamics,
-                                             self.model.reward, self.value_target, self.config.gamma,
-                                             self.config.alpha, termination_fn=self.termination_fn,
-                                             policy=self.policy)
-        return self.temperature * loss / obs.shape[0], self.elbo.last_terms
-
-    @property
-    def temperature(self) -> float:
-        """alpha, floored at MIN_TEMPERATURE as the model floors it."""
-        return float(check_temperature(self.config.alpha))
-
-    # -- the loop ------------------------------------------------------------------------
-    def update(self, step: int) -> dict[str, float]:
-        c = self.config
-        if not self.ready():
-            return {}
-        if self.model_updates == 0 or step % c.normalise_every == 0:
-            data = self.replay.all()
-            self.model.set_normaliser(data.obs, data.act)
-        out: dict[str, float] = {}
-        n_model = c.model_updates_per_step + (c.model_warmup_updates if self.model_updates == 0 else 0)
-        for _ in range(n_model):
-            out = self.model_step(self.sample_batch(), step)
-        for _ in range(c.m):
-            out.update(self.actor_critic_step(self.sample_batch(), step))
-        return out
-
-    def actor_critic_step(self, batch: Batch, step: int) -> dict[str, float]:
-        critic_loss = self.critic_loss(batch)
-        value_loss = self.value_loss(batch.obs)
-        out = self.checked(step, critic_loss=critic_loss, value_loss=value_loss)
-        self.gradient_step(self.critic_opt, critic_loss)
-        self.gradient_step(self.value_opt, value_loss)
-
-        actor_loss, terms = self.actor_loss(batch.obs)
-        out.update(self.checked(step, actor_loss=actor_loss))
-        self.gradient_step(self.actor_opt, actor_loss)
-        polyak_update(self.value, self.value_target, self.config.tau)
-
-        B = batch.obs.shape[0]  # soft_value: alpha * ELBO, eq. (8)'s V(s) in reward units
-        out.update({"soft_value": self.temperature * terms["elbo"] / B, **self.elbo_metrics(terms, B)})
-        return out
-
+    # -- checkpoints ------------------------------------------------------------------------
     def _modules(self) -> dict:
-        return {"model": self.model, "critic": self.critic, "value": self.value, "value_target": self.value_target,
-                "actor_opt": self.actor_opt, "critic_opt": self.critic_opt, "value_opt": self.value_opt,
-                "model_opt": self.model_opt}
+        return {**super()._modules(), "model": self.world_model, "model_opt": self.model_opt}
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "model_updates": self.model_updates}

@@ -21,11 +21,18 @@ The library derives and runs the rest, each piece from the same pair:
   E_q[Q'(x', a) - alpha log q(a|x')], for a prior pi E_q[Q' - alpha log q/pi];
 * the dual: ``log_temperature * (target - term / B)`` by gradient descent, so the
   temperature rises while the term exceeds its target;
-* one optimiser per module group (policy, critic, prior, dual), Polyak targets, and the
-  checkpoint from these declared pieces (bit-for-bit resume).
+* one optimiser per module group (policy, critic, value, prior, dual), Polyak targets, and
+  the checkpoint from these declared pieces (bit-for-bit resume).
+
+Objectives that are not SAC-shaped change a few declared pieces rather than the update:
+VIREL (:mod:`pplrl.algorithms.virel`) has its own pair with a baseline, a non-soft critic
+learnt through a state-value network and a temperature from the critic's residual; MEMB
+(:mod:`pplrl.algorithms.memb`) has a pair through a learned model, fitted in
+:meth:`ActorCritic.before_updates`. Both run this class's update unchanged (bit-identical
+to their hand-written updates from the same state).
 
 :class:`OffPolicyActorCritic` is the shared base (policy, replay, warm-up, checkpoints of
-policy and replay) of every off-policy agent here, including VIREL and MEMB.
+policy and replay) of every off-policy agent here.
 """
 
 from __future__ import annotations
@@ -41,9 +48,10 @@ from torch import nn
 from guides.actor import actor_guide
 from guides.continuous import GaussianPolicy
 from models.actor import actor_model, flat_prior
+from models.sites import check_temperature, inverse_temperature
 from pplrl.algorithms.base import Agent
 from pplrl.elbo import ReparamOptimalityELBO, soft_value
-from pplrl.nets import TwinQ, polyak_update, target_copy
+from pplrl.nets import TwinQ, VNetwork, polyak_update, target_copy
 from pplrl.replay import Batch, ReplayBuffer
 
 
@@ -176,27 +184,59 @@ class ActorCritic(OffPolicyActorCritic):
     """An off-policy actor-critic derived from one model/guide pair (see the module
     docstring). The defaults are SAC: :func:`models.actor.actor_model` with the flat prior,
     :func:`guides.actor.actor_guide`, and a dual on ``kl_policy`` with target ``act_dim``
-    (entropy -act_dim). Subclasses override the class attributes ``model`` / ``guide`` and
+    (entropy -act_dim).
+
+    **What a subclass declares** (each optional): the class attributes ``model`` / ``guide``;
     the methods :meth:`make_prior`, :meth:`temperature`, :meth:`prior_loss`,
-    :meth:`model_kwargs`."""
+    :meth:`model_kwargs`. **What it may change** when its objective is not SAC-shaped (VIREL
+    and MEMB use these): :meth:`actor_args` (a pair with its own signature), ``critic_model`` /
+    ``critic_guide`` (the pair the critic's soft value comes from, when the actor's is not
+    it), ``soft_critic``, ``state_value``, ``critic_loss_weight``, :meth:`initial_temperature`,
+    :meth:`current_temperature`, :meth:`reward`, :meth:`learning_rate`,
+    :meth:`updates_per_step`, :meth:`before_updates`, :meth:`extra_metrics`."""
 
     Config = ActorCriticConfig
     model: ClassVar[Callable] = staticmethod(actor_model)
     guide: ClassVar[Callable] = staticmethod(actor_guide)
+    critic_model: ClassVar[Callable | None] = None
+    """the pair whose per-state ELBO under a critic is the soft value (None: ``model`` /
+    ``guide``), called as ``(obs, prior, critic, scale, policy=..., **model_kwargs())``"""
+    critic_guide: ClassVar[Callable | None] = None
+    soft_critic: ClassVar[bool] = True
+    """False: the critic's value is the pair's expected optimality value with no KL term
+    (soft_value at temperature 0: VIREL's value is that of the Boltzmann policy, no entropy)"""
+    state_value: ClassVar[bool] = False
+    """True: a state-value network V learns the soft value under the online critic and Q learns
+    ``r + gamma (1 - d) V_bar(x')``, V_bar Polyak-averaged (SAC v1, VIREL, MEMB); False: Q
+    learns ``r + gamma (1 - d) V'(x')`` with V' the soft value under the target critic (SAC v2)"""
+    critic_loss_weight: ClassVar[float] = 1.0
+    """the factor of the summed per-head squared TD errors (VIREL and MEMB write J^Q = 1/2 (.)^2)"""
 
     def __init__(self, config, obs_dim: int, act_dim: int):
         super().__init__(config, obs_dim, act_dim)
         self.prior = self.make_prior()
         self.critic = TwinQ(obs_dim, act_dim, config.hidden)
-        self.critic_target = target_copy(self.critic)
-        self.log_alpha = torch.tensor(float(np.log(config.init_alpha)), requires_grad=True)
+        if self.state_value:
+            self.critic_target = None
+            self.value = VNetwork(obs_dim, config.hidden)
+            self.value_target = target_copy(self.value)
+            self.value_opt = torch.optim.Adam(self.value.parameters(), lr=self.learning_rate("value"))
+        else:
+            self.critic_target = target_copy(self.critic)
+            self.value = self.value_target = self.value_opt = None
         self.dual = self.temperature()
-        self.actor_opt = torch.optim.Adam(self.policy.parameters(), lr=config.lr)
-        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=config.lr)
-        self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=config.lr)
+        initial = float(check_temperature(self.initial_temperature()))
+        if self.dual is None:  # fixed: kept exactly as given (floored at MIN_TEMPERATURE)
+            self.log_alpha = self.alpha_opt = None
+            self._fixed_alpha = torch.tensor(initial)
+        else:
+            self.log_alpha = torch.tensor(float(np.log(initial)), requires_grad=True)
+            self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=self.learning_rate("dual"))
+        self.actor_opt = torch.optim.Adam(self.policy.parameters(), lr=self.learning_rate("policy"))
+        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=self.learning_rate("critic"))
         prior_params = [p for p in self.prior.parameters() if p.requires_grad] if isinstance(
             self.prior, nn.Module) else []
-        self.prior_opt = torch.optim.Adam(prior_params, lr=config.lr) if prior_params else None
+        self.prior_opt = torch.optim.Adam(prior_params, lr=self.learning_rate("prior")) if prior_params else None
         self.actor_elbo = ReparamOptimalityELBO()
 
     # -- what a subclass declares ------------------------------------------------------
@@ -206,8 +246,9 @@ class ActorCritic(OffPolicyActorCritic):
         return flat_prior(self.act_dim)
 
     def temperature(self) -> Dual | None:
-        """The dual that tunes the temperature (None: fixed at ``init_alpha``). Default: SAC's,
-        a dual on ``kl_policy`` (flat prior: E[log q]) with target ``act_dim`` (entropy -act_dim)."""
+        """The dual that tunes the temperature (None: fixed at :meth:`initial_temperature`).
+        Default: SAC's, a dual on ``kl_policy`` (flat prior: E[log q]) with target ``act_dim``
+        (entropy -act_dim)."""
         return Dual("kl_policy", float(self.act_dim)) if self.config.autotune_alpha else None
 
     def prior_loss(self, batch: Batch) -> torch.Tensor | None:
@@ -218,28 +259,97 @@ class ActorCritic(OffPolicyActorCritic):
         """Further keyword arguments of ``model`` and ``guide`` (besides ``policy``)."""
         return {}
 
+    # -- what a subclass may change ------------------------------------------------------
+    def actor_args(self, obs: torch.Tensor, critic, temperature: torch.Tensor) -> tuple[tuple, dict]:
+        """How ``model`` / ``guide`` are called on a batch of states with a critic and the
+        temperature. Default: ``(obs, prior, critic, 1 / temperature)``, ``policy=...`` and
+        :meth:`model_kwargs`."""
+        return (obs, self.prior, critic, 1.0 / temperature), {"policy": self.policy, **self.model_kwargs()}
+
+    def critic_args(self, obs: torch.Tensor, critic, temperature: torch.Tensor) -> tuple[tuple, dict]:
+        """How the critic's pair is called: :meth:`actor_args` when it is the actor's pair,
+        else the standard signature."""
+        if self.critic_model is None:
+            return self.actor_args(obs, critic, temperature)
+        return (obs, self.prior, critic, inverse_temperature(temperature)), {"policy": self.policy,
+                                                                              **self.model_kwargs()}
+
+    def initial_temperature(self) -> float:
+        """The temperature before any dual step (or always, without a dual): ``init_alpha``."""
+        return self.config.init_alpha
+
+    def current_temperature(self, critic_loss: torch.Tensor) -> torch.Tensor:
+        """The temperature of this update, given the batch's (detached) critic loss: the dual's
+        or the fixed one. (VIREL's is lambda times the critic's Bellman residual.)"""
+        return self.alpha
+
+    def reward(self, batch: Batch) -> torch.Tensor:
+        """The reward the critic learns (VIREL scales it)."""
+        return batch.rew
+
+    def learning_rate(self, group: str) -> float:
+        """The learning rate of one optimiser group: ``policy``, ``critic``, ``value``, ``prior``,
+        ``dual``. Default: ``config.lr`` for all."""
+        return self.config.lr
+
+    def updates_per_step(self) -> int:
+        """Gradient steps per environment step: ``gradient_steps``."""
+        return self.config.gradient_steps
+
+    def before_updates(self, step: int) -> dict[str, float]:
+        """Runs once per environment step before the gradient steps (e.g. fit a learned model)."""
+        return {}
+
+    def extra_metrics(self, terms: dict[str, float], batch_size: int, temperature: torch.Tensor,
+                      critic_loss: torch.Tensor) -> dict[str, float]:
+        """Further values to log per update (besides losses, temperature and the ELBO's terms)."""
+        return {}
+
     # -- what the library derives ----------------------------------------------------------
     @property
     def alpha(self) -> torch.Tensor:
         """The temperature (the optimality factor's scale is its inverse)."""
-        return self.log_alpha.exp().detach()
+        return self._fixed_alpha if self.log_alpha is None else self.log_alpha.exp().detach()
 
-    def _pair_args(self, obs: torch.Tensor, q_fn, alpha: torch.Tensor) -> tuple[tuple, dict]:
-        return (obs, self.prior, q_fn, 1.0 / alpha), {"policy": self.policy, **self.model_kwargs()}
+    def _critic_pair(self) -> tuple[Callable, Callable]:
+        if self.critic_model is None:
+            return self.model, self.guide
+        return self.critic_model, self.critic_guide
+
+    def soft_value(self, obs: torch.Tensor, critic, temperature: torch.Tensor) -> torch.Tensor:
+        """The critic pair's per-state ELBO under ``critic`` in reward units
+        (:func:`pplrl.elbo.soft_value`; at temperature 0 when not ``soft_critic``)."""
+        model, guide = self._critic_pair()
+        args, kwargs = self.critic_args(obs, critic, temperature)
+        return soft_value(model, guide, temperature if self.soft_critic else 0.0, *args, **kwargs)
 
     def critic_target_value(self, batch: Batch) -> torch.Tensor:
-        """y = r + gamma (1 - d) V'(x'), V' the pair's per-state ELBO under the target critic
-        in reward units (:func:`pplrl.elbo.soft_value`)."""
+        """y = r + gamma (1 - d) V'(x'): V' the pair's soft value under the target critic, or
+        the target value network with ``state_value``."""
         with torch.no_grad():
-            alpha = self.alpha
-            args, kwargs = self._pair_args(batch.next_obs, self.critic_target.min, alpha)
-            v = soft_value(self.model, self.guide, alpha, *args, **kwargs)
-            return batch.rew + self.config.gamma * (1.0 - batch.done) * v
+            if self.state_value:
+                v = self.value_target(batch.next_obs)
+            else:
+                v = self.soft_value(batch.next_obs, self.critic_target.min, self.alpha)
+            return self.reward(batch) + self.config.gamma * (1.0 - batch.done) * v
 
-    def actor_loss(self, obs: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def critic_loss(self, batch: Batch) -> torch.Tensor:
+        """Both heads' squared error to :meth:`critic_target_value`, times ``critic_loss_weight``."""
+        y = self.critic_target_value(batch)
+        q1, q2 = self.critic(batch.obs, batch.act)
+        return self.critic_loss_weight * (F.mse_loss(q1, y) + F.mse_loss(q2, y))
+
+    def value_loss(self, obs: torch.Tensor) -> torch.Tensor:
+        """``state_value`` only: 1/2 (V(x) - soft value under the online critic)^2."""
+        with torch.no_grad():
+            target = self.soft_value(obs, self.critic.min, self.alpha)
+        return 0.5 * F.mse_loss(self.value(obs), target)
+
+    def actor_loss(self, obs: torch.Tensor, temperature: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, dict[str, float]]:
         """-temperature * ELBO / B of the pair (for SAC: E[alpha log q - Q])."""
-        alpha = self.alpha
-        args, kwargs = self._pair_args(obs, self.critic.min, alpha)
+        alpha = self.alpha if temperature is None else temperature
+        args, kwargs = self.actor_args(obs, self.critic.min, alpha)
         loss = self.actor_elbo.differentiable_loss(self.model, self.guide, *args, **kwargs)
         return alpha * loss / obs.shape[0], self.actor_elbo.last_terms
 
@@ -255,20 +365,23 @@ class ActorCritic(OffPolicyActorCritic):
     def update(self, step: int) -> dict[str, float]:
         if not self.ready():
             return {}
-        metrics: dict[str, float] = {}
-        for _ in range(self.config.gradient_steps):
-            metrics = self.train_step(self.sample_batch(), step)
+        metrics = self.before_updates(step)
+        for _ in range(self.updates_per_step()):
+            metrics.update(self.train_step(self.sample_batch(), step))
         return metrics
 
     def train_step(self, batch: Batch, step: int) -> dict[str, float]:
-        """One update: critic, actor (and learnable prior), dual, targets."""
-        y = self.critic_target_value(batch)
-        q1, q2 = self.critic(batch.obs, batch.act)
-        critic_loss = F.mse_loss(q1, y) + F.mse_loss(q2, y)
+        """One update: (value,) critic, actor (and learnable prior), dual, targets."""
+        critic_loss = self.critic_loss(batch)
+        value_loss = self.value_loss(batch.obs) if self.state_value else None
+        temperature = self.current_temperature(critic_loss.detach())
         out = self.checked(step, critic_loss=critic_loss)  # stop before stepping on garbage
+        if value_loss is not None:
+            out.update(self.checked(step, value_loss=value_loss))
+            self.gradient_step(self.value_opt, value_loss)
         self.gradient_step(self.critic_opt, critic_loss)
 
-        actor_loss, terms = self.actor_loss(batch.obs)
+        actor_loss, terms = self.actor_loss(batch.obs, temperature)
         out.update(self.checked(step, actor_loss=actor_loss))
         if self.prior_opt is None:
             self.gradient_step(self.actor_opt, actor_loss)
@@ -283,29 +396,43 @@ class ActorCritic(OffPolicyActorCritic):
             self.actor_opt.step()
             self.prior_opt.step()
         B = batch.obs.shape[0]
-        alpha_loss = self.dual_loss(terms, B)
         if self.dual is not None:
+            alpha_loss = self.dual_loss(terms, B)
             self.gradient_step(self.alpha_opt, alpha_loss)
-        polyak_update(self.critic, self.critic_target, self.config.tau)
-        out.update(self.checked(step, alpha_loss=alpha_loss))
-        out.update({"alpha": float(self.alpha), **self.elbo_metrics(terms, B)})
+            out.update(self.checked(step, alpha_loss=alpha_loss))
+        if self.state_value:
+            polyak_update(self.value, self.value_target, self.config.tau)
+        else:
+            polyak_update(self.critic, self.critic_target, self.config.tau)
+        alpha = self.alpha if self.dual is not None else temperature  # the temperature after this update
+        out.update({"alpha": float(alpha), **self.elbo_metrics(terms, B),
+                    **self.extra_metrics(terms, B, temperature, critic_loss.detach())})
         return out
 
     # -- checkpoints: the declared pieces ------------------------------------------------
     def _modules(self) -> dict:
-        mods = {"critic": self.critic, "critic_target": self.critic_target, "actor_opt": self.actor_opt,
-                "critic_opt": self.critic_opt, "alpha_opt": self.alpha_opt}
+        mods = {"critic": self.critic, "actor_opt": self.actor_opt, "critic_opt": self.critic_opt}
+        if self.state_value:
+            mods.update({"value": self.value, "value_target": self.value_target, "value_opt": self.value_opt})
+        else:
+            mods["critic_target"] = self.critic_target
+        if self.dual is not None:
+            mods["alpha_opt"] = self.alpha_opt
         if self.prior_opt is not None:
             mods.update({"prior": self.prior, "prior_opt": self.prior_opt})
         return mods
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "log_alpha": self.log_alpha.detach().clone()}
+        state = super().state_dict()
+        if self.log_alpha is not None:
+            state["log_alpha"] = self.log_alpha.detach().clone()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        with torch.no_grad():
-            self.log_alpha.copy_(state["log_alpha"])
+        if self.log_alpha is not None:
+            with torch.no_grad():
+                self.log_alpha.copy_(state["log_alpha"])
 
 
 __all__ = ["ActorCritic", "ActorCriticConfig", "Dual", "OffPolicyActorCritic", "OffPolicyConfig"]

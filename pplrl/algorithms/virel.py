@@ -24,6 +24,11 @@ the tempered ELBO stays finite and its gradient becomes the deterministic policy
 gradient of E_q[Q]; the temperature is floored at
 :data:`models.virel.MIN_TEMPERATURE`, never divided by.
 
+On the objective API (:class:`pplrl.algorithms.off_policy.ActorCritic`): the actor's pair is
+VIREL's; the critic's value is the flat-prior actor pair's (:func:`models.actor.actor_model`)
+with no KL term (``soft_critic = False``) learnt by a state-value network (``state_value``);
+the temperature is :meth:`VIREL.current_temperature`; no dual.
+
 Choices the paper leaves open, and ours: twin Q networks (both regressed on the
 same target, V's target uses their minimum) as in the rlkit SAC code VIREL builds
 on; 256x256 networks and batch 256 (App. I.1 gives 300 units, batch 128 for MuJoCo)
@@ -33,24 +38,24 @@ so that it runs beside pplrl's SAC with equal capacity; alpha = 0.2 for *virel*.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from guides.actor import actor_guide
 from guides.virel import virel_guide
+from models.actor import actor_model
 from models.sites import MIN_TEMPERATURE
 from models.virel import virel_model
-from pplrl.algorithms.off_policy import OffPolicyActorCritic, OffPolicyConfig
-from pplrl.elbo import ReparamOptimalityELBO
-from pplrl.nets import TwinQ, VNetwork, polyak_update, target_copy
+from pplrl.algorithms.off_policy import ActorCritic, OffPolicyConfig
 from pplrl.replay import Batch
 
 
 @dataclass
 class VIRELConfig(OffPolicyConfig):
     """Shared fields (env, seed, gamma, tau, lr, batch, buffer, learning_starts, hidden)
-    come from :class:`pplrl.algorithms.sac.OffPolicyConfig`; lr is used for policy, Q
+    come from :class:`pplrl.algorithms.off_policy.OffPolicyConfig`; lr is used for policy, Q
     and V (App. I.1: 3e-4)."""
 
     gradient_steps: int = 1
@@ -80,32 +85,33 @@ class VIRELBetaConfig(VIRELConfig):
     temperature: str = "residual"
 
 
-class VIREL(OffPolicyActorCritic):
+class VIREL(ActorCritic):
     algo = "virel"
     Config = VIRELConfig
+    # E-step: VIREL's Boltzmann-policy pair (eq. 4), with the baseline V_bar(s)
+    model = staticmethod(virel_model)
+    guide = staticmethod(virel_guide)
+    # M-step: J^V's target E_{a~pi}[min Q(s, a)], the flat-prior pair's value with no entropy
+    critic_model = staticmethod(actor_model)
+    critic_guide = staticmethod(actor_guide)
+    soft_critic = False
+    state_value = True
+    critic_loss_weight: ClassVar[float] = 0.5  # J^Q = 1/2 (r + gamma V_bar(s') - Q(s, a))^2 per head
 
-    def __init__(self, config: VIRELConfig, obs_dim: int, act_dim: int):
-        super().__init__(config, obs_dim, act_dim)
-        self.critic = TwinQ(obs_dim, act_dim, config.hidden)
-        self.value = VNetwork(obs_dim, config.hidden)
-        self.value_target = target_copy(self.value)
-        self.actor_opt = torch.optim.Adam(self.policy.parameters(), lr=config.lr)
-        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=config.lr)
-        self.value_opt = torch.optim.Adam(self.value.parameters(), lr=config.lr)
-        self.elbo = ReparamOptimalityELBO()
+    # -- the objective's pieces (what VIREL declares) -----------------------------------
+    def temperature(self):
+        return None  # no dual: current_temperature is alpha or lambda * eps_hat
 
-    # -- the pieces of one gradient step ----------------------------------------------
-    def bellman_target(self, batch: Batch) -> torch.Tensor:
-        """r + gamma (1 - d) V_bar(s'), rewards scaled by reward_scale."""
-        with torch.no_grad():
-            return self.config.reward_scale * batch.rew + self.config.gamma * (1.0 - batch.done) * self.value_target(
-                batch.next_obs)
+    def initial_temperature(self) -> float:
+        return self.config.alpha
 
-    def residual(self, batch: Batch) -> torch.Tensor:
-        """eps_hat: the mean squared Bellman residual on the batch (both Q heads) — the
-        value of :meth:`critic_loss`, whose 1/2 per head makes it the mean over heads."""
-        with torch.no_grad():
-            return self.critic_loss(batch)
+    def actor_args(self, obs, critic, temperature):
+        """virel_model(obs, prior, Q, eps, baseline=V_bar, policy=...)."""
+        return (obs, self.prior, critic, temperature), {"baseline": self.value_target, "policy": self.policy}
+
+    def reward(self, batch: Batch) -> torch.Tensor:
+        """r scaled by reward_scale (App. I.1)."""
+        return self.config.reward_scale * batch.rew
 
     def lam(self) -> float:
         if self.config.lam is not None:
@@ -113,66 +119,25 @@ class VIREL(OffPolicyActorCritic):
         r_avg = float(np.abs(self.replay.rew[:len(self.replay)]).mean()) * self.config.reward_scale
         return (1.0 - self.config.gamma) / max(r_avg, 1e-6)
 
-    def temperature(self, eps_hat: torch.Tensor) -> torch.Tensor:
-        """alpha (virel) or lambda * eps_hat (beta), floored at MIN_TEMPERATURE."""
+    def current_temperature(self, critic_loss: torch.Tensor) -> torch.Tensor:
+        """alpha (virel) or lambda * eps_hat (beta), floored at MIN_TEMPERATURE; eps_hat is the
+        batch's mean squared Bellman residual, i.e. the critic loss (its 1/2 per head makes it
+        the mean over heads), N_eps = batch size."""
         if self.config.temperature == "constant":
             t = torch.tensor(float(self.config.alpha))
         else:
-            t = self.lam() * eps_hat
+            t = self.lam() * critic_loss
         return t.clamp_min(MIN_TEMPERATURE)
 
-    def value_loss(self, obs: torch.Tensor) -> torch.Tensor:
-        """J^V = E[1/2 (V(s) - E_{a~pi}[min Q(s, a)])^2] (one action sample)."""
+    def residual(self, batch: Batch) -> torch.Tensor:
+        """eps_hat: the mean squared Bellman residual on the batch (both Q heads)."""
         with torch.no_grad():
-            a = self.policy(obs).sample()
-            target = self.critic.min(obs, a)
-        return 0.5 * F.mse_loss(self.value(obs), target)
+            return self.critic_loss(batch)
 
-    def critic_loss(self, batch: Batch) -> torch.Tensor:
-        """J^Q for both heads: 1/2 (r + gamma V_bar(s') - Q(s, a))^2."""
-        y = self.bellman_target(batch)
-        q1, q2 = self.critic(batch.obs, batch.act)
-        return 0.5 * (F.mse_loss(q1, y) + F.mse_loss(q2, y))
-
-    def actor_loss(self, obs: torch.Tensor, temperature: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """-(eps * ELBO) / B = E[eps log pi(a|s) - (min Q(s, a) - V_bar(s))], from Pyro (the
-        ELBO is eq. 4, L; the paper optimises eps L, App. E.1)."""
-        loss = self.elbo.differentiable_loss(virel_model, virel_guide, obs, self.prior, self.critic.min,
-                                             temperature, baseline=self.value_target, policy=self.policy)
-        return temperature * loss / obs.shape[0], self.elbo.last_terms
-
-    def update(self, step: int) -> dict[str, float]:
-        if not self.ready():
-            return {}
-        metrics: dict[str, float] = {}
-        for _ in range(self.config.gradient_steps):
-            metrics = self.virel_update(self.sample_batch(), step)
-        return metrics
-
-    def virel_update(self, batch: Batch, step: int) -> dict[str, float]:
-        value_loss = self.value_loss(batch.obs)
-        critic_loss = self.critic_loss(batch)
-        eps_hat = critic_loss.detach()  # = self.residual(batch), without a second forward pass
-        temperature = self.temperature(eps_hat)
-        out = self.checked(step, value_loss=value_loss, critic_loss=critic_loss, epsilon_omega=eps_hat)
-        self.gradient_step(self.value_opt, value_loss)
-        self.gradient_step(self.critic_opt, critic_loss)
-
-        actor_loss, terms = self.actor_loss(batch.obs, temperature)
-        out.update(self.checked(step, actor_loss=actor_loss))
-        self.gradient_step(self.actor_opt, actor_loss)
-        polyak_update(self.value, self.value_target, self.config.tau)
-
-        B = batch.obs.shape[0]
-        t = float(temperature)
-        log_q = terms["kl_policy"] / B  # flat prior: KL = E[log pi]
-        out.update({"temperature": t, "entropy": -log_q, "elbo_tempered": t * terms["elbo"] / B,
-                    **self.elbo_metrics(terms, B)})
-        return out
-
-    def _modules(self) -> dict:
-        return {"critic": self.critic, "value": self.value, "value_target": self.value_target,
-                "actor_opt": self.actor_opt, "critic_opt": self.critic_opt, "value_opt": self.value_opt}
+    def extra_metrics(self, terms, batch_size, temperature, critic_loss):
+        """eps_hat, and eps * L per state (the tempered ELBO, reward units); the temperature
+        itself is logged as ``alpha``, the entropy is -``elbo_kl_policy`` (flat prior)."""
+        return {"epsilon_omega": float(critic_loss), "elbo_tempered": float(temperature) * terms["elbo"] / batch_size}
 
 
 class VIRELBeta(VIREL):
