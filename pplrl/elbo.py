@@ -46,7 +46,8 @@ from pyro.infer import Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO
 from pyro.infer.traceenum_elbo import _find_ordinal
 from pyro.infer.util import Dice, torch_item
 from pyro.ops import packed
-from pyro.poutine.util import prune_subsample_sites
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 from pyro.util import warn_if_nan
 from torch.distributions import kl_divergence
 
@@ -65,6 +66,42 @@ def check_site_match(model_trace, guide_trace) -> None:
             "model and guide sample sites do not match: "
             f"in the model but not the guide {sorted(latent - guided)}, "
             f"in the guide but not the model {sorted(guided - latent)}")
+
+
+class _RequireGuided(Messenger):
+    """Stops at the first latent model site that the guide does not sample, naming it (else the
+    model would try to sample it itself: an improper prior cannot, and fails far from the cause)."""
+
+    def __init__(self, guided: set[str]):
+        super().__init__()
+        self.guided = guided
+
+    def _pyro_sample(self, msg):
+        if not msg["is_observed"] and msg["name"] not in self.guided and not site_is_subsample(msg):
+            raise ValueError(f"model and guide sample sites do not match: the model's latent site {msg['name']!r} "
+                             f"is not in the guide (the guide's sites: {sorted(self.guided)})")
+
+
+def replay_model(model, guide_trace, *args, **kwargs):
+    """The model's trace replayed against ``guide_trace``; a latent model site the guide lacks
+    is a clear error naming both sides' sites."""
+    guided = {n for n, s in guide_trace.nodes.items() if s["type"] == "sample" and not site_is_subsample(s)}
+    with _RequireGuided(guided):
+        return poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+
+
+def _explain_mismatch(model, guide, args, kwargs) -> None:
+    """After a failure inside an ELBO's traces: raise the site mismatch if that was the cause
+    (and nothing else: any other failure of this second look leaves the original error)."""
+    try:
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        model_trace = replay_model(model, guide_trace, *args, **kwargs)
+        check_site_match(model_trace, guide_trace)
+    except ValueError as e:
+        if "do not match" in str(e):
+            raise
+    except Exception:  # noqa: BLE001 - the caller re-raises its own error
+        pass
 
 
 def site_terms(model_trace) -> dict[str, tuple[str, str]]:
@@ -94,9 +131,10 @@ def soft_value(model, guide, temperature: float | torch.Tensor, *args, **kwargs)
     needs (for SAC's flat prior: Q'(x, a) - alpha log q(a|x)), read from the same pair the
     actor maximises, so the two cannot drift apart. At temperature 0 it is the expected
     optimality value alone (no log-ratio is computed). Returns the batch-shaped tensor."""
-    guide_trace = prune_subsample_sites(poutine.trace(guide).get_trace(*args, **kwargs))
-    model_trace = prune_subsample_sites(
-        poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs))
+    guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+    model_trace = prune_subsample_sites(replay_model(model, guide_trace, *args, **kwargs))
+    guide_trace = prune_subsample_sites(guide_trace)
+    check_site_match(model_trace, guide_trace)
     value = log_ratio = None
     for name, site in model_trace.nodes.items():
         if site["type"] != "sample":
@@ -141,6 +179,9 @@ class _NamedTerms:
                 model_trace, guide_trace = super()._get_trace(model, guide, args, kwargs)
             except UserWarning as w:
                 raise ValueError(f"model and guide sample sites do not match: {w}") from None
+            except NotImplementedError:  # e.g. a model site the guide lacks, with a prior that cannot sample
+                _explain_mismatch(model, guide, args, kwargs)  # raises if the sites differ
+                raise
         check_site_match(model_trace, guide_trace)
         return model_trace, guide_trace
 

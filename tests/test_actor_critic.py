@@ -12,6 +12,7 @@ import torch
 from guides.actor import actor_guide
 from guides.continuous import GaussianPolicy
 from models.actor import actor_model, flat_prior
+from models.sites import sample
 from pplrl.algorithms import SAC, default_config
 from pplrl.algorithms.off_policy import ActorCritic, ActorCriticConfig, Dual
 from pplrl.distributions import TanhNormal
@@ -110,6 +111,25 @@ def test_dual_on_a_term_the_model_does_not_have_is_a_clear_error():
     with pytest.raises(ValueError, match=r"dual is on term 'kl_behaviour', which the model does not have; "
                                          r"its terms: \['kl_policy', 'reward'\]"):
         agent.update(40)
+
+
+def test_model_and_guide_with_different_sites_is_a_clear_error_naming_them():
+    """A guide that samples the action under another name: the first thing the update derives
+    (the critic target's soft value) stops, naming the sites on each side; so does the actor."""
+    def guide(obs, prior, critic, scale, policy=None):
+        with pyro.plate("states", obs.shape[0]):
+            sample("a", 1, policy(obs))
+
+    class Mismatched(ActorCritic):
+        pass
+
+    Mismatched.guide = staticmethod(guide)
+    agent = fill(Mismatched(ActorCriticConfig(**TINY), 3, 1))
+    match = r"do not match: the model's latent site 'a_0' is not in the guide \(the guide's sites: \['a_1'\]\)"
+    with pytest.raises(ValueError, match=match):
+        agent.update(40)
+    with pytest.raises(ValueError, match=match):
+        agent.actor_loss(torch.zeros(4, 3))
 
 
 def test_sac_dual_is_the_entropy_target():
