@@ -47,7 +47,7 @@ from pyro.infer.traceenum_elbo import _find_ordinal
 from pyro.infer.util import Dice, torch_item
 from pyro.ops import packed
 from pyro.poutine.messenger import Messenger
-from pyro.poutine.util import prune_subsample_sites, site_is_subsample
+from pyro.poutine.util import site_is_subsample
 from pyro.util import warn_if_nan
 from torch.distributions import kl_divergence
 
@@ -68,6 +68,11 @@ def check_site_match(model_trace, guide_trace) -> None:
             f"in the guide but not the model {sorted(guided - latent)}")
 
 
+def _mismatch(name: str, guided) -> ValueError:
+    return ValueError(f"model and guide sample sites do not match: the model's latent site {name!r} "
+                      f"is not in the guide (the guide's sites: {sorted(guided)})")
+
+
 class _RequireGuided(Messenger):
     """Stops at the first latent model site that the guide does not sample, naming it (else the
     model would try to sample it itself: an improper prior cannot, and fails far from the cause)."""
@@ -78,8 +83,7 @@ class _RequireGuided(Messenger):
 
     def _pyro_sample(self, msg):
         if not msg["is_observed"] and msg["name"] not in self.guided and not site_is_subsample(msg):
-            raise ValueError(f"model and guide sample sites do not match: the model's latent site {msg['name']!r} "
-                             f"is not in the guide (the guide's sites: {sorted(self.guided)})")
+            raise _mismatch(msg["name"], self.guided)
 
 
 def replay_model(model, guide_trace, *args, **kwargs):
@@ -88,6 +92,30 @@ def replay_model(model, guide_trace, *args, **kwargs):
     guided = {n for n, s in guide_trace.nodes.items() if s["type"] == "sample" and not site_is_subsample(s)}
     with _RequireGuided(guided):
         return poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+
+
+class _SiteRecorder(Messenger):
+    """The sample sites of one run of a model or guide (name -> message, plates' subsample
+    sites left out), without building Pyro's trace graph: what :func:`soft_value` needs, at a
+    fraction of ``poutine.trace`` + ``poutine.replay``'s cost (it runs in every critic update).
+    With ``replay`` (a guide's sites) it replays them as :class:`pyro.poutine.ReplayMessenger`
+    does, and a latent site the guide lacks is the site-mismatch error."""
+
+    def __init__(self, replay: dict | None = None):
+        super().__init__()
+        self.replay, self.sites = replay, {}
+
+    def _pyro_sample(self, msg):
+        if self.replay is None or msg["is_observed"] or site_is_subsample(msg):
+            return
+        guide_msg = self.replay.get(msg["name"])
+        if guide_msg is None:
+            raise _mismatch(msg["name"], self.replay)
+        msg["value"], msg["infer"], msg["done"] = guide_msg["value"], guide_msg["infer"], True
+
+    def _pyro_post_sample(self, msg):
+        if not site_is_subsample(msg):
+            self.sites[msg["name"]] = msg
 
 
 def _explain_mismatch(model, guide, args, kwargs) -> None:
@@ -131,14 +159,16 @@ def soft_value(model, guide, temperature: float | torch.Tensor, *args, **kwargs)
     needs (for SAC's flat prior: Q'(x, a) - alpha log q(a|x)), read from the same pair the
     actor maximises, so the two cannot drift apart. At temperature 0 it is the expected
     optimality value alone (no log-ratio is computed). Returns the batch-shaped tensor."""
-    guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-    model_trace = prune_subsample_sites(replay_model(model, guide_trace, *args, **kwargs))
-    guide_trace = prune_subsample_sites(guide_trace)
-    check_site_match(model_trace, guide_trace)
+    with _SiteRecorder() as guide_run:
+        guide(*args, **kwargs)
+    with _SiteRecorder(replay=guide_run.sites) as model_run:
+        model(*args, **kwargs)
+    latent = [name for name, site in model_run.sites.items() if not site["is_observed"]]
+    if len(latent) != len(guide_run.sites):
+        unmatched = sorted(set(guide_run.sites) - set(latent))
+        raise ValueError(f"model and guide sample sites do not match: in the guide but not the model {unmatched}")
     value = log_ratio = None
-    for name, site in model_trace.nodes.items():
-        if site["type"] != "sample":
-            continue
+    for name, site in model_run.sites.items():
         if site["is_observed"]:
             v = site["infer"].get("value")
             if v is not None:
@@ -146,7 +176,7 @@ def soft_value(model, guide, temperature: float | torch.Tensor, *args, **kwargs)
             continue
         if _is_zero(temperature):
             continue
-        g = guide_trace.nodes[name]
+        g = guide_run.sites[name]
         r = g["fn"].log_prob(g["value"]) - site["fn"].log_prob(site["value"])
         log_ratio = r if log_ratio is None else log_ratio + r
     if value is None:
