@@ -54,6 +54,8 @@ def diagnose(folder: Path, plot: Path | None = None) -> str:
     if not runs:
         raise FileNotFoundError(f"no run folders (with {CONFIG} and {METRICS}) under {folder}")
     text = load_recorded_plugins(runs)
+    for run in runs:  # importance weights that an estimate cannot rest on (PSIS k-hat > 0.7)
+        text.extend(diagnostics.khat_warnings(str(run), *load_run_traces(run, "train")))
     for kind in ("train", "eval"):
         traces = [load_run_traces(r, kind) for r in runs]
         traces = [(s, t) for s, t in traces if len(s) > 1]

@@ -39,7 +39,10 @@ import pandas as pd
 import xarray as xr
 
 __all__ = [
+    "KHAT_UNRELIABLE",
     "NonFiniteError",
+    "importance_weight_diagnostics",
+    "khat_warnings",
     "SUMMARY_HEADER",
     "TermRecorder",
     "check_finite",
@@ -532,6 +535,59 @@ def plot_traces(
 # --------------------------------------------------------------------------- #
 # NaN guard
 # --------------------------------------------------------------------------- #
+#: Pareto k-hat above which an importance-weighted estimate is unreliable (Vehtari, Simpson,
+#: Gelman, Yao and Gabry 2024, "Pareto smoothed importance sampling", JMLR 25(72), Sec. 3: the
+#: threshold for moderate sample sizes; above it the weights' variance is effectively infinite).
+KHAT_UNRELIABLE = 0.7
+
+
+def importance_weight_diagnostics(log_weights: Any) -> dict[str, float]:
+    """How far an estimate built from the weights ``exp(log_weights)`` can be trusted:
+
+    * ``khat``: the Pareto shape k-hat of the weights' upper tail, from ArviZ's PSIS
+      (``arviz_stats`` ``psislw``); above :data:`KHAT_UNRELIABLE` = 0.7 the estimate rests on a
+      handful of weights and its error is not what the sample size suggests;
+    * ``ess``: the effective sample size of the self-normalised (raw, unsmoothed) weights,
+      ``1 / sum_i w_i^2`` with ``sum_i w_i = 1``, and ``ess_frac`` = ess / n.
+
+    Log-space throughout (the weights of exp(scale * TD) overflow long before k-hat says so). A
+    flat upper tail (many weights equal, e.g. at a clamp) is bounded: k-hat is reported as 0."""
+    from arviz_stats.base.array import array_stats
+
+    lw = np.asarray(log_weights.detach().cpu() if hasattr(log_weights, "detach") else log_weights, dtype=float)
+    lw = lw.reshape(-1)
+    if lw.size < 2 or not np.all(np.isfinite(lw)):
+        raise ValueError(f"importance weight diagnostics need at least 2 finite log-weights, got {lw.size} "
+                         f"({int(np.sum(~np.isfinite(lw)))} not finite)")
+    w = np.exp(lw - lw.max())
+    w /= w.sum()
+    ess = float(1.0 / np.sum(w ** 2))
+    with warnings.catch_warnings():  # ArviZ warns when k-hat is high: that is what we report
+        warnings.simplefilter("ignore")
+        try:
+            _, khat = array_stats.psislw(lw)
+        except ValueError as e:  # "All tail values are the same": a flat tail, e.g. weights at the TD clamp
+            if "tail values are the same" not in str(e):
+                raise
+            khat = 0.0  # bounded weights: the tail's shape is <= 0, reported as 0
+    return {"khat": float(khat), "ess": ess, "ess_frac": ess / lw.size}
+
+
+def khat_warnings(run: str, steps: Sequence[int], traces: Mapping[str, Sequence[float]]) -> list[str]:
+    """One line per ``*_khat`` trace of a run that ever exceeds :data:`KHAT_UNRELIABLE`."""
+    out = []
+    for name, values in sorted(traces.items()):
+        if not name.endswith("khat"):
+            continue
+        v = np.asarray(values, dtype=float)
+        bad = np.isfinite(v) & (v > KHAT_UNRELIABLE)
+        if bad.any():
+            i = int(np.nanargmax(v))
+            out.append(f"warning: {run}: {name} > {KHAT_UNRELIABLE} (unreliable importance weights) in "
+                       f"{int(bad.sum())} of {int(np.isfinite(v).sum())} records; max {v[i]:.2f} at step {steps[i]}")
+    return out
+
+
 class NonFiniteError(FloatingPointError):
     """A training term became NaN or infinite."""
 

@@ -316,6 +316,22 @@ def test_q_d_fit_survives_underflowing_weights():
     assert np.isfinite(info["q_d_train_loss"]) and info["q_d_weight_max"] == 1.0
 
 
+def test_q_d_fit_logs_psis_khat_and_ess_of_its_weights():
+    """Each q_d fit reports ArviZ's Pareto k-hat and the ESS of its weights exp(scale TD) over
+    the replay (the numbers importance_weight_diagnostics gives for the same log-weights); a
+    near-flat tilt (eta -> 0) keeps nearly every transition, the default's fewer."""
+    from pplrl.diagnostics import importance_weight_diagnostics
+
+    a = agent(VMBPO)
+    info = a.fit_variational_dynamics(1)
+    data = a.replay.all()
+    expected = importance_weight_diagnostics(a.dynamics_log_weights(data))
+    assert info["q_d_weight_khat"] == pytest.approx(expected["khat"])
+    assert info["q_d_weight_ess_frac"] == pytest.approx(expected["ess_frac"])
+    flat = agent(VMBPO, eta=1e-4).fit_variational_dynamics(1)
+    assert info["q_d_weight_ess_frac"] < 0.9 < flat["q_d_weight_ess_frac"] <= 1.0
+
+
 def test_model_batch_log_ratio_and_real_ratio():
     """model_batch's one-pass log q_d/p equals the mixture densities computed by hand, and
     real_ratio keeps that share of real transitions (real a, r, x', done) at the front."""

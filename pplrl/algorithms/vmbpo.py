@@ -73,7 +73,7 @@ from models.actor import actor_model
 from models.dynamics import GaussianEnsemble
 from pplrl.algorithms.model_based import EnsembleConfig, elite_holdout_mse, fit_on_replay
 from pplrl.algorithms.sac import SAC, SACConfig
-from pplrl.diagnostics import NonFiniteError
+from pplrl.diagnostics import NonFiniteError, importance_weight_diagnostics
 from pplrl.envs.continuous import termination_fn_for
 from pplrl.nets import VNetwork, mlp, polyak_update, target_copy
 from pplrl.replay import Batch
@@ -350,8 +350,10 @@ class VariationalAgent(SAC):
             nxt, _, _ = self.q_dynamics.predict(real.obs, real.act)
             kl = float((self.ensemble_log_density(self.q_dynamics, real.obs, real.act, nxt)
                         - self.ensemble_log_density(self.ensemble, real.obs, real.act, nxt)).mean())
+        psis = importance_weight_diagnostics(log_w)  # how many transitions the q_d fit rests on
         return {"q_d_train_loss": info["train_loss"][-1], "q_d_weight_max": float(weights.max()),
-                "q_d_weight_mean": float(weights.mean()), "kl_dynamics_ensembles": kl}
+                "q_d_weight_mean": float(weights.mean()), "kl_dynamics_ensembles": kl,
+                "q_d_weight_khat": psis["khat"], "q_d_weight_ess_frac": psis["ess_frac"]}
 
     # -- step 2: log-likelihood ratio ------------------------------------------------------------
     def ensemble_log_density(self, ensemble: GaussianEnsemble, obs, act, next_obs) -> torch.Tensor:
