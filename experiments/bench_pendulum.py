@@ -54,6 +54,7 @@ def run_pplrl(algo: str, env_id: str, seed: int, steps: int, eval_every: int, ev
     torch.set_num_threads(1)
     from pplrl.algorithms import apply_overrides, default_config
     from pplrl.plugins import load_plugin
+    from pplrl.runfiles import read_records
     from pplrl.runner import train
 
     for plugin in plugins:  # each worker is a fresh process: load the user's algorithms there
@@ -73,7 +74,7 @@ def run_pplrl(algo: str, env_id: str, seed: int, steps: int, eval_every: int, ev
         except _TimeUp as e:
             truncated = int(e.args[0])
         wall = time.perf_counter() - t0
-        evals = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+        evals = read_records(Path(out) / "metrics.jsonl")
     evals = [r for r in evals if r["kind"] == "eval"]
     out = {"algo": algo, "seed": seed, "steps": [r["step"] for r in evals],
            "returns": [r["mean_return"] for r in evals], "wall_s": wall}

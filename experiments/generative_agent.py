@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from pplrl.algorithms import apply_overrides, default_config
+from pplrl.runfiles import read_records
 from pplrl.runner import evaluate, train
 
 VARIANTS = {
@@ -75,7 +76,7 @@ def evaluate_both(agent, env_id: str, episodes: int, seed: int) -> dict[str, flo
 
 
 def read_metrics(folder: Path) -> list[dict]:
-    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line]
+    return read_records(folder / "metrics.jsonl")
 
 
 def run_one(name: str, seed: int, args, out: Path) -> dict:

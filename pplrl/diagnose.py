@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 
 from pplrl import diagnostics
+from pplrl.runfiles import read_records
 from pplrl.runner import CONFIG, METRICS
 
 
 def load_run_traces(run: Path, kind: str = "train") -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Steps and per-term arrays of one run's ``metrics.jsonl`` records of ``kind``."""
-    rows = [json.loads(line) for line in (run / METRICS).read_text().splitlines() if line]
-    rows = [r for r in rows if r["kind"] == kind]
+    rows = [r for r in read_records(run / METRICS) if r["kind"] == kind]  # a torn last line: dropped, warned
     keys = sorted({k for r in rows for k, v in r.items() if k not in ("step", "kind") and isinstance(v, (int, float))})
     steps = np.array([r["step"] for r in rows])
     return steps, {k: np.array([r.get(k, np.nan) for r in rows], dtype=float) for k in keys}

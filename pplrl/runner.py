@@ -3,15 +3,39 @@ line-per-record file, the resolved config, checkpoints and resume.
 
 Layout of a run folder::
 
-    config.json       algorithm name + resolved config + the plugin that defines the algorithm (or None)
+    config.json       algorithm, plugin (or None), resolved config, and the run settings
+                      {"steps", "eval_every", "eval_episodes", "checkpoint_every"}
     metrics.jsonl     one JSON record per line: {"step", "kind": "train"|"eval"|"episode", ...}
-    checkpoint.pt     everything needed to continue (written atomically)
+    checkpoint.pt     everything needed to continue, behind a sha256 header line
+    run.lock          the folder lock (holds the PID of the process training into it)
+
+Every file is replaced atomically (:mod:`pplrl.runfiles`); ``metrics.jsonl`` is appended
+to, and cut back to the checkpoint's step on resume by an atomic replace, so a kill
+never empties or truncates a file that held data. A torn last line (a kill or a full
+disk in the middle of an append) is dropped with a warning by every reader. One
+process at a time trains into a folder (the lock); the lock of a dead process is taken
+over.
 
 Checkpoints are written at episode boundaries (the first one after every
 ``checkpoint_every`` steps), so resuming restarts a fresh episode exactly as the
 uninterrupted run did: same seed and config give the same evaluation returns, and a
 run interrupted (Ctrl-C, a crash, NaN) and resumed ends where an uninterrupted one
-ends. On interruption the last checkpoint and the logs up to it are kept.
+ends. A run that reaches its step target mid-episode checkpoints the unfinished
+episode too (its actions since the reset, return and length), and extending it replays
+those actions on a fresh env from the reset's RNG state, so it ends where the
+uninterrupted longer run ends. On interruption the last checkpoint and the logs up to it
+are kept; a run stopped before its first checkpoint restarts from step 0 on resume.
+
+Checkpoints load with ``torch.load(weights_only=True)``: numpy arrays and scalars in the
+agent's state (replay buffers, RNG states) are stored as tagged tensors and plain
+containers and converted back on load; the sha256 in the header is checked before the
+payload is unpickled and before anything in the folder changes.
+
+Resuming restores the config and every run setting from the folder. With ``resume=True``
+only the step target may change (extending the run, recorded in ``config.json``), and a
+plugin path (a plugin that moved); any other setting given must equal the saved one, or
+a ValueError names it. A ``config.json`` whose config or settings differ from the
+checkpoint's (hand-edited) is refused naming the keys.
 
 Algorithms defined outside pplrl (:mod:`pplrl.plugins`) are named by a plugin file or
 module; the run records it, and resuming or loading the checkpoint loads it again.
@@ -20,11 +44,15 @@ module; the run records it, and resuming or loading the checkpoint loads it agai
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
+import math
 import os
 import random
+import types
+import typing
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -35,14 +63,34 @@ from pplrl.algorithms.base import Agent
 from pplrl.diagnostics import NonFiniteError
 from pplrl.envs.continuous import make_continuous_env
 from pplrl.plugins import PluginError, plugin_of, record_spec, resolve
+from pplrl.runfiles import (
+    LOCK,
+    RunFileError,
+    RunLock,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    encode_records,
+    os_error,
+    pack_checkpoint,
+    read_records,
+    unpack_checkpoint,
+    warn,
+)
 
 CHECKPOINT = "checkpoint.pt"
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+DEFAULT_STEPS = 10_000
+DEFAULT_SETTINGS = {"eval_every": 1000, "eval_episodes": 5, "checkpoint_every": 1000}
+
+__all__ = ["CHECKPOINT", "CONFIG", "LOCK", "METRICS", "RunError", "agent_from_checkpoint", "config_from_dict",
+           "check_config", "evaluate", "load_checkpoint", "read_config", "save_checkpoint", "train",
+           "write_checkpoint"]
 
 
-class RunError(RuntimeError):
+class RunError(RunFileError):
     """A run folder or checkpoint that cannot be used."""
 
 
@@ -54,8 +102,8 @@ def seed_everything(seed: int) -> None:
 
 def evaluate(agent: Agent, env_id: str, episodes: int, seed: int) -> list[float]:
     """Deterministic-policy returns on a separate environment, seeded ``seed + i``."""
-    if episodes <= 0:
-        raise ValueError(f"episodes must be > 0, got {episodes}")
+    if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes <= 0:
+        raise ValueError(f"episodes must be a positive integer, got {episodes!r}")
     env = make_continuous_env(env_id)
     returns = []
     for i in range(episodes):
@@ -70,45 +118,194 @@ def evaluate(agent: Agent, env_id: str, episodes: int, seed: int) -> list[float]
     return returns
 
 
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+# -- checkpoints: weights-only safe encoding, checksum ------------------------------------------
+_NDARRAY, _NPSCALAR = "__pplrl_ndarray__", "__pplrl_npscalar__"
+_SAFE_LEAVES = (torch.Tensor, int, float, bool, str, bytes, complex, type(None), torch.Size, torch.dtype, torch.device)
 
 
-def save_checkpoint(out: Path, agent: Agent, step: int, env_rng_state, episode: int, plugin: str | None = None) -> None:
+def to_safe(obj, where: str = "state"):
+    """``obj`` with numpy arrays and scalars replaced by tagged tensors / Python numbers, so
+    that ``torch.load(weights_only=True)`` can read it back; containers that need no change
+    are returned as they are (module state dicts keep their metadata). Anything else is a
+    RunError naming where it sits."""
+    if isinstance(obj, np.ndarray):
+        dtype = obj.dtype
+        if dtype.kind == "u" and dtype.itemsize > 1:
+            data = obj.astype(np.int64) if dtype.itemsize < 8 else obj.view(np.int64)
+        elif dtype.kind in "fiub" and dtype.byteorder in "=|":
+            data = obj
+        else:
+            raise RunError(f"{where} is a numpy array of dtype {dtype}, which a checkpoint cannot hold")
+        return {_NDARRAY: torch.from_numpy(np.ascontiguousarray(data).copy()), "dtype": dtype.str}
+    if isinstance(obj, np.generic):
+        return {_NPSCALAR: obj.item(), "dtype": obj.dtype.str}
+    if isinstance(obj, dict):
+        changed = {k: to_safe(v, f"{where}[{k!r}]") for k, v in obj.items()}
+        if all(changed[k] is obj[k] for k in obj):
+            return obj
+        out = type(obj)(changed) if type(obj) in (dict, typing.OrderedDict) else dict(changed)
+        if hasattr(obj, "_metadata"):
+            out._metadata = obj._metadata
+        return out
+    if isinstance(obj, (list, tuple)):
+        items = [to_safe(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+        if all(a is b for a, b in zip(items, obj)):
+            return obj
+        return type(obj)(items) if type(obj) in (list, tuple) else items
+    if isinstance(obj, _SAFE_LEAVES):
+        return obj
+    raise RunError(f"{where} holds a {type(obj).__module__}.{type(obj).__qualname__}, which a weights-only "
+                   f"checkpoint cannot hold; store it as a tensor, a number or a plain container")
+
+
+def from_safe(obj):
+    """The inverse of :func:`to_safe`."""
+    if isinstance(obj, dict):
+        if _NDARRAY in obj:
+            dtype = np.dtype(obj["dtype"])
+            data = obj[_NDARRAY].numpy()
+            if dtype.kind == "u" and dtype.itemsize == 8:
+                return data.view(dtype).copy()
+            return data.astype(dtype, copy=True)
+        if _NPSCALAR in obj:
+            return np.dtype(obj["dtype"]).type(obj[_NPSCALAR])
+        changed = {k: from_safe(v) for k, v in obj.items()}
+        if all(changed[k] is obj[k] for k in obj):
+            return obj
+        out = type(obj)(changed)
+        if hasattr(obj, "_metadata"):
+            out._metadata = obj._metadata
+        return out
+    if isinstance(obj, (list, tuple)):
+        items = [from_safe(v) for v in obj]
+        return obj if all(a is b for a, b in zip(items, obj)) else type(obj)(items)
+    return obj
+
+
+def write_checkpoint(path: Path | str, state: dict) -> None:
+    """Write the checkpoint ``state`` (as :func:`load_checkpoint` returns it) to ``path`` (a run
+    folder or the file): safe types, sha256 header, atomic replace."""
+    path = Path(path)
+    file = path / CHECKPOINT if path.is_dir() else path
+    buf = io.BytesIO()
+    torch.save(to_safe(state), buf)
+    atomic_write_bytes(file, pack_checkpoint(buf.getvalue()))
+
+
+def save_checkpoint(out: Path, agent: Agent, step: int, env_rng_state, episode: int, plugin: str | None = None, *,
+                    run: dict | None = None, episode_state: dict | None = None) -> None:
+    """Checkpoint ``agent`` at ``step`` into the run folder ``out``. ``episode_state`` is the
+    unfinished episode of a run that stopped mid-episode (None at an episode boundary)."""
     state = {"format": FORMAT_VERSION, "algo": agent.algo, "plugin": plugin, "config": dataclasses.asdict(agent.config),
-             "obs_dim": agent.obs_dim, "act_dim": agent.act_dim, "step": step, "episode": episode,
-             "agent": agent.state_dict(), "env_rng": env_rng_state,
+             "run": run, "obs_dim": agent.obs_dim, "act_dim": agent.act_dim, "step": step, "episode": episode,
+             "agent": agent.state_dict(), "env_rng": env_rng_state, "episode_state": episode_state,
              "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(), "python_rng": random.getstate()}
-    tmp = out / (CHECKPOINT + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, out / CHECKPOINT)
+    write_checkpoint(out, state)
 
 
 def load_checkpoint(path: Path, expected_algo: str | None = None) -> dict:
+    """The checkpoint in ``path`` (a run folder or the file), its sha256 checked first and its
+    payload read with ``torch.load(weights_only=True)``; numpy arrays come back as arrays."""
     path = Path(path)
     file = path / CHECKPOINT if path.is_dir() else path
     if not file.exists():
         raise RunError(f"no checkpoint at {file}")
     try:
-        state = torch.load(file, weights_only=False)
-    except Exception as e:
-        raise RunError(f"checkpoint {file} is corrupt or unreadable: {type(e).__name__}: {e}") from None
+        payload = unpack_checkpoint(file.read_bytes(), file)
+    except OSError as e:
+        raise RunError(f"cannot read checkpoint {file}: {e.strerror or e}") from None
+    except RunFileError as e:  # no header, or a checksum that does not match
+        raise RunError(str(e)) from None
+    try:
+        state = torch.load(io.BytesIO(payload), weights_only=True)
+    except Exception as e:  # weights-only unpickling refuses code; a bad payload fails here too
+        raise RunError(f"checkpoint {file} is corrupt or unsafe to load (weights_only): "
+                       f"{type(e).__name__}: {' '.join(str(e).split())[:300]}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION or "algo" not in state:
-        raise RunError(f"checkpoint {file} is not a pplrl checkpoint (format {FORMAT_VERSION})")
+        raise RunError(f"checkpoint {file} is not a pplrl checkpoint of format {FORMAT_VERSION}")
     if expected_algo is not None and state["algo"] != expected_algo:
         raise RunError(f"checkpoint {file} was written by algorithm {state['algo']!r}, not {expected_algo!r}")
-    return state
+    return from_safe(state)
 
 
-def config_from_dict(cls: type[Agent], fields: dict):
-    """``cls.Config`` from a saved (JSON) config: lists back to tuples; keys the config class does
-    not have (or lacks) are a RunError."""
+# -- configs ----------------------------------------------------------------------------------
+def _type_error(value, hint) -> str | None:
+    """Why ``value`` (from JSON) does not fit the type ``hint``, or None if it does."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        reasons = [_type_error(value, a) for a in args if a is not type(None)]
+        return None if any(r is None for r in reasons) else reasons[0]
+    if hint is bool:
+        return None if isinstance(value, bool) else "a boolean"
+    if hint is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
+    if hint is float:
+        return None if isinstance(value, (int, float)) and not isinstance(value, bool) else "a number"
+    if hint is str:
+        return None if isinstance(value, str) else "a string"
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            return "a list"
+        inner = args[0] if args else Any
+        if inner is Any:
+            return None
+        bad = [v for v in value if _type_error(v, inner) is not None]
+        return f"a list of {getattr(inner, '__name__', inner)}" if bad else None
+    return None
+
+
+def config_from_dict(cls: type[Agent], fields: dict, where: str = "the saved config"):
+    """``cls.Config`` from a saved (JSON) config: lists back to tuples; unknown or missing
+    keys and values of the wrong type are a RunError naming them."""
+    if not isinstance(fields, dict):
+        raise RunError(f"{where} is not a JSON object")
+    hints = typing.get_type_hints(cls.Config)
+    names = {f.name for f in dataclasses.fields(cls.Config)}
+    unknown = sorted(set(fields) - names)
+    if unknown:
+        raise RunError(f"{where} has keys that {cls.__name__}.Config of algorithm {cls.algo!r} does not: {unknown}")
+    for key, value in fields.items():
+        why = _type_error(value, hints.get(key, Any))
+        if why is not None:
+            raise RunError(f"{where}: {key} must be {why}, got {value!r}")
     try:
         return cls.Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
     except TypeError as e:
-        raise RunError(f"the saved config does not fit {cls.__name__}.Config of algorithm {cls.algo!r}: {e}") from None
+        raise RunError(f"{where} does not fit {cls.__name__}.Config of algorithm {cls.algo!r}: {e}") from None
+
+
+def check_config(config) -> None:
+    """ValueError for a config the run cannot use: its own ``validate()``, a non-finite number
+    (where the default is finite), and ``X_init`` outside ``[X_min, X_max]``."""
+    validate = getattr(config, "validate", None)
+    if validate is not None:
+        validate()
+    fields = {f.name: f for f in dataclasses.fields(config)}
+    for name, f in fields.items():
+        value = getattr(config, name)
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if isinstance(value, float) and not math.isfinite(value):
+            if not (isinstance(default, float) and not math.isfinite(default)):
+                raise ValueError(f"config {name} must be finite, got {value}")
+    for name in fields:
+        if not name.endswith("_init"):
+            continue
+        base, value = name[: -len("_init")], getattr(config, name)
+        low, high = getattr(config, base + "_min", None), getattr(config, base + "_max", None)
+        if isinstance(value, (int, float)) and isinstance(low, (int, float)) and value < low:
+            raise ValueError(f"config {name} = {value} is below {base}_min = {low}")
+        if isinstance(value, (int, float)) and isinstance(high, (int, float)) and value > high:
+            raise ValueError(f"config {name} = {value} is above {base}_max = {high}")
+
+
+def _as_json(obj):
+    return json.loads(json.dumps(obj))
+
+
+def _differences(a: dict, b: dict) -> list[str]:
+    return sorted(k for k in a.keys() | b.keys() if a.get(k, "<absent>") != b.get(k, "<absent>"))
 
 
 def resolve_recorded(algo, plugin: str | None, where) -> type[Agent]:
@@ -130,37 +327,78 @@ def agent_from_checkpoint(path: Path, expected_algo: str | None = None, *,
     else:
         file = Path(path) / CHECKPOINT if Path(path).is_dir() else Path(path)
         Agent_ = resolve_recorded(state["algo"], state.get("plugin"), file)
-    config = config_from_dict(Agent_, state["config"])
+    config = config_from_dict(Agent_, state["config"], f"the config in {path}")
     agent = Agent_(config, state["obs_dim"], state["act_dim"])
     agent.load_state_dict(state["agent"])
     return agent, state
 
 
-def _read_metrics(path: Path, up_to_step: int) -> list[str]:
-    if not path.exists():
-        return []
-    return [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= up_to_step]
+def read_config(out: Path | str) -> dict:
+    """The run folder's ``config.json`` (RunError if it is missing or not a pplrl run config)."""
+    file = Path(out) / CONFIG
+    if not file.is_file():
+        raise RunError(f"{out} holds no run to resume (no {CONFIG})")
+    try:
+        saved = json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise RunError(f"{file} is unreadable: {e}") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("algo"), str) or "config" not in saved:
+        raise RunError(f"{file} is not a pplrl run config (no algo or config)")
+    return saved
 
 
-def train(algo: str | type[Agent], config, out: Path | str, total_steps: int, *, eval_every: int = 1000,
-          eval_episodes: int = 5, checkpoint_every: int = 1000, resume: bool = False, progress: bool = True,
-          callback: Callable[[int, dict], None] | None = None, plugin: str | None = None) -> Agent:
+def _positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _make_folder(out: Path) -> None:
+    """Create ``out`` (and its parents) as a writable folder, or a RunError saying why not."""
+    if out.exists() and not out.is_dir():
+        raise RunError(f"run folder {out} is a file, not a folder; choose another --out")
+    for parent in out.parents:
+        if parent.exists() and not parent.is_dir():
+            raise RunError(f"run folder {out} lies under {parent}, which is a file; choose another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunError(f"cannot create run folder {out}: {e.strerror or e}") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise RunError(f"run folder {out} is not writable")
+
+
+def _holds_run(out: Path) -> bool:
+    return any((out / name).exists() for name in (CONFIG, CHECKPOINT, METRICS))
+
+
+def train(algo: str | type[Agent], config, out: Path | str, total_steps: int | None, *, eval_every: int | None = None,
+          eval_episodes: int | None = None, checkpoint_every: int | None = None, resume: bool = False,
+          progress: bool = True, callback: Callable[[int, dict], None] | None = None,
+          plugin: str | None = None) -> Agent:
     """Train ``algo`` with ``config`` for ``total_steps`` environment steps into ``out``.
 
     ``algo`` is a registered name or an Agent class (registered under its ``algo`` if it is
     not yet); ``plugin`` (a ``.py`` file or a module name) is loaded first and recorded in the
     run, so that resuming and :func:`agent_from_checkpoint` load it again. Without ``plugin``
-    the run records the plugin file or module that defines the class, if any.
+    the run records the plugin file or module that defines the class, if any. Unset run
+    settings take the defaults (``DEFAULT_SETTINGS``) in a new run.
 
-    ``resume=True`` continues the run in ``out`` from its checkpoint with the config saved
-    there; ``config`` must then equal it (or be None), else a ValueError names the keys
-    that differ. It loads the plugin the run recorded unless ``plugin`` is given."""
+    ``resume=True`` continues the run in ``out`` from its checkpoint (from step 0 if it never
+    reached one) with the config and run settings saved there; ``config`` must then equal
+    the saved one (or be None), and each of ``eval_every``, ``eval_episodes``,
+    ``checkpoint_every`` be None or the saved value, else a ValueError names what differs.
+    ``total_steps`` None continues to the saved target; a larger one extends the run. It
+    loads the plugin the run recorded unless ``plugin`` is given."""
     out = Path(out)
-    if total_steps <= 0:
-        raise ValueError(f"steps must be > 0, got {total_steps}")
-    if eval_every <= 0 or checkpoint_every <= 0:
-        raise ValueError("eval_every and checkpoint_every must be > 0")
-    recorded = json.loads((out / CONFIG).read_text()) if resume and (out / CONFIG).is_file() else {}
+    if total_steps is not None or not resume:
+        _positive_int("steps", total_steps)
+    given = {"eval_every": eval_every, "eval_episodes": eval_episodes, "checkpoint_every": checkpoint_every}
+    for name, value in given.items():
+        if value is not None:
+            _positive_int(name, value)
+    if config is not None:
+        check_config(config)
+    recorded = read_config(out) if resume else {}
     if plugin is not None:
         cls, plugin = resolve(algo, plugin), record_spec(plugin)
     elif recorded.get("plugin") is not None:  # resuming a plugin's run: load it again (a class needs no loading)
@@ -170,56 +408,171 @@ def train(algo: str | type[Agent], config, out: Path | str, total_steps: int, *,
         cls = resolve(algo)
         plugin = plugin_of(cls)
     algo = cls.algo
-    out.mkdir(parents=True, exist_ok=True)
-    if resume:
-        state = load_checkpoint(out, algo)
-        saved = json.loads((out / CONFIG).read_text())["config"]
-        if config is not None:
-            given = json.loads(json.dumps(dataclasses.asdict(config)))  # tuples as lists, as saved
-            differing = sorted(k for k in saved.keys() | given.keys() if saved.get(k) != given.get(k))
-            if differing:
-                details = ", ".join(f"{k}: saved {saved.get(k)!r}, given {given.get(k)!r}" for k in differing)
-                raise ValueError(f"cannot resume {out} with a different config ({details}); pass the saved "
-                                 f"config (or None) to resume, or train into a new folder")
-        config = config_from_dict(cls, saved)
-        if recorded and recorded.get("plugin") != plugin:  # a plugin given anew (moved, say): record it
-            _write_json(out / CONFIG, {**recorded, "plugin": plugin})
-    else:
-        if (out / CHECKPOINT).exists() or (out / METRICS).exists():
-            raise RunError(f"{out} already holds a run; use --resume to continue it or choose another --out")
-        _write_json(out / CONFIG, {"algo": algo, "plugin": plugin, "config": dataclasses.asdict(config),
-                                   "steps": total_steps})
+    if resume and recorded["algo"] != algo:
+        raise ValueError(f"cannot resume {out} as {algo!r}: the run is of algorithm {recorded['algo']!r}")
 
-    env = make_continuous_env(config.env_id)
-    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
-    seed_everything(config.seed)
-    agent = make_agent(cls, config, obs_dim, act_dim)
+    lock = None
+    state = None
+    try:
+        if resume:
+            lock = RunLock(out).acquire()
+            recorded = read_config(out)  # again, under the lock
+            state = load_checkpoint(out, algo) if (out / CHECKPOINT).exists() else None  # checksum first
+            saved = _as_json(recorded["config"])
+            where = f"the config in {out / CONFIG}"
+            if state is not None:
+                in_checkpoint = _as_json(state["config"])
+                differing = _differences(saved, in_checkpoint)
+                if differing:
+                    details = ", ".join(f"{k}: {CONFIG} {saved.get(k)!r}, checkpoint {in_checkpoint.get(k)!r}"
+                                        for k in differing)
+                    raise RunError(f"{out / CONFIG} differs from the checkpoint's config ({details}); a run's "
+                                   f"config cannot change (restore {CONFIG}, or train into a new folder)")
+            if config is not None:
+                given_config = _as_json(dataclasses.asdict(config))
+                differing = _differences(saved, given_config)
+                if differing:
+                    details = ", ".join(f"{k}: saved {saved.get(k)!r}, given {given_config.get(k)!r}"
+                                        for k in differing)
+                    raise ValueError(f"cannot resume {out} with a different config ({details}); pass the saved "
+                                     f"config (or None) to resume, or train into a new folder")
+            config = config_from_dict(cls, saved, where)
+            check_config(config)
+            settings = {**DEFAULT_SETTINGS, **(recorded.get("run") or {})}
+            if state is not None and state.get("run") is not None:
+                in_checkpoint = {k: state["run"].get(k) for k in DEFAULT_SETTINGS}
+                differing = [k for k in DEFAULT_SETTINGS if settings[k] != in_checkpoint[k]]
+                if differing:
+                    details = ", ".join(f"{k}: {CONFIG} {settings[k]!r}, checkpoint {in_checkpoint[k]!r}"
+                                        for k in differing)
+                    raise RunError(f"{out / CONFIG} differs from the checkpoint's run settings ({details}); "
+                                   f"restore {CONFIG}, or train into a new folder")
+            for name, value in given.items():
+                if value is not None and value != settings[name]:
+                    raise ValueError(f"cannot resume {out} with {name} = {value} (--{name.replace('_', '-')}): "
+                                     f"the run was trained with {settings[name]}; resuming keeps a run's "
+                                     f"settings (only the step target may grow)")
+            for name in DEFAULT_SETTINGS:
+                _positive_int(f"{CONFIG} {name}", settings[name])
+            target = recorded.get("steps", (recorded.get("run") or {}).get("steps"))
+            total_steps = total_steps if total_steps is not None else target
+            _positive_int("steps", total_steps)
+            reached = state["step"] if state is not None else 0
+            if total_steps < reached:
+                raise ValueError(f"cannot resume {out} to {total_steps} steps: its checkpoint is at step {reached} "
+                                 f"(steps can only grow)")
+        else:
+            settings = {k: v if v is not None else DEFAULT_SETTINGS[k] for k, v in given.items()}
+            if config is None:
+                raise ValueError("a new run needs a config")
+        settings["steps"] = total_steps
+
+        env = make_continuous_env(config.env_id)
+        obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+        seed_everything(config.seed)
+        agent = make_agent(cls, config, obs_dim, act_dim)  # validates what only the agent knows, before any file
+
+        if not resume:
+            _make_folder(out)
+            lock = RunLock(out).acquire()
+            if _holds_run(out):  # checked under the lock: creating a run is check-and-create
+                if (out / CHECKPOINT).exists():
+                    raise RunError(f"{out} already holds a run; use --resume to continue it or choose another --out")
+                raise RunError(f"{out} already holds a run that never reached a checkpoint; use --resume to "
+                               f"restart it from step 0 with its saved config, or choose another --out")
+            atomic_write_json(out / CONFIG, {"algo": algo, "plugin": plugin, "config": dataclasses.asdict(config),
+                                             "steps": total_steps, "run": settings})
+            atomic_write_text(out / METRICS, "")
+        else:
+            # everything is checked: now the folder may change
+            kept = [r for r in read_records(out / METRICS) if state is not None and r["step"] <= state["step"]]
+            atomic_write_text(out / METRICS, encode_records(kept))
+            updated = {**recorded, "plugin": plugin, "steps": total_steps, "run": settings}
+            if updated != recorded:
+                atomic_write_json(out / CONFIG, updated)
+            if state is None:
+                warn(f"{out} has no checkpoint (the run stopped before its first one); restarting it from step 0 "
+                     f"with its saved config")
+        return _loop(agent, env, config, out, algo, plugin, settings, state, progress, callback)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _replay_episode(env, episode_state: dict, seed: int, out: Path):
+    """Bring a fresh ``env`` to the saved unfinished episode: reset it as the run did and step
+    the saved actions; the observation and return must come out bit for bit."""
+    if episode_state["reset_rng"] is not None:
+        env.unwrapped.np_random.bit_generator.state = episode_state["reset_rng"]
+        obs, _ = env.reset()
+    else:
+        obs, _ = env.reset(seed=seed)
+    total = 0.0
+    for act in episode_state["actions"]:
+        obs, r, term, trunc, _ = env.step(act)
+        total += float(r)
+        if term or trunc:
+            break
+    if not np.array_equal(obs, episode_state["obs"]) or total != episode_state["ep_return"]:
+        raise RunError(f"the unfinished episode saved in {out / CHECKPOINT} did not replay exactly on "
+                       f"{env.spec.id if env.spec else 'the environment'} (a non-deterministic environment?)")
+    return obs
+
+
+def _loop(agent: Agent, env, config, out: Path, algo: str, plugin, settings: dict, state: dict | None,
+          progress: bool, callback) -> Agent:
+    total_steps, eval_every = settings["steps"], settings["eval_every"]
+    eval_episodes, checkpoint_every = settings["eval_episodes"], settings["checkpoint_every"]
     start, episode = 0, 0
+    ep_return, ep_len, actions, due_checkpoint = 0.0, 0, [], False
+    reset_rng, reset_seed = None, config.seed
     obs, _ = env.reset(seed=config.seed)
-    if resume:
+    if state is not None:
         agent.load_state_dict(state["agent"])
         start, episode = state["step"], state["episode"]
+        partial = state.get("episode_state")
+        if partial is not None:
+            obs = _replay_episode(env, partial, config.seed, out)
+            ep_return, ep_len = partial["ep_return"], partial["ep_len"]
+            actions = [np.asarray(a) for a in partial["actions"]]
+            due_checkpoint, reset_rng, reset_seed = partial["due_checkpoint"], partial["reset_rng"], None
+            if reset_rng is None:
+                reset_seed = config.seed
+        else:
+            env.unwrapped.np_random.bit_generator.state = state["env_rng"]
+            reset_rng, reset_seed = state["env_rng"], None
+            obs, _ = env.reset()
         torch.set_rng_state(state["torch_rng"])
         np.random.set_state(state["numpy_rng"])
         random.setstate(state["python_rng"])
-        env.unwrapped.np_random.bit_generator.state = state["env_rng"]
-        obs, _ = env.reset()
-        kept = _read_metrics(out / METRICS, start)
-        (out / METRICS).write_text("".join(line + "\n" for line in kept))
-    metrics_file = open(out / METRICS, "a")
+    metrics_path = out / METRICS
+    metrics_file = open(metrics_path, "a")
 
     def log(step: int, kind: str, **values) -> None:
         metrics_file.write(json.dumps({"step": step, "kind": kind, **values}) + "\n")
         metrics_file.flush()
 
-    ep_return, ep_len, last_eval = 0.0, 0, None
-    due_checkpoint = False
+    def checkpoint(step: int, unfinished: bool) -> None:
+        metrics_file.flush()
+        os.fsync(metrics_file.fileno())  # the logs up to a checkpoint are on disk before it
+        episode_state = None
+        if unfinished:
+            episode_state = {"obs": np.asarray(obs), "ep_return": ep_return, "ep_len": ep_len,
+                             "actions": [np.asarray(a) for a in actions], "reset_rng": reset_rng,
+                             "due_checkpoint": due_checkpoint}
+            if reset_seed is not None:
+                episode_state["reset_rng"] = None
+        save_checkpoint(out, agent, step, env.unwrapped.np_random.bit_generator.state, episode, plugin,
+                        run=settings, episode_state=episode_state)
+
+    last_eval = None
     bar = tqdm(range(start + 1, total_steps + 1), initial=start, total=total_steps, disable=not progress,
                desc=f"{algo} {config.env_id} seed {config.seed}", dynamic_ncols=True)
     try:
         for step in bar:
             act = agent.act(obs)
             next_obs, rew, term, trunc, _ = env.step(act)
+            actions.append(np.array(act, copy=True))
             agent.observe(obs, act, rew, next_obs, term)
             obs = next_obs
             ep_return += float(rew)
@@ -239,15 +592,20 @@ def train(algo: str | type[Agent], config, out: Path | str, total_steps: int, *,
                 episode += 1
                 log(step, "episode", episode_return=ep_return, episode_length=ep_len)
                 bar.set_postfix(ep_return=f"{ep_return:.1f}", eval=None if last_eval is None else f"{last_eval:.1f}")
-                ep_return, ep_len = 0.0, 0
+                ep_return, ep_len, actions = 0.0, 0, []
                 if due_checkpoint or step == total_steps:
-                    save_checkpoint(out, agent, step, env.unwrapped.np_random.bit_generator.state, episode, plugin)
+                    checkpoint(step, unfinished=False)
                     due_checkpoint = False
+                reset_rng, reset_seed = env.unwrapped.np_random.bit_generator.state, None
                 obs, _ = env.reset()
-        if ep_len:  # the run ended mid-episode: checkpoint its final state anyway
-            save_checkpoint(out, agent, total_steps, env.unwrapped.np_random.bit_generator.state, episode, plugin)
+        if ep_len and start < total_steps:  # the run ended mid-episode: checkpoint the unfinished episode
+            checkpoint(total_steps, unfinished=True)
     except NonFiniteError as e:
         raise NonFiniteError(f"{e}; the last checkpoint in {out} was kept") from None
+    except FloatingPointError as e:
+        raise NonFiniteError(f"{e}; the last checkpoint in {out} was kept") from None
+    except OSError as e:  # appending to metrics.jsonl (a full disk, say)
+        raise os_error(e, metrics_path, f"; the last checkpoint in {out} was kept") from None
     finally:
         metrics_file.close()
         bar.close()
