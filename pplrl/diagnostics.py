@@ -28,6 +28,7 @@ import logging
 import math
 import numbers
 import sys
+import textwrap
 import warnings
 from collections.abc import Mapping, Sequence
 from os import PathLike
@@ -39,8 +40,18 @@ import pandas as pd
 import xarray as xr
 
 __all__ = [
+    "AGREEMENT_HEADER",
     "KHAT_UNRELIABLE",
     "NonFiniteError",
+    "ONE_RUN",
+    "between_seed_agreement",
+    "format_agreement",
+    "format_relation",
+    "improvement_batched",
+    "mean_and_iqm",
+    "probability_of_improvement",
+    "stratified_bootstrap_ci",
+    "term_relations",
     "importance_weight_diagnostics",
     "khat_warnings",
     "SUMMARY_HEADER",
@@ -624,3 +635,202 @@ def check_finite(name: str, value: Any, step: int) -> None:
         else:
             detail = f"{n_nan} NaN and {n_inf} inf among {size} elements"
         raise NonFiniteError(f"non-finite term {name!r} at step {step}: {detail}")
+
+
+# --------------------------------------------------------------------------- #
+# Across seeds: rliable's estimators with stratified-bootstrap intervals
+# --------------------------------------------------------------------------- #
+#: Bootstrap resamples for the learning-curve bands and for the final-return table.
+CURVE_REPS = 2000
+TABLE_REPS = 10000
+
+
+def stratified_bootstrap_ci(scores: Any, func: Any, *, reps: int = TABLE_REPS, size: float = 0.95,
+                            seed: int = 0, batched: Any = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Point estimate and percentile interval of ``func(scores)`` by rliable's stratified bootstrap.
+
+    ``scores`` is ``(runs, tasks)``, as rliable takes it; each resample draws the runs of every
+    task with replacement, independently per task (rliable's ``StratifiedBootstrap`` without task
+    resampling), and the interval is the percentile interval of ``reps`` resamples (rliable's
+    default ``method="percentile"``). This is rliable's bootstrap written out because
+    ``rliable.library`` needs ``arch<8``, and arch 7 does not import under pandas 3; the estimators
+    (:func:`rliable.metrics.aggregate_iqm`, ...) are rliable's own. Seeded by ``seed``, without
+    touching NumPy's global random state. ``batched``, if given, computes ``func`` of all resamples
+    at once (``(reps, runs, tasks) -> (reps, k)``) and must agree with it. Returns
+    ``(point, low, high)`` as arrays of ``func``'s output shape."""
+    x = np.asarray(scores, dtype=float)
+    if x.ndim != 2 or x.shape[0] < 1:
+        raise ValueError(f"scores must be (runs, tasks) with at least one run, got shape {x.shape}")
+    point = np.atleast_1d(np.asarray(func(x), dtype=float))
+    n, m = x.shape
+    idx = np.random.default_rng(seed).integers(0, n, size=(reps, n, m))
+    resamples = x[idx, np.arange(m)]  # (reps, runs, tasks): task j's runs drawn from task j only
+    if batched is not None:
+        stats = np.asarray(batched(resamples), dtype=float).reshape(reps, -1)
+    else:
+        stats = np.stack([np.atleast_1d(np.asarray(func(r), dtype=float)) for r in resamples])
+    tail = 50.0 * (1.0 - size)
+    low, high = np.percentile(stats, [tail, 100.0 - tail], axis=0)
+    return point, low, high
+
+
+def mean_and_iqm(scores: Any, *, reps: int = TABLE_REPS, seed: int = 0) -> dict[str, tuple[float, float, float]]:
+    """``{"mean": (point, low, high), "iqm": (...)}`` of ``scores`` (runs, or (runs, tasks)) with
+    95 % stratified-bootstrap intervals; rliable's ``aggregate_mean`` and ``aggregate_iqm``. With
+    one run the interval is (nan, nan): one seed says nothing about another."""
+    import scipy.stats
+    from rliable import metrics
+
+    x = np.asarray(scores, dtype=float)
+    x = x.reshape(-1, 1) if x.ndim == 1 else x
+
+    def both(s: np.ndarray) -> np.ndarray:
+        return np.array([metrics.aggregate_mean(s), metrics.aggregate_iqm(s)])
+
+    def both_batched(b: np.ndarray) -> np.ndarray:  # the same two, for (reps, runs, tasks) at once
+        flat = b.reshape(len(b), -1)
+        return np.stack([b.mean(axis=1).mean(axis=1), scipy.stats.trim_mean(flat, 0.25, axis=1)], axis=1)
+
+    if x.shape[0] < 2:
+        p = both(x)
+        return {"mean": (float(p[0]), math.nan, math.nan), "iqm": (float(p[1]), math.nan, math.nan)}
+    p, lo, hi = stratified_bootstrap_ci(x, both, reps=reps, seed=seed, batched=both_batched)
+    return {k: (float(p[i]), float(lo[i]), float(hi[i])) for i, k in enumerate(("mean", "iqm"))}
+
+
+def probability_of_improvement(x: Any, y: Any, *, reps: int = TABLE_REPS, seed: int = 0) -> tuple[float, float, float]:
+    """rliable's probability of improvement P(X > Y) (a run of X scores higher than a run of Y,
+    ties counted half; Mann-Whitney U / (n_x n_y), averaged over tasks) with the 95 % interval of
+    rliable's ``StratifiedIndependentBootstrap``: the runs of X and of Y resampled independently.
+    ``x``, ``y``: runs, or (runs, tasks). The interval is (nan, nan) unless both have two runs."""
+    from rliable import metrics
+
+    x = np.asarray(x, dtype=float)
+    y = np.asarray(y, dtype=float)
+    x, y = (a.reshape(-1, 1) if a.ndim == 1 else a for a in (x, y))
+    point = float(metrics.probability_of_improvement(x, y))
+    if min(len(x), len(y)) < 2:
+        return point, math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    bx = x[rng.integers(0, len(x), size=(reps, *x.shape)), np.arange(x.shape[1])]
+    by = y[rng.integers(0, len(y), size=(reps, *y.shape)), np.arange(y.shape[1])]
+    low, high = np.percentile(improvement_batched(bx, by), [2.5, 97.5])
+    return point, float(low), float(high)
+
+
+def improvement_batched(bx: np.ndarray, by: np.ndarray) -> np.ndarray:
+    """rliable's ``probability_of_improvement`` of each resample ``(bx[r], by[r])`` at once, for
+    ``bx`` (reps, runs_x, tasks) and ``by`` (reps, runs_y, tasks): the Mann-Whitney U of "greater"
+    over n_x n_y is the fraction of pairs with x > y, ties counted half."""
+    gt = bx[:, :, None, :] > by[:, None, :, :]
+    eq = bx[:, :, None, :] == by[:, None, :, :]
+    return (gt + 0.5 * eq).mean(axis=(1, 2)).mean(axis=1)
+
+
+# --------------------------------------------------------------------------- #
+# Which logged terms are sums or negatives of others
+# --------------------------------------------------------------------------- #
+def term_relations(columns: Mapping[str, Sequence[float]], order: Sequence[str] | None = None, *,
+                   rtol: float = 1e-4) -> tuple[list[str], dict[str, dict[str, int]]]:
+    """Split logged terms into independent ones and those that are signed sums of them.
+
+    The columns are taken in ``order`` (default: as given); each is tested, on the rows where all
+    columns are finite, against an integer combination of the independent columns kept so far (the
+    least-squares coefficients, rounded): if ``|column - combination| <= rtol * (1 + sum|parts|)``
+    on every row it is a relation (``entropy = -kl_policy``, ``elbo = reward - kl_policy``), else it
+    joins the independent columns. A column that is zero on every row is the empty sum. Put the
+    totals last in ``order``: the first of two related columns is the one kept.
+
+    Returns ``(independent, relations)``, ``relations[name] = {part: coefficient}``."""
+    names = list(columns) if order is None else [n for n in order if n in columns]
+    data = {n: np.asarray(columns[n], dtype=float).reshape(-1) for n in names}
+    rows = np.all(np.isfinite(np.stack([data[n] for n in names])), axis=0) if names else np.zeros(0, bool)
+    independent: list[str] = []
+    relations: dict[str, dict[str, int]] = {}
+    for name in names:
+        y = data[name][rows]
+        if not np.any(y):
+            relations[name] = {}
+            continue
+        if independent and len(y) > len(independent) + 1:  # enough rows that a fit is not automatic
+            a = np.stack([data[n][rows] for n in independent], axis=1)
+            coef = np.rint(np.linalg.lstsq(a, y, rcond=None)[0])
+            scale = 1.0 + np.abs(a * coef).sum(axis=1)
+            if np.any(coef) and np.all(np.abs(a @ coef - y) <= rtol * scale):
+                parts = [(n, int(c)) for n, c in zip(independent, coef) if c]
+                relations[name] = dict(sorted(parts, key=lambda nc: nc[1] < 0))  # added terms first
+                continue
+        independent.append(name)
+    return independent, relations
+
+
+def format_relation(name: str, parts: Mapping[str, int]) -> str:
+    """``"elbo = elbo_reward - elbo_kl_policy"`` (``"x = 0"`` for the empty sum)."""
+    if not parts:
+        return f"{name} = 0"
+    text = []
+    for i, (part, c) in enumerate(parts.items()):
+        sign = ("-" if c < 0 else "") if i == 0 else (" - " if c < 0 else " + ")
+        text.append(f"{sign}{'' if abs(c) == 1 else f'{abs(c)} '}{part}")
+    return f"{name} = {''.join(text)}"
+
+
+# --------------------------------------------------------------------------- #
+# Between-seed agreement of end-of-run quantities
+# --------------------------------------------------------------------------- #
+ONE_RUN = "one run: no between-seed statistics"
+
+AGREEMENT_HEADER = (
+    "Agreement between seeds at the end of training (chains = seeds; draws = the final evaluation's "
+    "episode returns, or a quantity's last train records). between_sd: spread of the seeds' means; "
+    "within_sd: spread within a seed. R-hat (ArviZ: rank-normalised split R-hat of train records; the "
+    "unsplit R-hat of episode returns, which have no order) near 1: the seeds ended at the same level; "
+    "above 1.01: they did not (different "
+    "final policies, or a quantity still trending). ESS: what the pooled draws are worth as "
+    "independent draws, at most the number of draws. This is NOT MCMC convergence."
+)
+
+
+def between_seed_agreement(draws: Mapping[str, Sequence[Sequence[float]]], *,
+                           unordered: Sequence[str] = ()) -> pd.DataFrame:
+    """One row per quantity of ``draws[name]`` = one sequence of draws per seed (equal lengths are
+    not needed: each seed is cut to the shortest). Columns: ``seeds``, ``draws`` (per seed),
+    ``mean``, ``between_sd`` (sd of the seed means), ``within_sd`` (pooled sd within seeds),
+    ``r_hat`` and ``ess`` (ArviZ's rank-normalised R-hat and bulk ESS, ESS capped at the number of
+    draws; NaN with fewer than 4 draws per seed, which ArviZ needs). Names in ``unordered`` (draws
+    without an order, e.g. evaluation episodes) use the R-hat of the unsplit chains."""
+    from arviz_stats.base.array import array_stats
+
+    out = {}
+    for name, per_seed in draws.items():
+        seqs = [np.asarray(s, dtype=float) for s in per_seed]
+        seqs = [s[np.isfinite(s)] for s in seqs]
+        n = min((len(s) for s in seqs), default=0)
+        if len(seqs) < 2 or n < 1:
+            continue
+        x = np.stack([s[-n:] for s in seqs])
+        means = x.mean(axis=1)
+        row = {"seeds": len(seqs), "draws": n, "mean": float(x.mean()), "between_sd": float(means.std(ddof=1)),
+               "within_sd": float(np.sqrt(x.var(axis=1, ddof=1).mean())) if n > 1 else math.nan,
+               "r_hat": math.nan, "ess": math.nan}
+        if n >= 4 and np.ptp(x) > 0:
+            with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
+                warnings.simplefilter("ignore", RuntimeWarning)
+                method = "identity" if name in unordered else "rank"
+                row["r_hat"] = float(array_stats.rhat(x, chain_axis=0, draw_axis=1, method=method))
+                row["ess"] = min(float(array_stats.ess(x, chain_axis=0, draw_axis=1, method="bulk")), float(x.size))
+        out[name] = row
+    return pd.DataFrame.from_dict(out, orient="index",
+                                  columns=["seeds", "draws", "mean", "between_sd", "within_sd", "r_hat", "ess"])
+
+
+def format_agreement(df: pd.DataFrame, *, decimals: int = 3) -> str:
+    """Render :func:`between_seed_agreement` under a header saying what it measures;
+    :data:`ONE_RUN` when there is nothing across seeds to compare."""
+    if df.empty:
+        return ONE_RUN
+    header = "\n".join(textwrap.wrap(AGREEMENT_HEADER, 110))
+    table = df.to_string(float_format=lambda x: f"{x:.{decimals}f}", na_rep="-")
+    note = ("(-: R-hat and ESS need at least 4 draws per seed)"
+            if df[["r_hat", "ess"]].isna().any().any() else "")
+    return "\n".join(t for t in (header, table, note) if t)

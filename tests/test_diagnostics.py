@@ -274,3 +274,92 @@ def test_standard_error_over_seeds():
     # values 1, 2, 6: mean 3, sample variance (4 + 1 + 9) / 2 = 7, se sqrt(7 / 3)
     assert standard_error([1.0, 2.0, 6.0]) == pytest.approx(math.sqrt(7 / 3))
     assert math.isnan(standard_error([5.0]))
+
+
+# --------------------------------------------------------------------------- #
+# rliable estimates across seeds, term relations, end-of-run agreement
+# --------------------------------------------------------------------------- #
+def test_mean_and_iqm_are_rliables_with_the_stratified_bootstrap_interval():
+    from rliable import metrics
+
+    from pplrl.diagnostics import mean_and_iqm
+
+    scores = np.array([-300.0, -150.0, -200.0, -900.0, -180.0, -210.0, -220.0, -190.0])
+    est = mean_and_iqm(scores, reps=4000)
+    assert est["mean"][0] == pytest.approx(metrics.aggregate_mean(scores[:, None]))
+    assert est["iqm"][0] == pytest.approx(metrics.aggregate_iqm(scores[:, None]))
+    # two runs {0, 1}: a resample's mean is 0, 1/2 or 1 (prob 1/4, 1/2, 1/4): 95 % interval [0, 1]
+    two = mean_and_iqm([0.0, 1.0], reps=4000)
+    assert two["mean"] == pytest.approx((0.5, 0.0, 1.0))
+    # one run: the point, no interval
+    one = mean_and_iqm([3.0])
+    assert one["iqm"][0] == 3.0 and math.isnan(one["iqm"][1]) and math.isnan(one["mean"][2])
+
+
+def test_batched_interval_equals_rliables_estimators_on_each_resample():
+    from rliable import metrics
+
+    from pplrl.diagnostics import mean_and_iqm, stratified_bootstrap_ci
+
+    scores = np.random.default_rng(0).normal(size=(7, 1))
+    both = lambda s: np.array([metrics.aggregate_mean(s), metrics.aggregate_iqm(s)])  # noqa: E731
+    _, lo, hi = stratified_bootstrap_ci(scores, both, reps=300, seed=5)
+    est = mean_and_iqm(scores, reps=300, seed=5)
+    assert (est["mean"][1], est["iqm"][1]) == pytest.approx(tuple(lo))
+    assert (est["mean"][2], est["iqm"][2]) == pytest.approx(tuple(hi))
+
+
+def test_probability_of_improvement_is_rliables():
+    from rliable import metrics
+
+    from pplrl.diagnostics import improvement_batched, probability_of_improvement
+
+    x, y = np.array([3.0, 1.0, 2.0, 2.0]), np.array([2.0, 0.0, 1.0])
+    p, lo, hi = probability_of_improvement(x, y)
+    assert p == pytest.approx(metrics.probability_of_improvement(x[:, None], y[:, None]))
+    assert p == pytest.approx((3 + 1.5 + 2.5 + 2.5) / 12)  # per x: pairs with x > y, ties half
+    assert 0.0 <= lo <= p <= hi <= 1.0
+    rng = np.random.default_rng(1)
+    bx, by = rng.integers(0, 4, size=(20, 4, 2)).astype(float), rng.integers(0, 4, size=(20, 3, 2)).astype(float)
+    np.testing.assert_allclose(improvement_batched(bx, by),
+                               [metrics.probability_of_improvement(a, b) for a, b in zip(bx, by)])
+    assert probability_of_improvement([5.0, 6.0], [1.0, 2.0])[1:] == (1.0, 1.0)  # every resample: X better
+    assert math.isnan(probability_of_improvement([5.0], [1.0, 2.0])[1])
+
+
+def test_term_relations_finds_negatives_sums_and_zeros():
+    from pplrl.diagnostics import format_relation, term_relations
+
+    rng = np.random.default_rng(0)
+    reward, kl, loss = rng.normal(size=(3, 40))
+    cols = {"elbo_kl_policy": kl, "elbo_reward": reward, "loss": loss, "entropy": -kl, "zero": np.zeros(40),
+            "near": reward + kl + 1e-2 * rng.normal(size=40), "elbo": reward - kl}
+    independent, relations = term_relations(cols)
+    assert independent == ["elbo_kl_policy", "elbo_reward", "loss", "near"]
+    assert relations == {"entropy": {"elbo_kl_policy": -1}, "zero": {},
+                         "elbo": {"elbo_reward": 1, "elbo_kl_policy": -1}}
+    assert format_relation("elbo", relations["elbo"]) == "elbo = elbo_reward - elbo_kl_policy"
+    assert format_relation("entropy", relations["entropy"]) == "entropy = -elbo_kl_policy"
+    # too few rows to tell a relation from a fit: nothing is called derived
+    few = {k: v[:2] for k, v in cols.items() if k in ("elbo_kl_policy", "elbo_reward", "elbo")}
+    assert term_relations(few)[1] == {}
+
+
+def test_between_seed_agreement_flags_a_disagreeing_seed_and_says_one_run():
+    from pplrl.diagnostics import ONE_RUN, between_seed_agreement, format_agreement
+
+    rng = np.random.default_rng(2)
+    same = [rng.normal(size=50) for _ in range(4)]
+    shifted = [*same[:3], same[3] + 10.0]
+    df = between_seed_agreement({"same": same, "shifted": shifted, "short": [[1.0, 2.0], [1.5, 2.5]]},
+                                unordered=["same"])
+    assert df.loc["same", "r_hat"] == pytest.approx(1.0, abs=0.03)
+    assert df.loc["shifted", "r_hat"] > 1.5
+    assert df.loc["same", "ess"] <= 200 and df.loc["shifted", "ess"] < df.loc["same", "ess"]
+    assert df.loc["shifted", "between_sd"] == pytest.approx(np.std([s.mean() for s in shifted], ddof=1))
+    assert math.isnan(df.loc["short", "r_hat"]) and df.loc["short", "draws"] == 2
+    text = format_agreement(df)
+    assert text.startswith("Agreement between seeds at the end of training") and "nan" not in text
+    assert "R-hat and ESS need at least 4 draws per seed" in text
+    assert between_seed_agreement({"x": [[1.0, 2.0, 3.0, 4.0]]}).empty  # one seed
+    assert format_agreement(between_seed_agreement({"x": [[1.0, 2.0]]})) == ONE_RUN
