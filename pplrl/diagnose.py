@@ -286,7 +286,7 @@ def split_terms(columns: dict[str, np.ndarray]) -> TrainTerms:
     totals = [n for n in ELBO_TOTALS if n in elbo]
     terms = sorted(n for n in elbo if n not in totals and n not in ELBO_SCALED)
     rest = sorted(n for n in names if n not in elbo or n in ELBO_SCALED)
-    independent, relations = diagnostics.term_relations(columns, terms + rest + totals)
+    independent, relations = diagnostics.term_relations(columns, terms + totals + rest)
     total = "elbo" if "elbo" in columns else ("elbo_elbo" if "elbo_elbo" in columns else None)
     parts = relations.pop(total, None) if total else None
     drawn_terms = [n for n in independent if n in terms or n in totals]
@@ -435,6 +435,8 @@ def agreement_lines(key: tuple[str, str], runs: list[Run], traces, split: TrainT
             per_seed = [t[name][np.isfinite(t[name])] for _, t in traces if name in t]
             draws[f"{name} (last records)"] = [v[-max(END_DRAWS, len(v) // 5):] for v in per_seed]
     df = diagnostics.between_seed_agreement(draws, unordered=["final_return (episodes)"])
+    if df.empty:
+        return [f"between seeds, {_label(key)}: fewer than two runs with records: no between-seed statistics"]
     return [f"between seeds, {_label(key)} ({_seeds(len(runs))}):", diagnostics.format_agreement(df)]
 
 

@@ -734,30 +734,32 @@ def term_relations(columns: Mapping[str, Sequence[float]], order: Sequence[str] 
                    rtol: float = 1e-4) -> tuple[list[str], dict[str, dict[str, int]]]:
     """Split logged terms into independent ones and those that are signed sums of them.
 
-    The columns are taken in ``order`` (default: as given); each is tested, on the rows where all
-    columns are finite, against an integer combination of the independent columns kept so far (the
+    The columns are taken in ``order`` (default: as given); each is tested, on the rows where it is
+    finite, against an integer combination of the independent columns kept so far that are finite
+    there (the
     least-squares coefficients, rounded): if ``|column - combination| <= rtol * (1 + sum|parts|)``
     on every row it is a relation (``entropy = -kl_policy``, ``elbo = reward - kl_policy``), else it
-    joins the independent columns. A column that is zero on every row is the empty sum. Put the
-    totals last in ``order``: the first of two related columns is the one kept.
+    joins the independent columns. A column that is zero on every row is the empty sum. Put a
+    total after its parts in ``order``: the first of two related columns is the one kept.
 
     Returns ``(independent, relations)``, ``relations[name] = {part: coefficient}``."""
     names = list(columns) if order is None else [n for n in order if n in columns]
     data = {n: np.asarray(columns[n], dtype=float).reshape(-1) for n in names}
-    rows = np.all(np.isfinite(np.stack([data[n] for n in names])), axis=0) if names else np.zeros(0, bool)
     independent: list[str] = []
     relations: dict[str, dict[str, int]] = {}
     for name in names:
+        rows = np.isfinite(data[name])  # the rows that logged it, and the kept columns logged there
         y = data[name][rows]
-        if not np.any(y):
+        if len(y) and not np.any(y):
             relations[name] = {}
             continue
-        if independent and len(y) > len(independent) + 1:  # enough rows that a fit is not automatic
-            a = np.stack([data[n][rows] for n in independent], axis=1)
+        basis = [n for n in independent if np.all(np.isfinite(data[n][rows]))]
+        if basis and len(y) > len(basis) + 1:  # enough rows that a fit is not automatic
+            a = np.stack([data[n][rows] for n in basis], axis=1)
             coef = np.rint(np.linalg.lstsq(a, y, rcond=None)[0])
             scale = 1.0 + np.abs(a * coef).sum(axis=1)
             if np.any(coef) and np.all(np.abs(a @ coef - y) <= rtol * scale):
-                parts = [(n, int(c)) for n, c in zip(independent, coef) if c]
+                parts = [(n, int(c)) for n, c in zip(basis, coef) if c]
                 relations[name] = dict(sorted(parts, key=lambda nc: nc[1] < 0))  # added terms first
                 continue
         independent.append(name)

@@ -340,6 +340,10 @@ def test_term_relations_finds_negatives_sums_and_zeros():
                          "elbo": {"elbo_reward": 1, "elbo_kl_policy": -1}}
     assert format_relation("elbo", relations["elbo"]) == "elbo = elbo_reward - elbo_kl_policy"
     assert format_relation("entropy", relations["entropy"]) == "entropy = -elbo_kl_policy"
+    # a quantity logged in some records only (a model fit every other record) hides no relation
+    sparse = {f"m{i}": np.where(np.arange(40) % 2 == 0, rng.normal(size=40), np.nan) for i in range(25)}
+    cols2 = {"elbo_kl_policy": kl, "elbo_reward": reward, **sparse, "elbo": reward - kl}
+    assert term_relations(cols2)[1] == {"elbo": {"elbo_reward": 1, "elbo_kl_policy": -1}}
     # too few rows to tell a relation from a fit: nothing is called derived
     few = {k: v[:2] for k, v in cols.items() if k in ("elbo_kl_policy", "elbo_reward", "elbo")}
     assert term_relations(few)[1] == {}
