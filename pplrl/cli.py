@@ -21,11 +21,14 @@ from pathlib import Path
 
 import numpy as np
 
+from pplrl.runfiles import read_records
+
 # Exit codes (documented in the README and in ``pplrl --help``).
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_NUMERICAL, EXIT_IO, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 
 #: what a run's ``config.json`` fixes; given with ``--resume`` it must equal the saved value
-_FIXED_ON_RESUME = ("algo", "env", "seed", "set", "eval_every", "eval_episodes", "checkpoint_every")
+_FIXED_ON_RESUME = ("algo", "env", "seed", "set", "eval_every", "eval_episodes", "checkpoint_every",
+                    "threads")
 
 
 def _refuse_changes_on_resume(args, out: Path, saved: dict) -> None:
@@ -36,7 +39,7 @@ def _refuse_changes_on_resume(args, out: Path, saved: dict) -> None:
     run = saved.get("run") if isinstance(saved.get("run"), dict) else {}
     recorded = {"algo": saved.get("algo"), "env": config.get("env_id"), "seed": config.get("seed"),
                 "eval_every": run.get("eval_every"), "eval_episodes": run.get("eval_episodes"),
-                "checkpoint_every": run.get("checkpoint_every")}
+                "checkpoint_every": run.get("checkpoint_every"), "threads": run.get("threads")}
     for name in _FIXED_ON_RESUME:
         value = getattr(args, name)
         if value is None:
@@ -51,10 +54,16 @@ def _refuse_changes_on_resume(args, out: Path, saved: dict) -> None:
 
 
 def _train(args) -> int:
-    from pplrl.algorithms import apply_overrides, default_config
     from pplrl.plugins import resolve
-    from pplrl.runner import CONFIG, DEFAULT_STEPS, evaluate, read_config, resolve_recorded, train
+    from pplrl.runner import CONFIG, DEFAULT_STEPS, read_config, resolve_recorded, train
+    from pplrl.sweep import seed_runs
 
+    if args.seeds is not None:
+        return _train_seeds(args)
+    if args.resume and not (Path(args.resume) / CONFIG).exists() and seed_runs(Path(args.resume)):
+        return _resume_seeds(args)
+    if args.jobs is not None:
+        raise ValueError("--jobs runs several seeds at once: give --seeds too (or --resume a many-seed folder)")
     if args.resume:
         out = Path(args.resume)
         saved = read_config(out)
@@ -65,23 +74,117 @@ def _train(args) -> int:
         _refuse_changes_on_resume(args, out, saved)
         algo, config, steps = saved["algo"], None, args.steps
     else:
-        if not args.algo:
-            raise ValueError("name an algorithm (e.g. `pplrl train sac --env Pendulum-v1`) or --resume DIR")
-        algo = resolve(args.algo, args.plugin).algo
-        env, seed = args.env or "Pendulum-v1", args.seed if args.seed is not None else 0
-        config = apply_overrides(default_config(algo, env_id=env, seed=seed), args.set or [])
-        out = Path(args.out or f"runs/{algo}-{env}-seed{seed}")
+        algo, config = _new_config(args, args.seed if args.seed is not None else 0)
+        out = Path(args.out or f"runs/{algo}-{config.env_id}-seed{config.seed}")
         steps = args.steps if args.steps is not None else DEFAULT_STEPS
     args.out_folder = out  # for the interruption message
     agent = train(algo, config, out, steps, eval_every=args.eval_every, eval_episodes=args.eval_episodes,
-                  checkpoint_every=args.checkpoint_every, resume=bool(args.resume), progress=not args.quiet,
-                  plugin=args.plugin)
-    saved = read_config(out)
-    config, episodes, steps = agent.config, saved["run"]["eval_episodes"], saved["steps"]
-    returns = evaluate(agent, config.env_id, episodes, seed=config.seed + 10_000)
-    print(f"{agent.algo} on {config.env_id}, seed {config.seed}, {steps} steps: final evaluation return "
-          f"{np.mean(returns):.1f} +- {np.std(returns):.1f} over {len(returns)} episodes; run folder {out}")
+                  checkpoint_every=args.checkpoint_every, threads=args.threads, resume=bool(args.resume),
+                  progress=not args.quiet, plugin=args.plugin, tensorboard=args.tensorboard)
+    final = [r for r in read_records(out / "metrics.jsonl") if r["kind"] == "final"][-1]
+    config = agent.config
+    print(f"{agent.algo} on {config.env_id}, seed {config.seed}, {final['step']} steps: final evaluation return "
+          f"{final['mean_return']:.1f} +- {final['std_return']:.1f} over {len(final['returns'])} episodes; "
+          f"run folder {out}")
     return EXIT_OK
+
+
+def _new_config(args, seed: int):
+    """The algorithm's name and the config of a new run (ValueError for a bad name or override)."""
+    from pplrl.algorithms import apply_overrides, default_config
+    from pplrl.plugins import resolve
+    from pplrl.runner import check_config
+
+    if not args.algo:
+        raise ValueError("name an algorithm (e.g. `pplrl train sac --env Pendulum-v1`) or --resume DIR")
+    algo = resolve(args.algo, args.plugin).algo
+    config = apply_overrides(default_config(algo, env_id=args.env or "Pendulum-v1", seed=seed), args.set or [])
+    check_config(config)
+    return algo, config
+
+
+def _passed_on(args, names: tuple[str, ...]) -> list[str]:
+    """The flags among ``names`` that were given, as command-line arguments again."""
+    argv = []
+    for name in names:
+        value = getattr(args, name)
+        if value is None or value is False:
+            continue
+        flag = f"--{name.replace('_', '-')}"
+        if value is True:
+            argv.append(flag)
+        elif isinstance(value, list):
+            argv += [flag, *value]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def _run_seeds(jobs: list, args, out: Path) -> int:
+    from pplrl.sweep import run_local, table
+
+    max_jobs = args.jobs if args.jobs is not None else 1
+    if max_jobs < 1:
+        raise ValueError(f"--jobs must be a positive integer, got {max_jobs}")
+    print(f"{len(jobs)} run(s) under {out}, {max_jobs} at a time, {args.threads or 1} torch thread(s) each",
+          flush=True)
+    results, interrupted = run_local(jobs, max_jobs, args.threads or 1, report=lambda line: print(line, flush=True))
+    print(table(results))
+    if interrupted:
+        print(f"error: interrupted; every run kept its last checkpoint (continue with `pplrl train --resume {out}`)",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    failed = [r for r in results if r.returncode != 0]
+    if failed:
+        print(f"error: {len(failed)} of {len(results)} run(s) failed: " +
+              "; ".join(f"{r.name} (exit {r.returncode})" for r in failed), file=sys.stderr)
+        return failed[0].returncode
+    return EXIT_OK
+
+
+def _train_seeds(args) -> int:
+    """``pplrl train ALGO --seeds 0-9 [--jobs N] --out DIR``: one run folder per seed under DIR."""
+    from pplrl.runner import DEFAULT_STEPS
+    from pplrl.sweep import parse_seeds, seed_folder
+
+    if args.resume:
+        raise ValueError("--seeds cannot be given with --resume: `pplrl train --resume DIR` continues every "
+                         "seed's run in DIR")
+    if args.seed is not None:
+        raise ValueError("give either --seed (one run) or --seeds (one run per seed), not both")
+    seeds = parse_seeds(args.seeds)
+    algo, config = _new_config(args, seeds[0])  # every error that a seed's run would hit, said once, up front
+    steps = args.steps if args.steps is not None else DEFAULT_STEPS
+    from pplrl.runner import _positive_int
+
+    _positive_int("steps", steps)
+    for name in ("eval_every", "eval_episodes", "checkpoint_every", "threads"):
+        if getattr(args, name) is not None:
+            _positive_int(name, getattr(args, name))
+    out = Path(args.out or f"runs/{algo}-{config.env_id}-seeds{args.seeds}")
+    taken = [seed_folder(out, s) for s in seeds if (seed_folder(out, s) / "config.json").exists()]
+    if taken:
+        raise ValueError(f"{out} already holds runs of seeds {[p.name for p in taken]}; continue them with "
+                         f"`pplrl train --resume {out}` or choose another --out")
+    shared = ["--env", config.env_id, "--steps", str(steps), "--quiet",
+              *_passed_on(args, ("eval_every", "eval_episodes", "checkpoint_every", "threads", "plugin", "set",
+                                 "tensorboard"))]
+    jobs = [(f"seed {s}", seed_folder(out, s), ["train", algo, "--seed", str(s), "--out", str(seed_folder(out, s)),
+                                                *shared]) for s in seeds]
+    return _run_seeds(jobs, args, out)
+
+
+def _resume_seeds(args) -> int:
+    """``pplrl train --resume DIR`` on a many-seed folder: every run below DIR goes on."""
+    from pplrl.sweep import seed_runs
+
+    out = Path(args.resume)
+    runs = seed_runs(out)
+    passed = _passed_on(args, ("steps", "env", "seed", "set", "eval_every", "eval_episodes", "checkpoint_every",
+                               "threads", "plugin", "tensorboard"))
+    extra = [args.algo] if args.algo else []
+    jobs = [(run.name, run, ["train", *extra, "--resume", str(run), "--quiet", *passed]) for run in runs]
+    return _run_seeds(jobs, args, out)
 
 
 def _eval(args) -> int:
@@ -101,6 +204,30 @@ def _diagnose(args) -> int:
     return EXIT_OK
 
 
+def _config_help(train_parser, argv: list[str]) -> None:
+    """``pplrl train ALGO --help``: list ALGO's config fields (the ``--set`` keys) with their
+    defaults and docstrings under the usual help."""
+    if "train" not in argv or not {"-h", "--help"} & set(argv):
+        return
+    rest = argv[argv.index("train") + 1:]
+    names = [a for i, a in enumerate(rest) if not a.startswith("-") and (i == 0 or not rest[i - 1].startswith("--"))]
+    plugin = rest[rest.index("--plugin") + 1] if "--plugin" in rest[:-1] else None
+    if not names:
+        train_parser.epilog = "`pplrl train ALGO --help` lists ALGO's config fields (the --set keys)."
+        return
+    try:
+        from pplrl.algorithms import default_config
+        from pplrl.algorithms.base import describe_config
+        from pplrl.plugins import load_entry_points, resolve
+
+        load_entry_points()
+        algo = resolve(names[0], plugin).algo
+        train_parser.epilog = (f"config of {algo} (--set KEY=VALUE; tuples as 256,256; none for an optional value):\n"
+                               + describe_config(default_config(algo)))
+    except (ValueError, RuntimeError) as e:
+        train_parser.epilog = f"(no config listing: {_error_line(e)})"
+
+
 def _error_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
@@ -109,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="pplrl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--debug", action="store_true", help="show the traceback of a failure")
     sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train an agent (or resume a run)")
+    t = sub.add_parser("train", help="train an agent (or resume a run)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("algo", nargs="?", help="algorithm name, e.g. sac")
     t.add_argument("--env", default=None, help="gymnasium environment id (default Pendulum-v1)")
     t.add_argument("--steps", type=int, default=None,
@@ -128,6 +256,15 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--eval-episodes", type=int, default=None, help="episodes per evaluation (default 5)")
     t.add_argument("--checkpoint-every", type=int, default=None,
                    help="env steps between checkpoints, taken at the next episode end (default 1000)")
+    t.add_argument("--threads", type=int, default=None,
+                   help="torch threads for the run (default 1, so that concurrent runs never oversubscribe the "
+                        "cores; saved with the run)")
+    t.add_argument("--seeds", default=None, metavar="SEEDS",
+                   help="one run per seed, e.g. 0-9 or 0,3,7, in OUT/seed<k> (see --jobs); `pplrl train --resume "
+                        "OUT` continues them all")
+    t.add_argument("--jobs", type=int, default=None, help="runs at a time with --seeds (default 1)")
+    t.add_argument("--tensorboard", action="store_true",
+                   help="also write TensorBoard logs to OUT/tensorboard (pip install 'pplrl[tensorboard]')")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of a failure")
     t.set_defaults(func=_train)
@@ -144,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--plot", default=None, help="PNG path for the trace plots (default FOLDER/diagnostics.png)")
     d.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of a failure")
     d.set_defaults(func=_diagnose)
+    _config_help(t, sys.argv[1:] if argv is None else argv)
     args = p.parse_args(argv)
     from pplrl.diagnostics import NonFiniteError
     from pplrl.runfiles import RunIOError

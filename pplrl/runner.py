@@ -49,6 +49,7 @@ import json
 import math
 import os
 import random
+import time
 import types
 import typing
 from pathlib import Path
@@ -83,7 +84,8 @@ CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 FORMAT_VERSION = 2
 DEFAULT_STEPS = 10_000
-DEFAULT_SETTINGS = {"eval_every": 1000, "eval_episodes": 5, "checkpoint_every": 1000}
+DEFAULT_SETTINGS = {"eval_every": 1000, "eval_episodes": 5, "checkpoint_every": 1000, "threads": 1}
+LOG_EVERY = 100  # env steps per "train" record (the mean over the updates since the last one)
 
 __all__ = ["CHECKPOINT", "CONFIG", "LOCK", "METRICS", "RunError", "agent_from_checkpoint", "config_from_dict",
            "check_config", "evaluate", "load_checkpoint", "read_config", "save_checkpoint", "train",
@@ -193,12 +195,15 @@ def write_checkpoint(path: Path | str, state: dict) -> None:
 
 
 def save_checkpoint(out: Path, agent: Agent, step: int, env_rng_state, episode: int, plugin: str | None = None, *,
-                    run: dict | None = None, episode_state: dict | None = None) -> None:
+                    run: dict | None = None, episode_state: dict | None = None, log_state: dict | None = None) -> None:
     """Checkpoint ``agent`` at ``step`` into the run folder ``out``. ``episode_state`` is the
-    unfinished episode of a run that stopped mid-episode (None at an episode boundary)."""
+    unfinished episode of a run that stopped mid-episode (None at an episode boundary);
+    ``log_state`` the logger's running sums and clocks, so that resumed records are the
+    uninterrupted run's."""
     state = {"format": FORMAT_VERSION, "algo": agent.algo, "plugin": plugin, "config": dataclasses.asdict(agent.config),
              "run": run, "obs_dim": agent.obs_dim, "act_dim": agent.act_dim, "step": step, "episode": episode,
              "agent": agent.state_dict(), "env_rng": env_rng_state, "episode_state": episode_state,
+             "log_state": log_state,
              "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(), "python_rng": random.getstate()}
     write_checkpoint(out, state)
 
@@ -372,9 +377,9 @@ def _holds_run(out: Path) -> bool:
 
 
 def train(algo: str | type[Agent], config, out: Path | str, total_steps: int | None, *, eval_every: int | None = None,
-          eval_episodes: int | None = None, checkpoint_every: int | None = None, resume: bool = False,
-          progress: bool = True, callback: Callable[[int, dict], None] | None = None,
-          plugin: str | None = None) -> Agent:
+          eval_episodes: int | None = None, checkpoint_every: int | None = None, threads: int | None = None,
+          resume: bool = False, progress: bool = True, callback: Callable[[int, dict], None] | None = None,
+          plugin: str | None = None, tensorboard: bool = False) -> Agent:
     """Train ``algo`` with ``config`` for ``total_steps`` environment steps into ``out``.
 
     ``algo`` is a registered name or an Agent class (registered under its ``algo`` if it is
@@ -388,16 +393,32 @@ def train(algo: str | type[Agent], config, out: Path | str, total_steps: int | N
     the saved one (or be None), and each of ``eval_every``, ``eval_episodes``,
     ``checkpoint_every`` be None or the saved value, else a ValueError names what differs.
     ``total_steps`` None continues to the saved target; a larger one extends the run. It
-    loads the plugin the run recorded unless ``plugin`` is given."""
+    loads the plugin the run recorded unless ``plugin`` is given.
+
+    ``threads`` (default 1, saved with the run) is torch's intra-op thread count while the run
+    trains (restored afterwards): one per run keeps concurrent runs from oversubscribing the
+    cores, and a run resumes with the count it began with (float sums depend on it).
+
+    ``metrics.jsonl`` gets a "train" record every ``LOG_EVERY`` env steps (the mean of each
+    logged value over the updates since the previous record, with ``wall_s``, the training
+    wall-clock seconds so far, and ``steps_per_s`` since the previous record), the "eval" and
+    "episode" records, and at the end a "final" record: the evaluation of the last policy
+    over ``eval_episodes`` episodes (seeds ``seed + 10000 + i``), which ``pplrl train`` prints.
+    ``tensorboard=True`` mirrors the records to TensorBoard in ``out/tensorboard`` (needs the
+    ``tensorboard`` package: ``pip install pplrl[tensorboard]``); ``metrics.jsonl`` stays the
+    source of truth."""
     out = Path(out)
     if total_steps is not None or not resume:
         _positive_int("steps", total_steps)
-    given = {"eval_every": eval_every, "eval_episodes": eval_episodes, "checkpoint_every": checkpoint_every}
+    given = {"eval_every": eval_every, "eval_episodes": eval_episodes, "checkpoint_every": checkpoint_every,
+             "threads": threads}
     for name, value in given.items():
         if value is not None:
             _positive_int(name, value)
     if config is not None:
         check_config(config)
+    if tensorboard:
+        _tensorboard_writer_class()  # missing package: said before anything is written
     recorded = read_config(out) if resume else {}
     if plugin is not None:
         cls, plugin = resolve(algo, plugin), record_spec(plugin)
@@ -485,7 +506,8 @@ def train(algo: str | type[Agent], config, out: Path | str, total_steps: int | N
             atomic_write_text(out / METRICS, "")
         else:
             # everything is checked: now the folder may change
-            kept = [r for r in read_records(out / METRICS) if state is not None and r["step"] <= state["step"]]
+            kept = [r for r in read_records(out / METRICS)  # a finished segment's "final" is evaluated anew
+                    if state is not None and r["step"] <= state["step"] and r["kind"] != "final"]
             atomic_write_text(out / METRICS, encode_records(kept))
             updated = {**recorded, "plugin": plugin, "steps": total_steps, "run": settings}
             if updated != recorded:
@@ -493,7 +515,12 @@ def train(algo: str | type[Agent], config, out: Path | str, total_steps: int | N
             if state is None:
                 warn(f"{out} has no checkpoint (the run stopped before its first one); restarting it from step 0 "
                      f"with its saved config")
-        return _loop(agent, env, config, out, algo, plugin, settings, state, progress, callback)
+        threads_before = torch.get_num_threads()
+        torch.set_num_threads(settings["threads"])
+        try:
+            return _loop(agent, env, config, out, algo, plugin, settings, state, progress, callback, tensorboard)
+        finally:
+            torch.set_num_threads(threads_before)
     finally:
         if lock is not None:
             lock.release()
@@ -519,8 +546,54 @@ def _replay_episode(env, episode_state: dict, seed: int, out: Path):
     return obs
 
 
+class _TrainLog:
+    """The running means of the values the agent's updates return, and the clocks, between
+    two "train" records; its state goes into every checkpoint."""
+
+    def __init__(self, state: dict | None = None):
+        state = state or {}
+        self.sums: dict[str, float] = dict(state.get("sums", {}))
+        self.counts: dict[str, int] = dict(state.get("counts", {}))
+        self.wall_before = float(state.get("wall_s", 0.0))  # seconds trained before this process
+        self.last_wall, self.last_step = float(state.get("last_wall_s", 0.0)), state.get("last_step")
+        self.t0 = time.perf_counter()
+
+    def wall(self) -> float:
+        return self.wall_before + time.perf_counter() - self.t0
+
+    def add(self, metrics: dict) -> None:
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                self.sums[k] = self.sums.get(k, 0.0) + float(v)
+                self.counts[k] = self.counts.get(k, 0) + 1
+
+    def record(self, step: int, start: int) -> dict | None:
+        """The record for ``step`` (None if no update ran since the last one), and a reset."""
+        if not self.sums:
+            return None
+        wall = self.wall()
+        since = step - (self.last_step if self.last_step is not None else start)
+        record = {k: self.sums[k] / self.counts[k] for k in self.sums}
+        record.update(wall_s=round(wall, 3), steps_per_s=round(since / max(wall - self.last_wall, 1e-9), 1))
+        self.sums, self.counts, self.last_wall, self.last_step = {}, {}, wall, step
+        return record
+
+    def state(self) -> dict:
+        return {"sums": dict(self.sums), "counts": dict(self.counts), "wall_s": self.wall(),
+                "last_wall_s": self.last_wall, "last_step": self.last_step}
+
+
+def _tensorboard_writer_class():
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ValueError("--tensorboard needs the tensorboard package: pip install 'pplrl[tensorboard]' "
+                         "(or pip install tensorboard)") from None
+    return SummaryWriter
+
+
 def _loop(agent: Agent, env, config, out: Path, algo: str, plugin, settings: dict, state: dict | None,
-          progress: bool, callback) -> Agent:
+          progress: bool, callback, tensorboard: bool = False) -> Agent:
     total_steps, eval_every = settings["steps"], settings["eval_every"]
     eval_episodes, checkpoint_every = settings["eval_episodes"], settings["checkpoint_every"]
     start, episode = 0, 0
@@ -545,12 +618,18 @@ def _loop(agent: Agent, env, config, out: Path, algo: str, plugin, settings: dic
         torch.set_rng_state(state["torch_rng"])
         np.random.set_state(state["numpy_rng"])
         random.setstate(state["python_rng"])
+    train_log = _TrainLog(state.get("log_state") if state is not None else None)
     metrics_path = out / METRICS
     metrics_file = open(metrics_path, "a")
+    writer = _tensorboard_writer_class()(str(out / "tensorboard"), purge_step=start or None) if tensorboard else None
 
     def log(step: int, kind: str, **values) -> None:
         metrics_file.write(json.dumps({"step": step, "kind": kind, **values}) + "\n")
         metrics_file.flush()
+        if writer is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    writer.add_scalar(f"{kind}/{k}", v, step)
 
     def checkpoint(step: int, unfinished: bool) -> None:
         metrics_file.flush()
@@ -563,7 +642,7 @@ def _loop(agent: Agent, env, config, out: Path, algo: str, plugin, settings: dic
             if reset_seed is not None:
                 episode_state["reset_rng"] = None
         save_checkpoint(out, agent, step, env.unwrapped.np_random.bit_generator.state, episode, plugin,
-                        run=settings, episode_state=episode_state)
+                        run=settings, episode_state=episode_state, log_state=train_log.state())
 
     last_eval = None
     bar = tqdm(range(start + 1, total_steps + 1), initial=start, total=total_steps, disable=not progress,
@@ -578,8 +657,12 @@ def _loop(agent: Agent, env, config, out: Path, algo: str, plugin, settings: dic
             ep_return += float(rew)
             ep_len += 1
             metrics = agent.update(step)
-            if metrics and step % 100 == 0:
-                log(step, "train", **metrics)
+            if metrics:
+                train_log.add(metrics)
+            if step % LOG_EVERY == 0:
+                record = train_log.record(step, start)
+                if record is not None:
+                    log(step, "train", **record)
             if callback is not None:
                 callback(step, metrics)
             if step % eval_every == 0:
@@ -600,6 +683,9 @@ def _loop(agent: Agent, env, config, out: Path, algo: str, plugin, settings: dic
                 obs, _ = env.reset()
         if ep_len and start < total_steps:  # the run ended mid-episode: checkpoint the unfinished episode
             checkpoint(total_steps, unfinished=True)
+        returns = evaluate(agent, config.env_id, eval_episodes, seed=config.seed + 10_000)
+        log(total_steps, "final", mean_return=float(np.mean(returns)), std_return=float(np.std(returns)),
+            returns=returns, wall_s=round(train_log.wall(), 3))
     except NonFiniteError as e:
         raise NonFiniteError(f"{e}; the last checkpoint in {out} was kept") from None
     except FloatingPointError as e:
@@ -608,6 +694,8 @@ def _loop(agent: Agent, env, config, out: Path, algo: str, plugin, settings: dic
         raise os_error(e, metrics_path, f"; the last checkpoint in {out} was kept") from None
     finally:
         metrics_file.close()
+        if writer is not None:
+            writer.close()
         bar.close()
         env.close()
     return agent

@@ -28,3 +28,14 @@ def interrupted_and_resumed(algo: str, config, folder: Path, steps: int = 600, c
         train(algo, config, folder, steps, callback=interrupt, **train_kw)
     kept = load_checkpoint(folder, algo)["step"]
     return kept, train(algo, config, folder, steps, resume=True, **train_kw)
+
+
+TIMING = ("wall_s", "steps_per_s")
+
+
+def records(path) -> list[dict]:
+    """A run's metrics.jsonl records without the wall-clock fields, which differ between two
+    runs that are otherwise identical bit for bit."""
+    from pplrl.runfiles import read_records
+
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in read_records(path)]

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from experiments_loader import interrupted_and_resumed
+from experiments_loader import interrupted_and_resumed, records
 
 from pplrl.algorithms import MBPO, default_config
 from pplrl.runner import train
@@ -42,7 +42,7 @@ def test_mbpo_resume_equals_uninterrupted(tmp_path):
         assert torch.equal(p1, p2)
     for p1, p2 in zip(full.ensemble.parameters(), resumed.ensemble.parameters()):
         assert torch.equal(p1, p2)
-    assert (tmp_path / "full" / "metrics.jsonl").read_text() == (tmp_path / "cut" / "metrics.jsonl").read_text()
+    assert records(tmp_path / "full" / "metrics.jsonl") == records(tmp_path / "cut" / "metrics.jsonl")
 
 
 def test_mbpo_bad_input():

@@ -9,7 +9,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from experiments_loader import interrupted_and_resumed
+from experiments_loader import interrupted_and_resumed, records
 
 from guides.memb import memb_guide
 from models.actor import flat_prior
@@ -178,7 +178,7 @@ def test_short_run_logs_model_errors_and_resumes(tmp_path):
     assert kept == 400
     for p1, p2 in zip(full.world_model.parameters(), resumed.world_model.parameters()):
         assert torch.equal(p1, p2)
-    assert (tmp_path / "full" / "metrics.jsonl").read_text() == (tmp_path / "cut" / "metrics.jsonl").read_text()
+    assert records(tmp_path / "full" / "metrics.jsonl") == records(tmp_path / "cut" / "metrics.jsonl")
 
 
 def test_table2_defaults_by_environment():

@@ -16,11 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from experiments_loader import records
 
 from pplrl.algorithms import SAC, default_config
 from pplrl.cli import main as cli
 from pplrl.runfiles import RunFileError, RunLock, atomic_write_bytes, pack_checkpoint, read_records
-from pplrl.runner import RunError, agent_from_checkpoint, load_checkpoint, train
+from pplrl.runner import RunError, agent_from_checkpoint, evaluate, load_checkpoint, train
 
 TINY = dict(hidden=(16, 16), batch_size=16, learning_starts=50)
 RUN = dict(eval_every=100, eval_episodes=1, checkpoint_every=100, progress=False)
@@ -78,7 +79,7 @@ def test_a_kill_while_resume_rewrites_metrics_leaves_the_file_whole(tmp_path, mo
     resumed = train("sac", None, tmp_path, None, resume=True, progress=False)
     full = train("sac", tiny(), tmp_path / "full", 400, **RUN)
     assert same_weights(resumed, full)
-    assert (tmp_path / "metrics.jsonl").read_text() == (tmp_path / "full" / "metrics.jsonl").read_text()
+    assert records(tmp_path / "metrics.jsonl") == records(tmp_path / "full" / "metrics.jsonl")
 
 
 def test_atomic_write_keeps_the_old_content_on_any_failure(tmp_path, monkeypatch):
@@ -156,7 +157,7 @@ def test_a_torn_last_line_is_dropped_with_a_warning_and_nothing_else_is_lost(tmp
     resumed = train("sac", None, run, 400, resume=True, progress=False)
     full = train("sac", tiny(), tmp_path / "full", 400, **RUN)
     assert same_weights(resumed, full)
-    assert (run / "metrics.jsonl").read_text() == (tmp_path / "full" / "metrics.jsonl").read_text()
+    assert records(run / "metrics.jsonl") == records(tmp_path / "full" / "metrics.jsonl")
     # a bad line that is not the last is an error naming the file and the line
     lines = (run / "metrics.jsonl").read_text().splitlines()
     (run / "metrics.jsonl").write_text("\n".join([lines[0], "{oops", *lines[1:]]) + "\n")
@@ -232,7 +233,7 @@ def test_a_run_killed_before_its_first_checkpoint_restarts_from_step_0(tmp_path,
     assert "has no checkpoint" in err and "restarting it from step 0" in err
     full = train("sac", tiny(), tmp_path / "full", 300, **settings)
     assert same_weights(resumed, full)
-    assert (run / "metrics.jsonl").read_text() == (tmp_path / "full" / "metrics.jsonl").read_text()
+    assert records(run / "metrics.jsonl") == records(tmp_path / "full" / "metrics.jsonl")
 
 
 # 6. settings are saved; resume applies or refuses, never ignores ----------------------------
@@ -245,7 +246,7 @@ def test_resume_keeps_every_setting_and_extends_the_step_target(tmp_path, capsys
     assert "400 steps" in out and "over 1 episodes" in out  # the saved eval_episodes, not the default 5
     saved = json.loads((run / "config.json").read_text())
     assert saved["steps"] == 400 and saved["run"] == {"eval_every": 100, "eval_episodes": 1, "checkpoint_every": 100,
-                                                      "steps": 400}
+                                                      "threads": 1, "steps": 400}
     evals = [r["step"] for r in read_records(run / "metrics.jsonl") if r["kind"] == "eval"]
     assert evals == [100, 200, 300, 400]  # the saved cadence (the default 1000 gave none)
     assert load_checkpoint(run)["step"] == 400
@@ -254,7 +255,8 @@ def test_resume_keeps_every_setting_and_extends_the_step_target(tmp_path, capsys
 @pytest.mark.parametrize("given, named", [
     (["--seed", "1"], "--seed"), (["--env", "MountainCarContinuous-v0"], "--env"), (["--set", "lr=1e-3"], "--set"),
     (["--eval-every", "50"], "--eval-every"), (["--eval-episodes", "3"], "--eval-episodes"),
-    (["--checkpoint-every", "500"], "--checkpoint-every"), (["--steps", "100"], "steps can only grow"),
+    (["--checkpoint-every", "500"], "--checkpoint-every"), (["--threads", "2"], "--threads"),
+    (["--steps", "100"], "steps can only grow"),
 ])
 def test_arguments_given_with_resume_are_refused_naming_them(tmp_path, capsys, given, named):
     run = tmp_path / "run"
@@ -322,7 +324,7 @@ def test_a_full_disk_while_checkpointing_names_the_file_and_keeps_the_last_check
     assert cli(["train", "--resume", str(run), "--quiet"]) == 0  # space again: it goes on from the kept checkpoint
     full = train("sac", tiny(), tmp_path / "full", 400, **RUN)
     assert same_weights(agent_from_checkpoint(run)[0], full)
-    assert (run / "metrics.jsonl").read_text() == (tmp_path / "full" / "metrics.jsonl").read_text()
+    assert records(run / "metrics.jsonl") == records(tmp_path / "full" / "metrics.jsonl")
 
 
 # 9. checksums ---------------------------------------------------------------------------------
@@ -361,7 +363,7 @@ def test_extending_a_run_that_ended_mid_episode_equals_the_longer_run(tmp_path, 
     assert same_weights(extended, full)
     if algo == "mbpo":
         assert all(torch.equal(p, q) for p, q in zip(extended.ensemble.parameters(), full.ensemble.parameters()))
-    assert (tmp_path / "cut" / "metrics.jsonl").read_text() == (tmp_path / "full" / "metrics.jsonl").read_text()
+    assert records(tmp_path / "cut" / "metrics.jsonl") == records(tmp_path / "full" / "metrics.jsonl")
     episodes = [r for r in read_records(tmp_path / "cut" / "metrics.jsonl") if r["kind"] == "episode"]
     assert [r["step"] for r in episodes] == [200, 400]
 
@@ -449,5 +451,71 @@ def test_random_sigkills_and_resumes_end_where_an_uninterrupted_run_ends(tmp_pat
     else:
         pytest.fail("the run never finished")
     assert kills >= 3
-    assert (cut / "metrics.jsonl").read_text() == (tmp_path / "full" / "metrics.jsonl").read_text()
+    assert records(cut / "metrics.jsonl") == records(tmp_path / "full" / "metrics.jsonl")
     assert same_weights(agent_from_checkpoint(cut)[0], agent_from_checkpoint(tmp_path / "full")[0])
+
+
+# logging: means, clocks, the final evaluation, threads --------------------------------------
+def test_train_records_are_means_over_the_updates_since_the_last_record(tmp_path):
+    seen = {}
+
+    def collect(step, metrics):
+        if metrics:
+            seen[step] = metrics
+
+    train("sac", tiny(), tmp_path, 300, callback=collect, **RUN)
+    train_records = [r for r in read_records(tmp_path / "metrics.jsonl") if r["kind"] == "train"]
+    assert [r["step"] for r in train_records] == [100, 200, 300]  # updates start after learning_starts=50
+    for record in train_records:
+        window = [m for step, m in seen.items() if record["step"] - 100 < step <= record["step"]]
+        assert len(window) == (51 if record["step"] == 100 else 100)  # updates from step 50 on
+        for key in ("critic_loss", "actor_loss", "alpha", "elbo_kl_policy"):
+            assert record[key] == pytest.approx(np.mean([m[key] for m in window]), rel=1e-12)
+        assert record["critic_loss"] != window[-1]["critic_loss"]  # not the last minibatch's value
+    walls = [r["wall_s"] for r in train_records]
+    assert walls == sorted(walls) and walls[0] > 0 and all(r["steps_per_s"] > 0 for r in train_records)
+
+
+def test_the_final_evaluation_is_a_record_and_is_what_the_cli_prints(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli(["train", "sac", "--out", str(run), "--steps", "200", *CLI_TINY]) == 0
+    finals = [r for r in read_records(run / "metrics.jsonl") if r["kind"] == "final"]
+    assert len(finals) == 1 and finals[0]["step"] == 200 and len(finals[0]["returns"]) == 1
+    assert f"final evaluation return {finals[0]['mean_return']:.1f} +- 0.0 over 1 episodes" in capsys.readouterr().out
+    assert finals[0]["returns"] == evaluate(agent_from_checkpoint(run)[0], "Pendulum-v1", 1, seed=10_000)
+    assert cli(["train", "--resume", str(run), "--steps", "300", "--quiet"]) == 0  # extended: one final, at the end
+    assert [r["step"] for r in read_records(run / "metrics.jsonl") if r["kind"] == "final"] == [300]
+
+
+def test_threads_are_set_for_the_run_saved_and_restored(tmp_path):
+    before = torch.get_num_threads()
+    during = []
+    train("sac", tiny(), tmp_path, 120, threads=2, callback=lambda step, m: during.append(torch.get_num_threads()),
+          **RUN)
+    assert set(during) == {2} and torch.get_num_threads() == before
+    assert json.loads((tmp_path / "config.json").read_text())["run"]["threads"] == 2
+    with pytest.raises(ValueError, match="threads = 1"):
+        train("sac", None, tmp_path, 200, threads=1, resume=True, progress=False)
+    during.clear()
+    train("sac", None, tmp_path, 240, resume=True, progress=False,
+          callback=lambda step, m: during.append(torch.get_num_threads()))
+    assert set(during) == {2}
+
+
+def test_tensorboard_mirrors_the_records_or_says_what_to_install(tmp_path):
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match=r"pip install 'pplrl\[tensorboard\]'"):
+            train("sac", tiny(), tmp_path / "run", 200, tensorboard=True, **RUN)
+        assert not (tmp_path / "run").exists()
+        return
+    train("sac", tiny(), tmp_path / "run", 200, tensorboard=True, **RUN)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert "train/critic_loss" in tags and "eval/mean_return" in tags and "final/mean_return" in tags
+    evals = [r["mean_return"] for r in read_records(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "eval"]
+    assert [e.value for e in events.Scalars("eval/mean_return")] == pytest.approx(evals)

@@ -103,6 +103,41 @@ class Agent:
         return out
 
 
+def field_docs(config_class) -> dict[str, str]:
+    """The attribute docstrings of a config dataclass's fields (the string literal under a
+    field, as tyro and Sphinx read them), the most derived class's winning."""
+    import ast
+    import inspect
+    import textwrap
+
+    docs: dict[str, str] = {}
+    for klass in reversed(config_class.__mro__):
+        try:
+            body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        except (OSError, TypeError, IndexError, AttributeError, SyntaxError):
+            continue
+        for node, after in zip(body, body[1:]):
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr) \
+                    and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str):
+                docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def describe_config(config) -> str:
+    """Every field of the dataclass instance ``config``: ``--set`` key, type, default, docstring."""
+    hints = typing.get_type_hints(type(config))
+    docs = field_docs(type(config))
+    lines = []
+    for f in dataclasses.fields(config):
+        typ = getattr(hints.get(f.name), "__name__", None) or str(hints.get(f.name)).replace("typing.", "")
+        value = getattr(config, f.name)
+        shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
+        lines.append(f"  {f.name}={shown}  ({typ})")
+        if f.name in docs:
+            lines.append(f"      {docs[f.name]}")
+    return "\n".join(lines)
+
+
 def apply_overrides(config, overrides: dict[str, str] | list[str]):
     """A copy of the dataclass ``config`` with ``key=value`` strings applied, each
     value parsed by the field's type. Unknown keys and unparsable values raise."""

@@ -1,0 +1,157 @@
+"""Many seeds in one command: one run folder per seed under one folder.
+
+    pplrl train sac --env Pendulum-v1 --seeds 0-9 --jobs 2 --out runs/sac10
+    pplrl train --resume runs/sac10          # continues every seed's run
+    pplrl diagnose runs/sac10                # reads the whole set
+
+Each seed is an ordinary ``pplrl train`` run in ``OUT/seed<k>`` (its own config, metrics,
+checkpoint and lock), started as a separate process with one torch thread unless
+``--threads`` says otherwise, at most ``--jobs`` at a time. A line is printed per finished
+seed and a table at the end. Ctrl-C stops every seed at its last checkpoint, resumable
+with ``pplrl train --resume OUT``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pplrl.runfiles import read_records
+
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"0-9"``, ``"0,3,7"`` or ``"0-4,10"`` as a sorted list of distinct non-negative seeds."""
+    seeds: set[int] = set()
+    for part in str(text).split(","):
+        part = part.strip()
+        try:
+            if "-" in part:
+                low, high = (int(x) for x in part.split("-", 1))
+                if low > high:
+                    raise ValueError
+                seeds.update(range(low, high + 1))
+            else:
+                seeds.add(int(part))
+        except ValueError:
+            raise ValueError(f"--seeds {text!r}: expected a range like 0-9 or a list like 0,3,7 of "
+                             f"non-negative integers") from None
+    if not seeds or min(seeds) < 0:
+        raise ValueError(f"--seeds {text!r}: expected non-negative integers")
+    return sorted(seeds)
+
+
+def seed_folder(out: Path, seed: int) -> Path:
+    return Path(out) / f"seed{seed}"
+
+
+def seed_runs(folder: Path) -> list[Path]:
+    """The run folders directly below ``folder`` (a many-seed folder), sorted by name."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted((p for p in folder.iterdir() if (p / CONFIG).is_file()), key=lambda p: (len(p.name), p.name))
+
+
+@dataclass
+class SeedResult:
+    name: str
+    returncode: int
+    message: str  # the run's last output line (its result or its error)
+    wall_s: float
+    final: dict | None  # the run's "final" record, if it finished
+
+
+def _last_line(text: str) -> str:
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[-1].strip() if lines else ""
+
+
+def _final_record(folder: Path) -> dict | None:
+    finals = [r for r in read_records(folder / METRICS, warn_torn=False) if r["kind"] == "final"]
+    return finals[-1] if finals else None
+
+
+def run_local(jobs: list[tuple[str, Path, list[str]]], max_jobs: int, threads: int,
+              report=print) -> tuple[list[SeedResult], bool]:
+    """Run each ``(name, folder, argv)`` as ``python -m pplrl.cli ARGV`` in its own process,
+    ``max_jobs`` at a time, each with ``threads`` OpenMP/MKL threads. Returns the results in
+    the order given and whether the user interrupted (Ctrl-C): then every process still
+    running is sent SIGINT and waited for (each keeps its last checkpoint)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    running: dict[str, subprocess.Popen] = {}
+    lock = threading.Lock()
+    stop = threading.Event()
+    results: dict[str, SeedResult] = {}
+
+    def one(name: str, folder: Path, argv: list[str]) -> None:
+        if stop.is_set():
+            return
+        t0 = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-m", "pplrl.cli", *argv], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        with lock:
+            running[name] = proc
+        out, err = proc.communicate()
+        with lock:
+            running.pop(name, None)
+        message = _last_line(err) if proc.returncode != 0 else _last_line(out)
+        result = SeedResult(name, proc.returncode, message, time.perf_counter() - t0,
+                            _final_record(folder) if proc.returncode == 0 else None)
+        results[name] = result
+        report(f"{name}: " + (_summary(result) if proc.returncode == 0 else
+                              f"failed (exit {proc.returncode}): {message}"))
+
+    interrupted = False
+    with ThreadPoolExecutor(max_workers=max_jobs) as pool:
+        futures = [pool.submit(one, *job) for job in jobs]
+        try:
+            for f in futures:
+                while not f.done():
+                    time.sleep(0.2)
+                f.result()
+        except KeyboardInterrupt:
+            interrupted = True
+            stop.set()
+            with lock:
+                for proc in running.values():
+                    proc.send_signal(signal.SIGINT)
+            for f in futures:
+                f.cancel()
+    return [results[name] for name, _, _ in jobs if name in results], interrupted
+
+
+def _summary(result: SeedResult) -> str:
+    f = result.final
+    if f is None:
+        return result.message
+    return (f"final return {f['mean_return']:.1f} +- {f.get('std_return', float('nan')):.1f} over "
+            f"{len(f['returns'])} episodes at {f['step']} steps ({result.wall_s:.0f} s)")
+
+
+def table(results: list[SeedResult]) -> str:
+    """One line per seed and the mean, median and standard error of the final returns."""
+    rows = ["run        exit  final return   wall s", "---------  ----  ------------  -------"]
+    finals = []
+    for r in results:
+        value = f"{r.final['mean_return']:12.1f}" if r.final else f"{'—':>12}"
+        if r.final:
+            finals.append(r.final["mean_return"])
+        rows.append(f"{r.name:<9}  {r.returncode:>4}  {value}  {r.wall_s:7.0f}")
+    if finals:
+        x = np.asarray(finals)
+        se = x.std(ddof=1) / np.sqrt(len(x)) if len(x) > 1 else float("nan")
+        rows.append(f"over {len(x)} finished run(s): mean {x.mean():.1f}, median {np.median(x):.1f}, "
+                    f"standard error {se:.1f}")
+    return "\n".join(rows)

@@ -1,0 +1,82 @@
+"""Many seeds in one command: pplrl train ALGO --seeds ... --jobs N, resume of the set, diagnose."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from experiments_loader import records
+
+from pplrl.cli import main as cli
+from pplrl.runfiles import RunLock, read_records
+from pplrl.sweep import parse_seeds
+
+TINY = ["--quiet", "--eval-every", "100", "--eval-episodes", "1", "--checkpoint-every", "100",
+        "--set", "hidden=16,16", "batch_size=16", "learning_starts=50"]
+
+
+def test_parse_seeds():
+    assert parse_seeds("0-3") == [0, 1, 2, 3]
+    assert parse_seeds("5,1,1,2-3") == [1, 2, 3, 5]
+    for bad in ("a", "3-1", "", "-2", "1,,2"):
+        with pytest.raises(ValueError, match="--seeds"):
+            parse_seeds(bad)
+
+
+def test_seeds_run_in_their_folders_resume_together_and_equal_single_runs(tmp_path, capsys):
+    out = tmp_path / "set"
+    assert cli(["train", "sac", "--seeds", "0-1", "--jobs", "2", "--steps", "200", "--out", str(out), *TINY]) == 0
+    text = capsys.readouterr().out
+    assert "seed 0: final return" in text and "seed 1: final return" in text and "over 2 finished run(s)" in text
+    assert sorted(p.name for p in out.iterdir()) == ["seed0", "seed1"]
+    # each seed is the run `pplrl train --seed k` would have made
+    assert cli(["train", "sac", "--seed", "1", "--steps", "200", "--out", str(tmp_path / "single"), *TINY]) == 0
+    assert records(out / "seed1" / "metrics.jsonl") == records(tmp_path / "single" / "metrics.jsonl")
+    # one command continues all of them
+    assert cli(["train", "--resume", str(out), "--steps", "300", "--jobs", "2"]) == 0
+    for seed in (0, 1):
+        finals = [r for r in read_records(out / f"seed{seed}" / "metrics.jsonl") if r["kind"] == "final"]
+        assert [r["step"] for r in finals] == [300]
+    capsys.readouterr()
+    assert cli(["diagnose", str(out)]) == 0
+    assert "2 runs" in capsys.readouterr().out
+
+
+def test_many_seed_bad_input_is_one_line_before_anything_runs(tmp_path, capsys):
+    out = tmp_path / "set"
+    cases = [
+        (["train", "sac", "--seeds", "0-1", "--seed", "3"], "either --seed"),
+        (["train", "sac", "--seeds", "x"], "--seeds 'x'"),
+        (["train", "sac", "--jobs", "2"], "--jobs runs several seeds"),
+        (["train", "sac", "--seeds", "0-1", "--jobs", "0"], "--jobs must be a positive integer"),
+        (["train", "sac", "--seeds", "0-1", "--set", "lr=-1"], "lr must be > 0"),
+        (["train", "nope", "--seeds", "0-1"], "unknown algorithm 'nope'"),
+        (["train", "sac", "--seeds", "0-1", "--steps", "0"], "steps must be a positive integer"),
+    ]
+    for argv, message in cases:
+        assert cli([*argv, "--out", str(out), "--quiet"]) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+        assert not out.exists()
+    assert cli(["train", "sac", "--seeds", "0", "--steps", "100", "--out", str(out), *TINY]) == 0
+    assert cli(["train", "sac", "--seeds", "0-1", "--steps", "100", "--out", str(out), *TINY]) == 2
+    assert "already holds runs of seeds ['seed0']" in capsys.readouterr().err
+
+
+def test_ctrl_c_stops_every_seed_at_its_checkpoint(tmp_path):
+    out = tmp_path / "set"
+    cmd = [sys.executable, "-m", "pplrl.cli", "train", "sac", "--seeds", "0-1", "--jobs", "2", "--steps", "20000",
+           "--out", str(out), *TINY]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not all((out / f"seed{s}" / "checkpoint.pt").exists() for s in (0, 1)):
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends: the whole group
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "continue with `pplrl train --resume" in stderr and "Traceback" not in stderr
+    for seed in (0, 1):
+        RunLock(out / f"seed{seed}").acquire().release()  # released
+        assert (out / f"seed{seed}" / "checkpoint.pt").exists()
