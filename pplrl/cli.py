@@ -64,6 +64,9 @@ def _train(args) -> int:
         return _resume_seeds(args)
     if args.jobs is not None:
         raise ValueError("--jobs runs several seeds at once: give --seeds too (or --resume a many-seed folder)")
+    if args.backend != "local" or args.address is not None:
+        raise ValueError("--backend and --address run several seeds: give --seeds too (or --resume a many-seed "
+                         "folder)")
     if args.resume:
         out = Path(args.resume)
         saved = read_config(out)
@@ -121,14 +124,23 @@ def _passed_on(args, names: tuple[str, ...]) -> list[str]:
 
 
 def _run_seeds(jobs: list, args, out: Path) -> int:
-    from pplrl.sweep import run_local, table
+    from pplrl.sweep import run_local, run_ray, table
 
-    max_jobs = args.jobs if args.jobs is not None else 1
-    if max_jobs < 1:
-        raise ValueError(f"--jobs must be a positive integer, got {max_jobs}")
-    print(f"{len(jobs)} run(s) under {out}, {max_jobs} at a time, {args.threads or 1} torch thread(s) each",
-          flush=True)
-    results, interrupted = run_local(jobs, max_jobs, args.threads or 1, report=lambda line: print(line, flush=True))
+    if args.jobs is not None and args.jobs < 1:
+        raise ValueError(f"--jobs must be a positive integer, got {args.jobs}")
+    if args.address is not None and args.backend != "ray":
+        raise ValueError("--address is the address of a Ray cluster: give --backend ray too")
+    threads, report = args.threads or 1, (lambda line: print(line, flush=True))
+    if args.backend == "ray":
+        jobs = [(name, folder.resolve(), [a if a != str(folder) else str(folder.resolve()) for a in argv])
+                for name, folder, argv in jobs]  # every node must see the same absolute folders
+        where = f"the Ray cluster at {args.address}" if args.address else "a local Ray instance"
+        print(f"{len(jobs)} run(s) under {out} as Ray tasks on {where}, {threads} torch thread(s) each", flush=True)
+        results, interrupted = run_ray(jobs, args.jobs, threads, args.address, report=report)
+    else:
+        max_jobs = args.jobs if args.jobs is not None else 1
+        print(f"{len(jobs)} run(s) under {out}, {max_jobs} at a time, {threads} torch thread(s) each", flush=True)
+        results, interrupted = run_local(jobs, max_jobs, threads, report=report)
     print(table(results))
     if interrupted:
         print(f"error: interrupted; every run kept its last checkpoint (continue with `pplrl train --resume {out}`)",
@@ -263,6 +275,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="one run per seed, e.g. 0-9 or 0,3,7, in OUT/seed<k> (see --jobs); `pplrl train --resume "
                         "OUT` continues them all")
     t.add_argument("--jobs", type=int, default=None, help="runs at a time with --seeds (default 1)")
+    t.add_argument("--backend", choices=("local", "ray"), default="local",
+                   help="with --seeds: run the seeds as local processes (default) or as Ray tasks "
+                        "(pip install 'pplrl[ray]'; the run folders must be on a filesystem every node sees)")
+    t.add_argument("--address", default=None,
+                   help="with --backend ray: the address of an existing Ray cluster (default: start a local one)")
     t.add_argument("--tensorboard", action="store_true",
                    help="also write TensorBoard logs to OUT/tensorboard (pip install 'pplrl[tensorboard]')")
     t.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -132,6 +132,58 @@ def run_local(jobs: list[tuple[str, Path, list[str]]], max_jobs: int, threads: i
     return [results[name] for name, _, _ in jobs if name in results], interrupted
 
 
+def _ray_task(argv: list[str], folder: str, threads: int) -> tuple[int, str, str, dict | None]:
+    """One seed's ``pplrl train`` on a Ray worker: the same command the local backend runs,
+    with the worker's own Python, so folders and results are the local backend's."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    done = subprocess.run([sys.executable, "-m", "pplrl.cli", *argv], env=env, capture_output=True, text=True)
+    final = _final_record(Path(folder)) if done.returncode == 0 else None
+    return done.returncode, done.stdout, done.stderr, final
+
+
+def run_ray(jobs: list[tuple[str, Path, list[str]]], max_jobs: int | None, threads: int, address: str | None = None,
+            report=print) -> tuple[list[SeedResult], bool]:
+    """:func:`run_local` with each run a Ray task (``num_cpus=threads``): on a local Ray
+    instance (started here and shut down after, unless this process already has one) or on
+    the cluster at ``address``. The run folders must be paths every node sees (a shared
+    filesystem); they are passed as absolute paths. ``max_jobs`` caps the tasks in flight
+    (None: as many as Ray schedules). Ctrl-C cancels the tasks; each run keeps its last
+    checkpoint."""
+    try:
+        import ray
+    except ImportError:
+        raise ValueError("--backend ray needs Ray: pip install 'pplrl[ray]'") from None
+    started = False
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        started = True
+    task = ray.remote(num_cpus=threads, max_retries=0)(_ray_task)
+    results: dict[str, SeedResult] = {}
+    pending = list(jobs)
+    in_flight: dict = {}
+    interrupted = False
+    try:
+        while pending or in_flight:
+            while pending and (max_jobs is None or len(in_flight) < max_jobs):
+                name, folder, argv = pending.pop(0)
+                in_flight[task.remote(argv, str(folder), threads)] = (name, time.perf_counter())
+            ready, _ = ray.wait(list(in_flight), num_returns=1)
+            name, t0 = in_flight.pop(ready[0])
+            code, out, err, final = ray.get(ready[0])
+            message = _last_line(err) if code != 0 else _last_line(out)
+            result = SeedResult(name, code, message, time.perf_counter() - t0, final)
+            results[name] = result
+            report(f"{name}: " + (_summary(result) if code == 0 else f"failed (exit {code}): {message}"))
+    except KeyboardInterrupt:
+        interrupted = True
+        for ref in in_flight:
+            ray.cancel(ref)
+    finally:
+        if started:
+            ray.shutdown()
+    return [results[name] for name, _, _ in jobs if name in results], interrupted
+
+
 def _summary(result: SeedResult) -> str:
     f = result.final
     if f is None:

@@ -80,3 +80,33 @@ def test_ctrl_c_stops_every_seed_at_its_checkpoint(tmp_path):
     for seed in (0, 1):
         RunLock(out / f"seed{seed}").acquire().release()  # released
         assert (out / f"seed{seed}" / "checkpoint.pt").exists()
+
+
+@pytest.fixture
+def local_ray():
+    ray = pytest.importorskip("ray", reason="Ray is the optional extra pplrl[ray] (installed by the test extra)")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_the_ray_backend_gives_the_local_backends_folders_and_results(tmp_path, capsys, local_ray):
+    args = ["--seeds", "0-1", "--steps", "200", *TINY]
+    assert cli(["train", "sac", *args, "--backend", "ray", "--out", str(tmp_path / "ray")]) == 0
+    text = capsys.readouterr().out
+    assert "as Ray tasks on a local Ray instance" in text and "over 2 finished run(s)" in text
+    assert cli(["train", "sac", *args, "--jobs", "2", "--out", str(tmp_path / "local")]) == 0
+    for seed in (0, 1):
+        ray_run, local_run = tmp_path / "ray" / f"seed{seed}", tmp_path / "local" / f"seed{seed}"
+        assert records(ray_run / "metrics.jsonl") == records(local_run / "metrics.jsonl")
+    assert cli(["train", "--resume", str(tmp_path / "ray"), "--steps", "300", "--backend", "ray"]) == 0
+    assert [r["step"] for r in read_records(tmp_path / "ray" / "seed1" / "metrics.jsonl") if r["kind"] == "final"] \
+        == [300]
+
+
+def test_backend_options_need_seeds(tmp_path, capsys):
+    assert cli(["train", "sac", "--backend", "ray", "--out", str(tmp_path / "x"), "--quiet"]) == 2
+    assert "give --seeds too" in capsys.readouterr().err
+    assert cli(["train", "sac", "--seeds", "0", "--address", "1.2.3.4:6379", "--out", str(tmp_path / "x")]) == 2
+    assert "give --backend ray too" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
