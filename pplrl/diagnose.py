@@ -495,6 +495,14 @@ def diagnose(folder: Path | Sequence[Path], plot: Path | None = None) -> str:
         if split.relations:
             text.append("  not drawn (follow from the drawn terms in every record): "
                         + "; ".join(diagnostics.format_relation(n, p) for n, p in split.relations.items()))
+        if split.others:
+            ends = []
+            for name in split.others:
+                vals = [t[name][np.isfinite(t[name])] for _, t in traces]
+                vals = [v[-max(1, len(v) // 10):].mean() for v in vals if len(v)]
+                ends.append(f"{name} {np.mean(vals):.4g}" if vals else name)
+            text.append("  other quantities drawn, end of run (mean over seeds of the last tenth of the records): "
+                        + ", ".join(ends))
         if "steps_per_s" in names:
             speed = [t["steps_per_s"][np.isfinite(t["steps_per_s"])] for _, t in traces]
             speed = [s[-1] for s in speed if len(s)]

@@ -102,6 +102,7 @@ def test_report_opens_with_the_figure_and_gives_rliable_intervals(runs):
     assert "not drawn" in report and "entropy = -elbo_kl_policy" in report and "elbo_kl_initial = 0" in report
     assert "the critic is learning negative values" in report
     assert "speed: 100 env steps/s" in report
+    assert "other quantities drawn, end of run (mean over seeds of the last tenth of the records): actor_loss" in report
     assert (runs / "diagnostics_train_sac_Pendulum-v1.png").exists()
 
 
