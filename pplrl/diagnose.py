@@ -382,6 +382,8 @@ def training_figure(key: tuple[str, str], traces: list[tuple[np.ndarray, dict[st
                 ax.plot(steps, t[name], color=f"C{i % 10}", lw=1, label=f"seed {seeds[i]}" if first else None)
             ax.set_title(name, fontsize="small", loc="left")
             ax.set_ylabel(f"{unit}" if name.startswith("elbo_") and name not in ELBO_SCALED else _unit(name))
+            if name.endswith("khat"):  # PSIS: above this line the weighted estimate rests on a few weights
+                ax.axhline(diagnostics.KHAT_UNRELIABLE, color="red", ls="--", lw=0.8, label="k-hat 0.7")
         ax.grid(alpha=0.3)
         ax.set_xlabel("environment steps")
         if ax.get_legend_handles_labels()[0]:

@@ -193,3 +193,15 @@ def test_report_keeps_the_khat_warnings(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     report = dg.diagnose(tmp_path)
     assert "q_d_weight_khat > 0.7 (unreliable importance weights) in 10 of 30 records; max 0.90" in report
+
+
+def test_khat_is_drawn_over_training_against_the_unreliable_line(tmp_path):
+    write_run(tmp_path / "r", "vmbpo", 0, finals=[-1.0, -2.0], evals=[-5, -4, -3, -2])
+    steps, traces = dg.load_run_traces(tmp_path / "r")
+    traces["q_d_weight_khat"] = np.linspace(0.1, 1.0, len(steps))
+    split = dg.split_terms(traces)
+    fig = dg.training_figure(("vmbpo", "Pendulum-v1"), [(steps, traces)], split)
+    ax = next(a for a in fig.axes if a.get_title(loc="left") == "q_d_weight_khat")
+    assert ax.get_ylabel() == "Pareto k-hat (> 0.7: unreliable)"
+    assert any(np.allclose(line.get_ydata(), diagnostics.KHAT_UNRELIABLE) for line in ax.get_lines())
+    matplotlib.pyplot.close(fig)

@@ -447,3 +447,30 @@ def test_bad_input():
         POMDPELBO().differentiable_loss(pomdp_model, pomdp_guide, model, guide, random_window(), K=0)
     with pytest.raises(ValueError, match="generative model"):
         CEMPlanner(PlannerConfig(horizon=2)).plan(POMDPModel(2, 1, 3, 8, generative=False, h_dim=4), torch.zeros(2, 7))
+
+
+def test_psis_of_the_marginal_weights_flags_peaked_likelihoods_and_leaves_training_unchanged():
+    """The bound's K-sample marginal rests on weights p(x | z), z from the prior: a peaked
+    likelihood (small x_scale) makes them heavy-tailed (k-hat > 0.7, few effective draws), a
+    broad one keeps them tame; checking them does not change what the agent learns."""
+    window = random_window(B=8, T=4)
+    found = {}
+    for x_scale in (1.0, 0.03):
+        pyro.set_rng_seed(0)
+        out = GenerativeAgent(tiny(x_scale=x_scale), 4, 1).learn(window, step=1)
+        found[x_scale] = (out["marginal_weight_khat"], out["marginal_weight_ess_frac"])
+    assert found[1.0][0] < 0.5 and found[1.0][1] > 0.8
+    assert found[0.03][0] > 0.7 and found[0.03][1] < 0.05
+    agents = []
+    for every in (0, 100):
+        pyro.set_rng_seed(0)
+        agent = GenerativeAgent(tiny(weight_diagnostics_every=every), 4, 1)
+        outs = [agent.learn(random_window(B=4, T=4, seed=s), step=s) for s in (1, 2, 150)]
+        agents.append((agent, outs))
+    (quiet, q_outs), (checked, c_outs) = agents
+    assert ["marginal_weight_khat" in o for o in c_outs] == [True, False, True]  # once per block of 100 steps
+    assert not any("marginal_weight_khat" in o for o in q_outs)
+    for p1, p2 in zip(quiet.model.parameters(), checked.model.parameters()):
+        assert torch.equal(p1, p2)
+    with pytest.raises(ValueError, match="weight_diagnostics_every"):
+        GenerativeAgent(tiny(weight_diagnostics_every=-1), 4, 1)

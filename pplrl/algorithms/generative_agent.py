@@ -44,6 +44,7 @@ from guides.pomdp import ActionPosterior, FilteringGuide, pomdp_guide
 from models.pomdp import POMDPModel, Window, check_samples, check_window, pomdp_model
 from models.sites import site
 from pplrl.algorithms.base import Agent
+from pplrl.diagnostics import importance_weight_diagnostics
 from pplrl.elbo import POMDPELBO
 from pplrl.envs.continuous import make_continuous_env
 from pplrl.envs.pomdp import pomdp_spec, split_view
@@ -82,6 +83,12 @@ class GenerativeAgentConfig:
     """optimality log-likelihood r / temperature (eq. 3)"""
     info_gain_samples: int = 8
     """K, prior samples of log p(x_t, r_t | z_<t) in the bound"""
+    weight_diagnostics_every: int = 100
+    """env steps between PSIS checks of the bound's K-sample marginal: its likelihood weights
+    p(x_t, r_t | z) at the window's last step, z ~ p(z_t | z_<t), redrawn 256 times for 8
+    windows; logs ``marginal_weight_khat`` (the largest Pareto k-hat) and
+    ``marginal_weight_ess_frac`` (the mean ESS / draws); 0: off. It does not touch the
+    training random streams (the torch RNG state is restored)."""
     marginal_weight: float = 0.0
     """weight of -log p(x, r | z_<t) in the learning loss (1: eq. 8 exactly; 0: + the
     marginal, the usual model-fitting bound; the reported elbo is always eq. 8)"""
@@ -162,6 +169,9 @@ class GenerativeAgentConfig:
             raise ValueError(f"critic_lambda must lie in [0, 1], got {self.critic_lambda}")
         if self.x_scale < 0 or self.r_scale < 0 or self.free_nats < 0 or self.explore_scale < 0:
             raise ValueError("x_scale, r_scale, free_nats and explore_scale must be >= 0 (x/r scales: 0 = learned)")
+        if isinstance(self.weight_diagnostics_every, bool) or not isinstance(self.weight_diagnostics_every, int) \
+                or self.weight_diagnostics_every < 0:
+            raise ValueError(f"weight_diagnostics_every must be an integer >= 0, got {self.weight_diagnostics_every!r}")
         if self.marginal_weight < 0:
             raise ValueError("marginal_weight must be >= 0")
         if self.overshooting < 0:
@@ -296,6 +306,7 @@ class GenerativeAgent(Agent):
         self.pending_steps = 0
         self.steps_seen = 0
         self.decisions = 0
+        self.diagnosed_block = -1  # the last block of weight_diagnostics_every env steps whose weights were checked
         self.fresh = False
         self.warmup_action: np.ndarray | None = None
         self.last_plan: dict[str, float] = {}
@@ -456,6 +467,9 @@ class GenerativeAgent(Agent):
         if self.critic_opt is not None:
             self.critic_opt.step()
             polyak_update(self.critic, self.critic_target, c.tau)
+        if c.generative and c.weight_diagnostics_every and step // c.weight_diagnostics_every != self.diagnosed_block:
+            self.diagnosed_block = step // c.weight_diagnostics_every  # the first update of each block
+            out.update(self.marginal_weight_diagnostics(window))
         per_step = {f"elbo_{k}": v / T for k, v in terms.items()}
         if c.overshooting > 0:
             out["overshooting_log_lik"] = float(overshoot.detach())
@@ -463,13 +477,37 @@ class GenerativeAgent(Agent):
         out.update({f"plan_{k}": v for k, v in self.last_plan.items()})
         return out
 
+    @torch.no_grad()
+    def marginal_weight_diagnostics(self, window: Window, draws: int = 256, windows: int = 8) -> dict[str, float]:
+        """PSIS of the weights behind the bound's estimate of log p(x_t, r_t | z_<t)
+        (:func:`models.pomdp.log_marginal_estimate`, K = ``info_gain_samples``) at the
+        window's last step: ``draws`` fresh samples of the same proposal, the model's prior
+        p(z_t | z_{t-1}, a_{t-1}) at the guide's z_{t-1} from the last ELBO pass, for the first
+        ``windows`` windows. k-hat is a property of the weights' distribution, so a large
+        sample estimates what the K-sample estimate rests on; above 0.7 a few weights carry
+        it. Restores the torch RNG state, so training is unchanged."""
+        B, T = window.shape
+        n = min(windows, B)
+        prev = self.elbo.last_latents[site("z", T - 2)][:n] if T > 1 else None
+        x, r = window.x[:n, T - 1], window.r[:n, T - 1]
+        rng = torch.get_rng_state()
+        try:
+            prior = self.model.z_prior(T - 1, prev, window.a_prev[:n, T - 1], x, r)
+            log_w = self.model.emitter.log_prob(prior.sample((draws,)), x, r)  # [draws, n]
+        finally:
+            torch.set_rng_state(rng)
+        stats = [importance_weight_diagnostics(log_w[:, i]) for i in range(n)]
+        return {"marginal_weight_khat": max(d["khat"] for d in stats),
+                "marginal_weight_ess_frac": float(np.mean([d["ess_frac"] for d in stats]))}
+
     # -- checkpoints ----------------------------------------------------------------------
     def state_dict(self) -> dict:
         state = {"model": self.model.state_dict(), "guide": self.guide.state_dict(),
                  "model_opt": self.model_opt.state_dict(), "guide_opt": self.guide_opt.state_dict(),
                  "replay": self.replay.state_dict(), "rng": self.rng.bit_generator.state,
                  "steps_seen": self.steps_seen, "decisions": self.decisions, "warmup_action": self.warmup_action,
-                 "pending": None if self.pending is None else dict(self.pending), "pending_steps": self.pending_steps}
+                 "pending": None if self.pending is None else dict(self.pending), "pending_steps": self.pending_steps,
+                 "diagnosed_block": self.diagnosed_block}
         if self.action_guide is not None:
             state.update(action_guide=self.action_guide.state_dict(),
                          action_guide_opt=self.action_guide_opt.state_dict())
@@ -487,6 +525,7 @@ class GenerativeAgent(Agent):
         self.rng.bit_generator.state = state["rng"]
         self.steps_seen = state["steps_seen"]
         self.decisions = state.get("decisions", state["steps_seen"])
+        self.diagnosed_block = state.get("diagnosed_block", -1)
         held = state.get("warmup_action", state.get("warm_action"))  # older checkpoints: warm_action, float64
         self.warmup_action = None if held is None else np.asarray(held, dtype=np.float32)
         if self.action_guide is not None:
