@@ -16,6 +16,7 @@ nothing already written is lost), 130 interrupted (Ctrl-C; the last checkpoint i
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -56,11 +57,14 @@ def _refuse_changes_on_resume(args, out: Path, saved: dict) -> None:
 def _train(args) -> int:
     from pplrl.plugins import resolve
     from pplrl.runner import CONFIG, DEFAULT_STEPS, read_config, resolve_recorded, train
-    from pplrl.sweep import seed_runs
+    from pplrl.sweep import SEEDS
 
     if args.seeds is not None:
         return _train_seeds(args)
-    if args.resume and not (Path(args.resume) / CONFIG).exists() and seed_runs(Path(args.resume)):
+    if args.resume and args.out is not None and Path(args.out).resolve() != Path(args.resume).resolve():
+        raise ValueError(f"--out {args.out} cannot be given with --resume {args.resume}: a run continues in its "
+                         f"own folder")
+    if args.resume and not (Path(args.resume) / CONFIG).exists() and (Path(args.resume) / SEEDS).exists():
         return _resume_seeds(args)
     if args.jobs is not None:
         raise ValueError("--jobs runs several seeds at once: give --seeds too (or --resume a many-seed folder)")
@@ -123,13 +127,17 @@ def _passed_on(args, names: tuple[str, ...]) -> list[str]:
     return argv
 
 
-def _run_seeds(jobs: list, args, out: Path) -> int:
-    from pplrl.sweep import run_local, run_ray, table
-
+def _check_sweep_args(args) -> None:
     if args.jobs is not None and args.jobs < 1:
         raise ValueError(f"--jobs must be a positive integer, got {args.jobs}")
     if args.address is not None and args.backend != "ray":
         raise ValueError("--address is the address of a Ray cluster: give --backend ray too")
+
+
+def _run_seeds(jobs: list, args, out: Path) -> int:
+    from pplrl.sweep import exit_code, run_local, run_ray, table
+
+    _check_sweep_args(args)
     threads, report = args.threads or 1, (lambda line: print(line, flush=True))
     if args.backend == "ray":
         jobs = [(name, folder.resolve(), [a if a != str(folder) else str(folder.resolve()) for a in argv])
@@ -149,54 +157,84 @@ def _run_seeds(jobs: list, args, out: Path) -> int:
     failed = [r for r in results if r.returncode != 0]
     if failed:
         print(f"error: {len(failed)} of {len(results)} run(s) failed: " +
-              "; ".join(f"{r.name} (exit {r.returncode})" for r in failed), file=sys.stderr)
-        return failed[0].returncode
+              "; ".join(f"{r.name} (exit {exit_code(r.returncode)})" for r in failed), file=sys.stderr)
+        return exit_code(failed[0].returncode)
     return EXIT_OK
 
 
 def _train_seeds(args) -> int:
-    """``pplrl train ALGO --seeds 0-9 [--jobs N] --out DIR``: one run folder per seed under DIR."""
-    from pplrl.runner import DEFAULT_STEPS
-    from pplrl.sweep import parse_seeds, seed_folder
+    """``pplrl train ALGO --seeds 0-9 [--jobs N] --out DIR``: one run folder per seed under DIR,
+    listed first in ``DIR/seeds.json`` so that ``--resume DIR`` starts the seeds that never did."""
+    from pplrl.plugins import record_spec
+    from pplrl.runfiles import atomic_write_json
+    from pplrl.runner import DEFAULT_STEPS, positive_int
+    from pplrl.sweep import SEEDS, parse_seeds, seed_folder
 
     if args.resume:
         raise ValueError("--seeds cannot be given with --resume: `pplrl train --resume DIR` continues every "
                          "seed's run in DIR")
+    _check_sweep_args(args)
     if args.seed is not None:
         raise ValueError("give either --seed (one run) or --seeds (one run per seed), not both")
     seeds = parse_seeds(args.seeds)
     algo, config = _new_config(args, seeds[0])  # every error that a seed's run would hit, said once, up front
     steps = args.steps if args.steps is not None else DEFAULT_STEPS
-    from pplrl.runner import _positive_int
-
-    _positive_int("steps", steps)
+    positive_int("steps", steps)
     for name in ("eval_every", "eval_episodes", "checkpoint_every", "threads"):
         if getattr(args, name) is not None:
-            _positive_int(name, getattr(args, name))
+            positive_int(name, getattr(args, name))
     out = Path(args.out or f"runs/{algo}-{config.env_id}-seeds{args.seeds}")
     taken = [seed_folder(out, s) for s in seeds if (seed_folder(out, s) / "config.json").exists()]
-    if taken:
-        raise ValueError(f"{out} already holds runs of seeds {[p.name for p in taken]}; continue them with "
-                         f"`pplrl train --resume {out}` or choose another --out")
+    if taken or (out / SEEDS).exists():
+        held = f" (runs of seeds {[p.name for p in taken]})" if taken else ""
+        raise ValueError(f"{out} already holds a many-seed set{held}; continue it with `pplrl train --resume {out}` "
+                         f"or choose another --out")
+    if args.plugin is not None:
+        args.plugin = record_spec(args.plugin)  # an absolute path: every process (and Ray node) finds the file
     shared = ["--env", config.env_id, "--steps", str(steps), "--quiet",
               *_passed_on(args, ("eval_every", "eval_episodes", "checkpoint_every", "threads", "plugin", "set",
                                  "tensorboard"))]
-    jobs = [(f"seed {s}", seed_folder(out, s), ["train", algo, "--seed", str(s), "--out", str(seed_folder(out, s)),
-                                                *shared]) for s in seeds]
-    return _run_seeds(jobs, args, out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / SEEDS, {"algo": algo, "seeds": seeds, "args": shared})
+    return _run_seeds(_seed_jobs(out, algo, seeds, shared, args), args, out)
+
+
+def _seed_jobs(out: Path, algo: str, seeds: list[int], shared: list[str], args) -> list:
+    """One ``pplrl train`` command per seed: ``--resume`` where the seed's run exists, else the
+    new run the set describes (with ``--steps`` of this command, if given)."""
+    from pplrl.sweep import seed_folder
+
+    passed = _passed_on(args, ("steps", "env", "seed", "set", "eval_every", "eval_episodes", "checkpoint_every",
+                               "threads", "plugin", "tensorboard"))
+    if args.steps is not None and "--steps" in shared:
+        shared = list(shared)
+        shared[shared.index("--steps") + 1] = str(args.steps)
+    jobs = []
+    for s in seeds:
+        folder = seed_folder(out, s)
+        if (folder / "config.json").exists():
+            argv = ["train", *([args.algo] if args.algo else []), "--resume", str(folder), "--quiet", *passed]
+        else:
+            argv = ["train", algo, "--seed", str(s), "--out", str(folder), *shared]
+        jobs.append((f"seed {s}", folder, argv))
+    return jobs
 
 
 def _resume_seeds(args) -> int:
-    """``pplrl train --resume DIR`` on a many-seed folder: every run below DIR goes on."""
-    from pplrl.sweep import seed_runs
+    """``pplrl train --resume DIR`` on a many-seed folder: every seed of DIR/seeds.json goes on
+    (or starts, if it never did)."""
+    from pplrl.runfiles import RunFileError
+    from pplrl.sweep import SEEDS
 
     out = Path(args.resume)
-    runs = seed_runs(out)
-    passed = _passed_on(args, ("steps", "env", "seed", "set", "eval_every", "eval_episodes", "checkpoint_every",
-                               "threads", "plugin", "tensorboard"))
-    extra = [args.algo] if args.algo else []
-    jobs = [(run.name, run, ["train", *extra, "--resume", str(run), "--quiet", *passed]) for run in runs]
-    return _run_seeds(jobs, args, out)
+    try:
+        manifest = json.loads((out / SEEDS).read_text())
+        algo, seeds, shared = manifest["algo"], [int(s) for s in manifest["seeds"]], list(manifest["args"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise RunFileError(f"{out / SEEDS} is not a readable many-seed list ({_error_line(e)})") from None
+    return _run_seeds(_seed_jobs(out, algo, seeds, shared, args), args, out)
 
 
 def _eval(args) -> int:
@@ -244,7 +282,7 @@ def _error_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser(argv: list[str]) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pplrl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--debug", action="store_true", help="show the traceback of a failure")
     sub = p.add_subparsers(dest="command", required=True)
@@ -298,53 +336,59 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--plot", default=None, help="PNG path for the trace plots (default FOLDER/diagnostics.png)")
     d.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of a failure")
     d.set_defaults(func=_diagnose)
-    _config_help(t, sys.argv[1:] if argv is None else argv)
-    args = p.parse_args(argv)
-    from pplrl.diagnostics import NonFiniteError
-    from pplrl.runfiles import RunIOError
+    _config_help(t, argv)
+    return p
 
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug, args = "--debug" in argv, None
     try:
+        args = _parser(argv).parse_args(argv)
         if args.command in ("train", "eval"):
             from pplrl.plugins import load_entry_points
 
             load_entry_points()  # installed packages' algorithms (group pplrl.algorithms), once
         return args.func(args)
     except KeyboardInterrupt:
-        if args.debug:
+        if debug:
             raise
         out = getattr(args, "out_folder", None)
         kept = f"; the last checkpoint in {out} and its logs were kept (continue with `pplrl train --resume {out}`)" \
             if out is not None else ""
         print(f"error: interrupted{kept}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except FloatingPointError as e:  # NonFiniteError: a loss or an estimate became NaN / infinite
-        if args.debug:
+    except Exception as e:
+        if debug:
             raise
+        code, line = _failure(e)
+        print(f"error: {line}", file=sys.stderr)
+        return code
+
+
+def _failure(e: Exception) -> tuple[int, str]:
+    """The exit code and the error line of a failure (the module docstring lists the codes)."""
+    from pplrl.runfiles import RunFileError, RunIOError
+
+    text = _error_line(e)
+    if isinstance(e, FloatingPointError):  # NonFiniteError: a loss or an estimate became NaN / infinite
+        from pplrl.diagnostics import NonFiniteError
+
         what = "numerical stop" if isinstance(e, NonFiniteError) else "floating-point error"
-        print(f"error: {what}: {_error_line(e)}", file=sys.stderr)
-        return EXIT_NUMERICAL
-    except RunIOError as e:  # a run folder file that could not be written (disk full, permissions)
-        if args.debug:
-            raise
-        print(f"error: {_error_line(e)}", file=sys.stderr)
-        return EXIT_IO
-    except OSError as e:
-        if args.debug:
-            raise
-        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
-        print(f"error: {where}{e.strerror or _error_line(e)}", file=sys.stderr)
-        return EXIT_IO
-    except (ValueError, RuntimeError) as e:  # bad input, an unusable run folder (RunError), a plugin
-        if args.debug:
-            raise
-        print(f"error: {_error_line(e)}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except Exception as e:  # a bug: still one line, the traceback on request
-        if args.debug:
-            raise
-        print(f"error: internal error ({type(e).__name__}: {_error_line(e)}); run with --debug for the traceback",
-              file=sys.stderr)
-        return EXIT_INTERNAL
+        return EXIT_NUMERICAL, f"{what}: {text}"
+    if isinstance(e, ValueError) and "invalid values" in text:  # a distribution's parameters became NaN
+        return EXIT_NUMERICAL, f"numerical stop: {text}"
+    if isinstance(e, RunIOError):  # a run folder file that could not be written (disk full, permissions)
+        return EXIT_IO, text
+    if isinstance(e, FileNotFoundError):  # a path given that does not exist
+        return EXIT_BAD_INPUT, f"{e.filename + ': ' if e.filename else ''}{e.strerror or text}"
+    if isinstance(e, OSError):
+        return EXIT_IO, f"{e.filename + ': ' if e.filename else ''}{e.strerror or text}"
+    if isinstance(e, ImportError):  # e.g. an environment whose package is not installed
+        return EXIT_BAD_INPUT, f"a package is missing: {text}"
+    if isinstance(e, (ValueError, RunFileError)):  # bad input, an unusable run folder, a plugin
+        return EXIT_BAD_INPUT, text
+    return EXIT_INTERNAL, f"internal error ({type(e).__name__}: {text}); run with --debug for the traceback"
 
 
 if __name__ == "__main__":

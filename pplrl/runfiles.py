@@ -85,6 +85,7 @@ def atomic_write_bytes(path: Path | str, data: bytes) -> None:
         error = DiskFullError if e.errno == errno.ENOSPC else RunIOError
         raise error(_describe_os_error(e, path)) from None
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a run's files are as readable as any other file
         view = memoryview(data)
         while view:
             written = os.write(fd, view)
@@ -106,6 +107,26 @@ def atomic_write_bytes(path: Path | str, data: bytes) -> None:
         kept = "; the previous file was kept" if path.exists() else ""
         raise error(_describe_os_error(e, path) + kept) from None
     _fsync_folder(path.parent)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def remove_stale_temporaries(folder: Path | str) -> list[Path]:
+    """Delete the temporary files that a killed process left in a run folder (a SIGKILL or a
+    power cut in the middle of :func:`atomic_write_bytes`); call it holding the folder's lock."""
+    removed = []
+    for name in ("config.json", "metrics.jsonl", "checkpoint.pt"):
+        for tmp in Path(folder).glob(f".{name}.*.tmp"):
+            try:
+                tmp.unlink()
+                removed.append(tmp)
+            except OSError:
+                pass
+    return removed
 
 
 def atomic_write_text(path: Path | str, text: str) -> None:

@@ -43,6 +43,7 @@ module; the run records it, and resuming or loading the checkpoint loads it agai
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import io
 import json
@@ -75,6 +76,7 @@ from pplrl.runfiles import (
     os_error,
     pack_checkpoint,
     read_records,
+    remove_stale_temporaries,
     unpack_checkpoint,
     warn,
 )
@@ -145,7 +147,7 @@ def to_safe(obj, where: str = "state"):
         changed = {k: to_safe(v, f"{where}[{k!r}]") for k, v in obj.items()}
         if all(changed[k] is obj[k] for k in obj):
             return obj
-        out = type(obj)(changed) if type(obj) in (dict, typing.OrderedDict) else dict(changed)
+        out = type(obj)(changed) if type(obj) in (dict, collections.OrderedDict) else dict(changed)
         if hasattr(obj, "_metadata"):
             out._metadata = obj._metadata
         return out
@@ -158,6 +160,24 @@ def to_safe(obj, where: str = "state"):
         return obj
     raise RunError(f"{where} holds a {type(obj).__module__}.{type(obj).__qualname__}, which a weights-only "
                    f"checkpoint cannot hold; store it as a tensor, a number or a plain container")
+
+
+def check_safe(obj, where: str = "state") -> None:
+    """The RunError :func:`to_safe` would raise for ``obj``, without copying anything: run
+    before training, so that an agent whose state a checkpoint cannot hold fails at once,
+    not at its first checkpoint."""
+    if isinstance(obj, np.ndarray):
+        if not (obj.dtype.kind in "fiub" and obj.dtype.byteorder in "=|" or obj.dtype.kind == "u"):
+            raise RunError(f"{where} is a numpy array of dtype {obj.dtype}, which a checkpoint cannot hold")
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            check_safe(v, f"{where}[{k!r}]")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            check_safe(v, f"{where}[{i}]")
+    elif not isinstance(obj, (np.generic, *_SAFE_LEAVES)):
+        raise RunError(f"{where} holds a {type(obj).__module__}.{type(obj).__qualname__}, which a weights-only "
+                       f"checkpoint cannot hold; store it as a tensor, a number or a plain container")
 
 
 def from_safe(obj):
@@ -352,7 +372,7 @@ def read_config(out: Path | str) -> dict:
     return saved
 
 
-def _positive_int(name: str, value) -> None:
+def positive_int(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
@@ -409,12 +429,12 @@ def train(algo: str | type[Agent], config, out: Path | str, total_steps: int | N
     source of truth."""
     out = Path(out)
     if total_steps is not None or not resume:
-        _positive_int("steps", total_steps)
+        positive_int("steps", total_steps)
     given = {"eval_every": eval_every, "eval_episodes": eval_episodes, "checkpoint_every": checkpoint_every,
              "threads": threads}
     for name, value in given.items():
         if value is not None:
-            _positive_int(name, value)
+            positive_int(name, value)
     if config is not None:
         check_config(config)
     if tensorboard:
@@ -474,10 +494,10 @@ def train(algo: str | type[Agent], config, out: Path | str, total_steps: int | N
                                      f"the run was trained with {settings[name]}; resuming keeps a run's "
                                      f"settings (only the step target may grow)")
             for name in DEFAULT_SETTINGS:
-                _positive_int(f"{CONFIG} {name}", settings[name])
+                positive_int(f"{CONFIG} {name}", settings[name])
             target = recorded.get("steps", (recorded.get("run") or {}).get("steps"))
             total_steps = total_steps if total_steps is not None else target
-            _positive_int("steps", total_steps)
+            positive_int("steps", total_steps)
             reached = state["step"] if state is not None else 0
             if total_steps < reached:
                 raise ValueError(f"cannot resume {out} to {total_steps} steps: its checkpoint is at step {reached} "
@@ -492,6 +512,7 @@ def train(algo: str | type[Agent], config, out: Path | str, total_steps: int | N
         obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
         seed_everything(config.seed)
         agent = make_agent(cls, config, obs_dim, act_dim)  # validates what only the agent knows, before any file
+        check_safe(agent.state_dict(), f"the state of {algo}")  # a checkpoint could not hold it: say so now
 
         if not resume:
             _make_folder(out)
@@ -501,24 +522,31 @@ def train(algo: str | type[Agent], config, out: Path | str, total_steps: int | N
                     raise RunError(f"{out} already holds a run; use --resume to continue it or choose another --out")
                 raise RunError(f"{out} already holds a run that never reached a checkpoint; use --resume to "
                                f"restart it from step 0 with its saved config, or choose another --out")
+            remove_stale_temporaries(out)
             atomic_write_json(out / CONFIG, {"algo": algo, "plugin": plugin, "config": dataclasses.asdict(config),
                                              "steps": total_steps, "run": settings})
             atomic_write_text(out / METRICS, "")
+            commit = None
         else:
-            # everything is checked: now the folder may change
-            kept = [r for r in read_records(out / METRICS)  # a finished segment's "final" is evaluated anew
-                    if state is not None and r["step"] <= state["step"] and r["kind"] != "final"]
-            atomic_write_text(out / METRICS, encode_records(kept))
-            updated = {**recorded, "plugin": plugin, "steps": total_steps, "run": settings}
-            if updated != recorded:
-                atomic_write_json(out / CONFIG, updated)
-            if state is None:
-                warn(f"{out} has no checkpoint (the run stopped before its first one); restarting it from step 0 "
-                     f"with its saved config")
+            remove_stale_temporaries(out)
+
+            def commit() -> None:
+                """Called by the loop once the checkpoint's state is restored and its unfinished
+                episode replayed: only then may the folder change."""
+                kept = [r for r in read_records(out / METRICS)  # a finished segment's "final" is evaluated anew
+                        if state is not None and r["step"] <= state["step"] and r["kind"] != "final"]
+                atomic_write_text(out / METRICS, encode_records(kept))
+                updated = {**recorded, "plugin": plugin, "steps": total_steps, "run": settings}
+                if updated != recorded:
+                    atomic_write_json(out / CONFIG, updated)
+                if state is None:
+                    warn(f"{out} has no checkpoint (the run stopped before its first one); restarting it from step "
+                         f"0 with its saved config")
         threads_before = torch.get_num_threads()
         torch.set_num_threads(settings["threads"])
         try:
-            return _loop(agent, env, config, out, algo, plugin, settings, state, progress, callback, tensorboard)
+            return _loop(agent, env, config, out, algo, plugin, settings, state, progress, callback, tensorboard,
+                         commit)
         finally:
             torch.set_num_threads(threads_before)
     finally:
@@ -593,7 +621,7 @@ def _tensorboard_writer_class():
 
 
 def _loop(agent: Agent, env, config, out: Path, algo: str, plugin, settings: dict, state: dict | None,
-          progress: bool, callback, tensorboard: bool = False) -> Agent:
+          progress: bool, callback, tensorboard: bool = False, commit: Callable[[], None] | None = None) -> Agent:
     total_steps, eval_every = settings["steps"], settings["eval_every"]
     eval_episodes, checkpoint_every = settings["eval_episodes"], settings["checkpoint_every"]
     start, episode = 0, 0
@@ -618,6 +646,8 @@ def _loop(agent: Agent, env, config, out: Path, algo: str, plugin, settings: dic
         torch.set_rng_state(state["torch_rng"])
         np.random.set_state(state["numpy_rng"])
         random.setstate(state["python_rng"])
+    if commit is not None:
+        commit()
     train_log = _TrainLog(state.get("log_state") if state is not None else None)
     metrics_path = out / METRICS
     metrics_file = open(metrics_path, "a")
@@ -693,7 +723,10 @@ def _loop(agent: Agent, env, config, out: Path, algo: str, plugin, settings: dic
     except OSError as e:  # appending to metrics.jsonl (a full disk, say)
         raise os_error(e, metrics_path, f"; the last checkpoint in {out} was kept") from None
     finally:
-        metrics_file.close()
+        try:
+            metrics_file.close()
+        except OSError:  # a full disk fails the flush again: the error being raised says so, with the file
+            pass
         if writer is not None:
             writer.close()
         bar.close()

@@ -6,9 +6,11 @@
 
 Each seed is an ordinary ``pplrl train`` run in ``OUT/seed<k>`` (its own config, metrics,
 checkpoint and lock), started as a separate process with one torch thread unless
-``--threads`` says otherwise, at most ``--jobs`` at a time. A line is printed per finished
-seed and a table at the end. Ctrl-C stops every seed at its last checkpoint, resumable
-with ``pplrl train --resume OUT``.
+``--threads`` says otherwise, at most ``--jobs`` at a time. ``OUT/seeds.json`` lists the
+set (algorithm, seeds, the arguments each run starts with) before any run starts. A line
+is printed per finished seed and a table at the end. Ctrl-C stops every seed at its last
+checkpoint; ``pplrl train --resume OUT`` continues the seeds that ran and starts those
+that never did.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from pplrl.runfiles import read_records
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
+SEEDS = "seeds.json"  # the set: algorithm, seeds and the arguments each seed's run starts with
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -56,14 +59,6 @@ def seed_folder(out: Path, seed: int) -> Path:
     return Path(out) / f"seed{seed}"
 
 
-def seed_runs(folder: Path) -> list[Path]:
-    """The run folders directly below ``folder`` (a many-seed folder), sorted by name."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    return sorted((p for p in folder.iterdir() if (p / CONFIG).is_file()), key=lambda p: (len(p.name), p.name))
-
-
 @dataclass
 class SeedResult:
     name: str
@@ -87,8 +82,10 @@ def run_local(jobs: list[tuple[str, Path, list[str]]], max_jobs: int, threads: i
               report=print) -> tuple[list[SeedResult], bool]:
     """Run each ``(name, folder, argv)`` as ``python -m pplrl.cli ARGV`` in its own process,
     ``max_jobs`` at a time, each with ``threads`` OpenMP/MKL threads. Returns the results in
-    the order given and whether the user interrupted (Ctrl-C): then every process still
-    running is sent SIGINT and waited for (each keeps its last checkpoint)."""
+    the order given and whether the user interrupted (Ctrl-C). The children run in their own
+    sessions, so a terminal's Ctrl-C reaches this process only, which sends each running
+    child one SIGINT (it stops at its last checkpoint) and starts no more; a second Ctrl-C
+    kills them (SIGKILL is safe for a run folder, too)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     running: dict[str, subprocess.Popen] = {}
     lock = threading.Lock()
@@ -96,12 +93,12 @@ def run_local(jobs: list[tuple[str, Path, list[str]]], max_jobs: int, threads: i
     results: dict[str, SeedResult] = {}
 
     def one(name: str, folder: Path, argv: list[str]) -> None:
-        if stop.is_set():
-            return
         t0 = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "pplrl.cli", *argv], env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
-        with lock:
+        with lock:  # checked and registered together: a child started after Ctrl-C is never missed
+            if stop.is_set():
+                return
+            proc = subprocess.Popen([sys.executable, "-m", "pplrl.cli", *argv], env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True, start_new_session=True)
             running[name] = proc
         out, err = proc.communicate()
         with lock:
@@ -111,25 +108,44 @@ def run_local(jobs: list[tuple[str, Path, list[str]]], max_jobs: int, threads: i
                             _final_record(folder) if proc.returncode == 0 else None)
         results[name] = result
         report(f"{name}: " + (_summary(result) if proc.returncode == 0 else
-                              f"failed (exit {proc.returncode}): {message}"))
+                              f"failed (exit {exit_code(proc.returncode)}): {message}"))
+
+    def signal_all(sig) -> None:
+        with lock:
+            for proc in running.values():
+                try:
+                    proc.send_signal(sig)
+                except ProcessLookupError:
+                    pass
 
     interrupted = False
-    with ThreadPoolExecutor(max_workers=max_jobs) as pool:
-        futures = [pool.submit(one, *job) for job in jobs]
+    pool = ThreadPoolExecutor(max_workers=max_jobs)
+    futures = [pool.submit(one, *job) for job in jobs]
+    try:
+        for f in futures:
+            while not f.done():
+                time.sleep(0.2)
+    except KeyboardInterrupt:
+        interrupted = True
+        with lock:
+            stop.set()
+        signal_all(signal.SIGINT)
         try:
             for f in futures:
                 while not f.done():
                     time.sleep(0.2)
-                f.result()
-        except KeyboardInterrupt:
-            interrupted = True
-            stop.set()
-            with lock:
-                for proc in running.values():
-                    proc.send_signal(signal.SIGINT)
-            for f in futures:
-                f.cancel()
+        except KeyboardInterrupt:  # a second Ctrl-C: no more waiting
+            signal_all(signal.SIGKILL)
+    pool.shutdown(wait=True, cancel_futures=True)
+    for f in futures:
+        if f.done() and not f.cancelled() and f.exception() is not None:
+            raise f.exception()
     return [results[name] for name, _, _ in jobs if name in results], interrupted
+
+
+def exit_code(returncode: int) -> int:
+    """A child's exit status as a shell reports it (a signal N as 128 + N)."""
+    return 128 - returncode if returncode < 0 else returncode
 
 
 def _ray_task(argv: list[str], folder: str, threads: int) -> tuple[int, str, str, dict | None]:
@@ -169,15 +185,19 @@ def run_ray(jobs: list[tuple[str, Path, list[str]]], max_jobs: int | None, threa
                 in_flight[task.remote(argv, str(folder), threads)] = (name, time.perf_counter())
             ready, _ = ray.wait(list(in_flight), num_returns=1)
             name, t0 = in_flight.pop(ready[0])
-            code, out, err, final = ray.get(ready[0])
+            try:
+                code, out, err, final = ray.get(ready[0])
+            except Exception as e:  # the task itself failed (a worker crash, out of memory): this seed failed
+                code, out, err, final = 1, "", f"the Ray task failed: {type(e).__name__}: {e}", None
             message = _last_line(err) if code != 0 else _last_line(out)
             result = SeedResult(name, code, message, time.perf_counter() - t0, final)
             results[name] = result
-            report(f"{name}: " + (_summary(result) if code == 0 else f"failed (exit {code}): {message}"))
+            report(f"{name}: " + (_summary(result) if code == 0 else f"failed (exit {exit_code(code)}): {message}"))
     except KeyboardInterrupt:
         interrupted = True
         for ref in in_flight:
-            ray.cancel(ref)
+            ray.cancel(ref)  # the task's pplrl train is killed: its folder keeps the last checkpoint
+        ray.wait(list(in_flight), num_returns=len(in_flight), timeout=30)
     finally:
         if started:
             ray.shutdown()
@@ -200,7 +220,7 @@ def table(results: list[SeedResult]) -> str:
         value = f"{r.final['mean_return']:12.1f}" if r.final else f"{'—':>12}"
         if r.final:
             finals.append(r.final["mean_return"])
-        rows.append(f"{r.name:<9}  {r.returncode:>4}  {value}  {r.wall_s:7.0f}")
+        rows.append(f"{r.name:<9}  {exit_code(r.returncode):>4}  {value}  {r.wall_s:7.0f}")
     if finals:
         x = np.asarray(finals)
         se = x.std(ddof=1) / np.sqrt(len(x)) if len(x) > 1 else float("nan")

@@ -30,7 +30,7 @@ def test_seeds_run_in_their_folders_resume_together_and_equal_single_runs(tmp_pa
     assert cli(["train", "sac", "--seeds", "0-1", "--jobs", "2", "--steps", "200", "--out", str(out), *TINY]) == 0
     text = capsys.readouterr().out
     assert "seed 0: final return" in text and "seed 1: final return" in text and "over 2 finished run(s)" in text
-    assert sorted(p.name for p in out.iterdir()) == ["seed0", "seed1"]
+    assert sorted(p.name for p in out.iterdir()) == ["seed0", "seed1", "seeds.json"]
     # each seed is the run `pplrl train --seed k` would have made
     assert cli(["train", "sac", "--seed", "1", "--steps", "200", "--out", str(tmp_path / "single"), *TINY]) == 0
     assert records(out / "seed1" / "metrics.jsonl") == records(tmp_path / "single" / "metrics.jsonl")
@@ -62,7 +62,7 @@ def test_many_seed_bad_input_is_one_line_before_anything_runs(tmp_path, capsys):
         assert not out.exists()
     assert cli(["train", "sac", "--seeds", "0", "--steps", "100", "--out", str(out), *TINY]) == 0
     assert cli(["train", "sac", "--seeds", "0-1", "--steps", "100", "--out", str(out), *TINY]) == 2
-    assert "already holds runs of seeds ['seed0']" in capsys.readouterr().err
+    assert "already holds a many-seed set (runs of seeds ['seed0'])" in capsys.readouterr().err
 
 
 def test_ctrl_c_stops_every_seed_at_its_checkpoint(tmp_path):
@@ -76,10 +76,24 @@ def test_ctrl_c_stops_every_seed_at_its_checkpoint(tmp_path):
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends: the whole group
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
-    assert "continue with `pplrl train --resume" in stderr and "Traceback" not in stderr
+    assert "continue with `pplrl train --resume" in stderr and "Traceback" not in stderr + stdout
+    assert "seed 0: failed (exit 130): error: interrupted" in stdout  # each child stopped as Ctrl-C stops one run
     for seed in (0, 1):
         RunLock(out / f"seed{seed}").acquire().release()  # released
         assert (out / f"seed{seed}" / "checkpoint.pt").exists()
+        assert not list((out / f"seed{seed}").glob("*.tmp"))
+
+
+def test_resuming_a_set_starts_the_seeds_that_never_ran(tmp_path, capsys):
+    out = tmp_path / "set"
+    assert cli(["train", "sac", "--seeds", "0,2", "--jobs", "2", "--steps", "200", "--out", str(out), *TINY]) == 0
+    import shutil
+
+    shutil.rmtree(out / "seed2")  # as if Ctrl-C had come before seed 2 started
+    assert cli(["train", "--resume", str(out), "--jobs", "2"]) == 0
+    assert "seed 2: final return" in capsys.readouterr().out
+    assert cli(["train", "sac", "--seed", "2", "--steps", "200", "--out", str(tmp_path / "single"), *TINY]) == 0
+    assert records(out / "seed2" / "metrics.jsonl") == records(tmp_path / "single" / "metrics.jsonl")
 
 
 @pytest.fixture

@@ -450,7 +450,7 @@ def test_random_sigkills_and_resumes_end_where_an_uninterrupted_run_ends(tmp_pat
         break
     else:
         pytest.fail("the run never finished")
-    assert kills >= 3
+    assert kills >= 3 and no_temporary_files(cut)
     assert records(cut / "metrics.jsonl") == records(tmp_path / "full" / "metrics.jsonl")
     assert same_weights(agent_from_checkpoint(cut)[0], agent_from_checkpoint(tmp_path / "full")[0])
 
@@ -519,3 +519,54 @@ def test_tensorboard_mirrors_the_records_or_says_what_to_install(tmp_path):
     assert "train/critic_loss" in tags and "eval/mean_return" in tags and "final/mean_return" in tags
     evals = [r["mean_return"] for r in read_records(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "eval"]
     assert [e.value for e in events.Scalars("eval/mean_return")] == pytest.approx(evals)
+
+
+# review follow-ups ---------------------------------------------------------------------------
+def test_temporaries_of_a_killed_process_are_removed_and_files_keep_the_usual_mode(tmp_path):
+    train("sac", tiny(), tmp_path, 200, **RUN)
+    stale = tmp_path / ".checkpoint.pt.abc123.tmp"  # what a SIGKILL mid-checkpoint leaves
+    stale.write_bytes(b"x" * 1000)
+    train("sac", None, tmp_path, 300, resume=True, progress=False)
+    assert not stale.exists() and no_temporary_files(tmp_path)
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in ("config.json", "metrics.jsonl", "checkpoint.pt"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~mask, name
+
+
+def test_a_resume_that_fails_while_restoring_changes_no_file(tmp_path, monkeypatch):
+    train("sac", tiny(), tmp_path, 290, **RUN)  # ends mid-episode: resuming replays the episode
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name != "run.lock"}
+
+    def diverges(*args, **kwargs):
+        raise RunError("the unfinished episode did not replay exactly")
+
+    monkeypatch.setattr("pplrl.runner._replay_episode", diverges)
+    with pytest.raises(RunError, match="did not replay"):
+        train("sac", None, tmp_path, 400, resume=True, progress=False)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name != "run.lock"} == before
+
+
+def test_an_agent_state_no_checkpoint_can_hold_is_refused_before_training(tmp_path):
+    import collections
+
+    class Unsaveable(SAC):
+        algo = "unsaveable-sac-test"
+
+        def state_dict(self):
+            return {**super().state_dict(), "history": collections.deque([1, 2])}
+
+    with pytest.raises(RunError, match=r"\['history'\] holds a collections.deque"):
+        train(Unsaveable, tiny(), tmp_path / "run", 200, **RUN)
+    assert not (tmp_path / "run").exists()
+    from pplrl.algorithms import ALGORITHMS
+
+    ALGORITHMS.pop("unsaveable-sac-test", None)
+
+
+def test_out_with_resume_and_missing_paths_are_bad_input(tmp_path, capsys):
+    train("sac", tiny(), tmp_path / "run", 200, **RUN)
+    assert cli(["train", "--resume", str(tmp_path / "run"), "--out", str(tmp_path / "other"), "--quiet"]) == 2
+    assert "cannot be given with --resume" in capsys.readouterr().err
+    assert cli(["diagnose", str(tmp_path / "nowhere")]) == 2
+    assert cli(["eval", str(tmp_path / "nowhere")]) == 2
