@@ -15,8 +15,13 @@ c > 1 / (gamma ln k1). This script
    Q = T^{pi_eps} Q with pi_eps ∝ exp(Q / eps), no entropy bonus
    (:func:`pplrl.tabular.boltzmann_fixed_point`) — and shows pi_eps(a1|s0) < 1/2 for
    every eps and -> 0 as eps -> 0 (Theorem 1: the greedy, optimal action);
-3. writes ``virel_counterexample.png`` and ``results.json`` under ``--out`` and prints
-   the table.
+3. runs VIREL's own EM (:func:`pplrl.tabular.virel_em`), where the temperature is not
+   chosen but set by the critic: epsilon = lambda * the mean squared Bellman residual,
+   recomputed every iteration as the critic moves toward its target; reports, per
+   lambda, epsilon at the start and end, the largest pi(a1|s0) along the way and at the
+   fixed point, beside MERL's p1* at the same k1;
+4. writes ``virel_counterexample.png`` and ``results.json`` under ``--out`` and prints
+   the tables.
 """
 
 from __future__ import annotations
@@ -62,17 +67,32 @@ def virel_sweep(epsilons, k1: int, gamma: float, k2: int) -> list[dict]:
     return rows
 
 
+def virel_em_sweep(lams, k1: int, gamma: float, k2: int, iters: int = 2000, lr: float = 0.5) -> list[dict]:
+    """VIREL's EM with epsilon = lambda * MSBE, one row per lambda."""
+    mdp = virel_counterexample(k1, k2)
+    rows = []
+    for lam in lams:
+        em = tb.virel_em(mdp, gamma, lam, lr=lr, iters=iters, action_mask=mdp.meta["action_mask"])
+        p1 = em["pi"][:, 0, 0]
+        rows.append({"lambda": float(lam), "epsilon_first": float(em["epsilon"][0]),
+                     "epsilon_last": float(em["epsilon"][-1]), "p1_max": float(p1.max()), "p1_final": float(p1[-1]),
+                     "iterations": iters, "lr": lr})
+    return rows
+
+
 def run(out: Path, gamma: float = 0.9, k1s=(2, 4, 16, 64), k2: int = 10, n_c: int = 41) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     cs = np.logspace(-1.5, 1.5, n_c)
     epsilons = np.logspace(-3, 1, 25)
     merl = merl_sweep(cs, k1s, gamma, k2)
     virel = virel_sweep(epsilons, max(k1s), gamma, k2)
+    em = virel_em_sweep((0.1, 1.0, 10.0, 100.0, 1000.0), max(k1s), gamma, k2)
     max_err = max(abs(r["p1_soft_vi"] - r["p1_closed_form"]) for r in merl)
     critical = {int(k1): 1.0 / (gamma * math.log(k1)) for k1 in k1s}
     results = {"gamma": gamma, "k2": k2, "merl": merl, "virel": virel,
                "max_abs_error_closed_form_vs_soft_vi": max_err, "critical_c": critical,
-               "virel_max_p1": max(r["p1_virel"] for r in virel)}
+               "virel_max_p1": max(r["p1_virel"] for r in virel), "virel_em": em,
+               "merl_p1_same_k1": {str(c): p1_closed_form(c, max(k1s), gamma) for c in (0.1, 1.0, 10.0)}}
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for k1 in k1s:
@@ -113,6 +133,14 @@ def main(argv=None) -> None:
     print("|---|---|")
     for r in res["virel"][::6]:
         print(f"| {r['epsilon']:.3g} | {r['p1_virel']:.3g} |")
+    k1 = max(args.k1)
+    merl = ", ".join(f"c={c}: {v:.3f}" for c, v in res["merl_p1_same_k1"].items())
+    print(f"VIREL's EM, epsilon = lambda * MSBE (k1={k1}; MERL's p1* at the same k1: {merl})")
+    print("| lambda | epsilon, first iteration | epsilon, last | max pi(a1|s0) over the EM | pi(a1|s0) at the end |")
+    print("|---|---|---|---|---|")
+    for r in res["virel_em"]:
+        print(f"| {r['lambda']:g} | {r['epsilon_first']:.3g} | {r['epsilon_last']:.3g} | {r['p1_max']:.3g} | "
+              f"{r['p1_final']:.3g} |")
     print(f"wrote {args.out / 'virel_counterexample.png'} and {args.out / 'results.json'}")
 
 

@@ -431,6 +431,47 @@ def _masked_softmax(logits: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.exp(logits - logsumexp(logits, axis=-1, keepdims=True))
 
 
+def virel_em(mdp: TabularMDP, gamma: float, lam: float, *, lr: float = 0.5, iters: int = 2000,
+             action_mask: np.ndarray | None = None) -> dict:
+    """VIREL's EM on a tabular MDP with the temperature it prescribes (002_…, Sec. 3, eq. 5):
+    epsilon = lam * the mean squared Bellman residual of the current critic, not a constant.
+
+    Each iteration, as the agent does per update (``pplrl.algorithms.virel``, temperature
+    'residual'): the residual of the critic under the current Boltzmann policy,
+    ``delta = T^pi Q - Q`` (T^pi Q = E_p[R + gamma E_pi Q(s', .)]), gives
+    ``epsilon = lam * mean(delta^2)`` over the valid (state, action) pairs of live states;
+    the M-step moves the critic a fraction ``lr`` of the way to its target,
+    ``Q <- Q + lr delta`` (an expected TD step); the E-step sets pi = softmax(Q / epsilon).
+    As the critic converges the residual and so epsilon go to 0 and pi becomes greedy in
+    Q* (Theorems 1-2), with no constant temperature to pick. Returns the trajectory
+    (``epsilon``, ``pi`` per iteration) and the final ``Q``, ``pi``. A residual of exactly 0
+    is a greedy policy."""
+    check_gamma(gamma)
+    check_positive("lam", lam)
+    if not 0 < lr <= 1:
+        raise ValueError(f"lr must lie in (0, 1], got {lr}")
+    mask = _valid_actions(mdp, action_mask)
+    live = ~mdp.terminal
+    pairs = mask & live[:, None]
+    Q = np.zeros((mdp.n_states, mdp.n_actions))
+    pi = _masked_softmax(np.zeros_like(Q), mask)  # uniform before the first residual
+    epsilons, policies = [], []
+    for _ in range(iters):
+        V = np.where(live, np.sum(np.where(mask, pi * Q, 0.0), -1), 0.0)
+        delta = np.einsum("ijk,ijk->ij", mdp.P, mdp.R + gamma * V[None, None, :]) - Q
+        eps = lam * float(np.mean(delta[pairs] ** 2))
+        Q = Q + lr * delta
+        if eps > 0:
+            pi = _masked_softmax(Q / eps, mask)
+        else:  # exact convergence: the limit of softmax(Q / eps) as eps -> 0
+            greedy = np.where(mask, Q, -np.inf)
+            pi = (greedy == greedy.max(-1, keepdims=True)).astype(float)
+            pi /= pi.sum(-1, keepdims=True)
+        epsilons.append(eps)
+        policies.append(pi)
+    return {"epsilon": np.array(epsilons), "pi": np.array(policies), "Q": Q, "final_pi": pi}
+
+
 def maxent_value_iteration(mdp: TabularMDP, temperature: float, gamma: float, *,
                            action_mask: np.ndarray | None = None, tol: float = 1e-12,
                            max_iter: int = 100_000) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -53,3 +53,21 @@ def test_experiment_writes_plot_and_results(tmp_path):
     assert res["max_abs_error_closed_form_vs_soft_vi"] < 1e-10
     assert res["virel_max_p1"] < 0.5
     assert (tmp_path / "virel_counterexample.png").stat().st_size > 10_000
+
+
+def test_virel_em_with_the_residual_temperature_reaches_the_greedy_optimum():
+    """VIREL's own EM (epsilon = lambda * MSBE, recomputed as the critic learns): the
+    suboptimal a1 never gets probability 1/2, where MERL's p1* is 0.94 at c = 1, and the
+    residual, epsilon and pi(a1|s0) all go to 0 (Theorem 1's greedy policy in Q*)."""
+    mdp = virel_counterexample(64, 10)
+    mask = mdp.meta["action_mask"]
+    Q_star, _ = tb.boltzmann_fixed_point(mdp, 1e-4, 0.9, action_mask=mask)
+    for lam in (1.0, 100.0, 1000.0):
+        em = tb.virel_em(mdp, 0.9, lam, iters=400, action_mask=mask)
+        p1, eps = em["pi"][:, 0, 0], em["epsilon"]
+        assert p1.max() < 0.5 and p1[-1] < 1e-9
+        assert eps[0] > 0 and eps[-1] < 1e-12 * eps[0]
+        np.testing.assert_allclose(em["Q"][0, :2], Q_star[0, :2], atol=1e-9)
+    assert 1.0 / (64 ** -0.9 * math.exp(1.0) + 1.0) > 0.9  # MERL at c = 1 picks a1
+    with pytest.raises(ValueError, match="lam"):
+        tb.virel_em(mdp, 0.9, 0.0, action_mask=mask)
