@@ -260,7 +260,9 @@ def _config_help(train_parser, argv: list[str]) -> None:
     if "train" not in argv or not {"-h", "--help"} & set(argv):
         return
     rest = argv[argv.index("train") + 1:]
-    names = [a for i, a in enumerate(rest) if not a.startswith("-") and (i == 0 or not rest[i - 1].startswith("--"))]
+    switches = {"--quiet", "--tensorboard", "--debug", "-h", "--help"}  # flags that take no value
+    names = [a for i, a in enumerate(rest)
+             if not a.startswith("-") and (i == 0 or not rest[i - 1].startswith("-") or rest[i - 1] in switches)]
     plugin = rest[rest.index("--plugin") + 1] if "--plugin" in rest[:-1] else None
     if not names:
         train_parser.epilog = "`pplrl train ALGO --help` lists ALGO's config fields (the --set keys)."

@@ -215,9 +215,12 @@ class RunLock:
         if fcntl is not None:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
+            except OSError as e:
                 holder = _read_pid(fd)
                 os.close(fd)
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):  # e.g. ENOLCK on some NFS mounts
+                    raise RunFileError(f"cannot lock run folder {self.folder}: {e.strerror or e} (a file system "
+                                       f"without file locks?)") from None
                 who = f"PID {holder}" if holder else "another process"
                 raise RunFileError(f"run folder {self.folder} is in use by {who} (lock {self.path}); wait for it "
                                    f"to finish or stop it") from None

@@ -51,3 +51,5 @@ def test_help_for_a_plugin_and_for_an_unknown_name(capsys):
     text = help_text(capsys, "behaviour-prior", "--plugin", "examples/behaviour_prior.py")
     assert "config of behaviour-prior" in text and "kl_target=" in text
     assert "no config listing: unknown algorithm 'nope'" in help_text(capsys, "nope")
+    assert "config of mbpo" in help_text(capsys, "--quiet", "mbpo")  # after a flag that takes no value
+    assert "config of" not in help_text(capsys, "--env", "mbpo")  # 'mbpo' is --env's value here
