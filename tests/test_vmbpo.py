@@ -208,11 +208,54 @@ def test_dual_descent_on_beta():
     b = agent(BetaVMBPO, beta_init=1.0, epsilon_kl=0.5, beta_lr=0.1)
     b.update_beta(kl=0.1)  # below: beta goes down
     assert b.beta < 1.0
-    c = agent(BetaVMBPO, beta_init=9.9e6, beta_lr=1.0)
-    for _ in range(5):
-        c.update_beta(kl=1e3)
-    assert c.beta == pytest.approx(1e7, rel=1e-5)  # clamped, App. C.4
+    for update, lr in (("adam_log", 1.0), ("algorithm1", 1e3)):
+        c = agent(BetaVMBPO, beta_init=9.9e6, beta_lr=lr, beta_update=update)
+        for _ in range(5):
+            c.update_beta(kl=1e3)
+        assert c.beta == pytest.approx(1e7, rel=1e-5)  # clamped, App. C.4
     torch.testing.assert_close(a.dual_beta_loss(0.2), a.log_beta.exp() * (0.5 - 0.2))
+    d = agent(BetaVMBPO, beta_init=100.0, epsilon_kl=10.0, beta_lr=3e-4)  # Algorithm 1: a plain step on beta
+    d.update_beta(kl=1.0)
+    assert d.beta == pytest.approx(100.0 - 3e-4 * (10.0 - 1.0), rel=1e-12)
+
+
+def test_beta_follows_algorithm_1s_schedule_once_per_env_step(monkeypatch):
+    """beta-VMBPO Algorithm 1: K E-step updates, then one step of the dual on beta, on the
+    mean of the K updates' KL estimates; 'adam_log' keeps the old per-update Adam step."""
+    kls = iter([1.0, 2.0, 6.0] * 4)
+
+    def fake_e_step(self, step):
+        self.last_kl = next(kls)
+        if self.config.beta_update == "adam_log":
+            self.update_beta(self.last_kl)
+        return {}
+
+    monkeypatch.setattr(BetaVMBPO, "e_step_update", fake_e_step)
+    a = agent(BetaVMBPO, beta_init=100.0, epsilon_kl=10.0, beta_lr=0.01, gradient_steps=3)
+    a.q_dynamics_fitted = True
+    out = a.update(step=1)  # not a model-fitting step
+    assert a.beta == pytest.approx(100.0 - 0.01 * (10.0 - 3.0), rel=1e-12)  # KL mean of 1, 2, 6 = 3
+    assert out["beta"] == a.beta and out["epsilon_kl"] == 10.0
+    b = agent(BetaVMBPO, beta_init=100.0, epsilon_kl=10.0, beta_lr=0.01, gradient_steps=3, beta_update="adam_log")
+    b.q_dynamics_fitted = True
+    b.update(step=1)
+    assert b.beta == pytest.approx(100.0 * np.exp(-0.03), rel=1e-3)  # three Adam steps of ~lr on log beta
+    with pytest.raises(ValueError, match="beta_update"):
+        BetaVMBPO(BetaVMBPO.Config(**{**TINY, "beta_update": "sgd"}), 3, 1)
+
+
+def test_the_two_beta_schedules_over_10k_env_steps():
+    """The issue's simulation, at the Pendulum bench's settings (epsilon 10, 2 updates per env
+    step, lr 3e-4, a steady KL of 1 nat): Algorithm 1's schedule leaves beta near 73; Adam on
+    log beta at every update drives it to ~1.6, VMBPO's regime."""
+    a = agent(BetaVMBPO, beta_init=100.0, epsilon_kl=10.0)
+    for _ in range(10_000):
+        a.update_beta(kl=1.0)
+    assert a.beta == pytest.approx(100.0 - 10_000 * 3e-4 * 9.0, rel=1e-9)  # 73
+    b = agent(BetaVMBPO, beta_init=100.0, epsilon_kl=10.0, beta_update="adam_log")
+    for _ in range(20_000):
+        b.update_beta(kl=1.0)
+    assert b.beta < 3.0
 
 
 def test_beta_one_fixed_reproduces_vmbpo_losses():

@@ -99,6 +99,14 @@ class VMBPOConfig(EnsembleConfig, SACConfig):
     the fitted ensembles' KL stays above 0.1, so beta only rises; the Pendulum benchmark uses 10
     (measurements: docs/notes.md, 'vmbpo: epsilon_kl')"""
     beta_lr: float = 3e-4
+    """step size of the dual on beta (beta_update; the beta paper's Fig. 8 tries 0.1 to 3e-4)"""
+    beta_update: str = "algorithm1"
+    """'algorithm1': beta <- beta - beta_lr * dJ/dbeta = beta - beta_lr (epsilon - KL), one plain
+    gradient step on beta per environment step, after the step's E-step updates, with KL their
+    mean estimate (beta paper Algorithm 1, line "beta <- beta - grad J(beta)"; eq. 9).
+    'adam_log': Adam on log beta after every E-step update (pplrl before; Adam's normalised
+    step moves log beta by about beta_lr per update whatever the constraint's slack, so at 2
+    updates per step beta fell 100 -> ~1.6 in 10k steps, into VMBPO's regime)"""
     beta_min: float = 1e-3
     beta_max: float = 1e7
     td_clamp: float | None = 4.0
@@ -173,6 +181,10 @@ class VMBPOConfig(EnsembleConfig, SACConfig):
             raise ValueError(f"epsilon must be >= 0, got {self.epsilon_kl}")
         if not 0 < self.beta_min <= self.beta_max:
             raise ValueError("need 0 < beta_min <= beta_max")
+        if self.beta_update not in ("algorithm1", "adam_log"):
+            raise ValueError(f"beta_update must be 'algorithm1' or 'adam_log', got {self.beta_update!r}")
+        if not np.isfinite(self.beta_lr) or self.beta_lr <= 0:
+            raise ValueError(f"beta_lr must be > 0, got {self.beta_lr}")
         if self.td_clamp is not None and self.td_clamp <= 0:
             raise ValueError("td_clamp must be > 0 or None")
         if not np.isfinite(self.exp_td_temperature) or self.exp_td_temperature <= 0:
@@ -238,7 +250,8 @@ class VariationalAgent(SAC):
         self.value = VNetwork(obs_dim, c.hidden)
         self.value_target = target_copy(self.value)
         self.value_opt = torch.optim.Adam(self.value.parameters(), lr=c.lr)
-        self.log_beta = torch.tensor(float(np.log(c.beta_init)), requires_grad=True)
+        # float64: Algorithm 1's steps on beta are ~1e-3 of it, below float32's resolution over 1e4 steps
+        self.log_beta = torch.tensor(float(np.log(c.beta_init)), dtype=torch.float64, requires_grad=True)
         self.beta_opt = torch.optim.Adam([self.log_beta], lr=c.beta_lr)
         self.map_opt = torch.optim.Adam(self.prior_policy.parameters(), lr=c.lr)
         self.e_steps = 0
@@ -490,10 +503,20 @@ class VariationalAgent(SAC):
         return self.log_beta.exp() * (self.config.epsilon_kl - kl)
 
     def update_beta(self, kl: float) -> None:
+        """One step of the dual (eq. 9) on the KL estimate ``kl``, beta clamped to
+        [beta_min, beta_max] (App. C.4's 1e7): a plain gradient step on beta
+        (``beta_update='algorithm1'``) or an Adam step on log beta ('adam_log')."""
+        c = self.config
+        if c.beta_update == "algorithm1":
+            beta = self.beta - c.beta_lr * (c.epsilon_kl - kl)  # dJ/dbeta = epsilon - KL
+            beta = min(max(beta, c.beta_min), c.beta_max)
+            with torch.no_grad():
+                self.log_beta.fill_(float(np.log(beta)))
+            return
         loss = self.dual_beta_loss(kl)
         self.gradient_step(self.beta_opt, loss)
         with torch.no_grad():
-            self.log_beta.clamp_(float(np.log(self.config.beta_min)), float(np.log(self.config.beta_max)))
+            self.log_beta.clamp_(float(np.log(c.beta_min)), float(np.log(c.beta_max)))
 
     # -- the loop -------------------------------------------------------------------------
     def update(self, step: int) -> dict[str, float]:
@@ -507,11 +530,19 @@ class VariationalAgent(SAC):
             info = self.fit_model()
             out["model_holdout_mse"] = elite_holdout_mse(info)
             out.update(self.fit_variational_dynamics(step))
+        kls = []
         for _ in range(c.gradient_steps):
             out.update(self.e_step_update(step))
+            if np.isfinite(self.last_kl):
+                kls.append(self.last_kl)
             self.e_steps += 1
             if self.e_steps % c.m_step_every == 0:
                 out["m_step_loss"] = self.m_step(self.replay.sample(c.batch_size, self.rng).obs)
+        if c.learn_beta and c.beta_update == "algorithm1" and kls:
+            self.update_beta(float(np.mean(kls)))  # Algorithm 1: once per environment step
+            out["beta"] = self.beta
+        if c.learn_beta:
+            out["epsilon_kl"] = c.epsilon_kl
         return out
 
     def e_step_update(self, step: int) -> dict[str, float]:
@@ -550,7 +581,7 @@ class VariationalAgent(SAC):
         # samples (model-based E-step); VMBPO-MFE has no model samples here and logs it at fits
         if log_ratio is not None:
             self.last_kl = float(log_ratio.mean())
-            if c.learn_beta:
+            if c.learn_beta and c.beta_update == "adam_log":
                 self.update_beta(self.last_kl)
         polyak_update(self.critic, self.critic_target, c.tau)
         polyak_update(self.value, self.value_target, c.tau)
