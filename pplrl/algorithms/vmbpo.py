@@ -34,8 +34,10 @@ dynamics q_d; they differ in how the E-step estimates its pieces. The shared cod
 * **M-step**: pi <- q_c (eq. 26 solved by copying; beta eq. 14's hard update), or the
   regularised MAP of eq. (27) (``m_step="map"``).
 * **dual beta** (beta eq. 9): ``J(beta) = beta (epsilon - KL(q_d || p))``, KL the
-  batch estimate from the two ensembles; Adam on log beta, beta clamped to
-  [beta_min, beta_max] (beta_max = 1e7, App. C.4).
+  batch estimate from the two ensembles; as Algorithm 1 schedules it, one plain gradient
+  step on beta per environment step, after that step's E-step updates, on their mean KL
+  (``beta_update``; 'adam_log' is the earlier Adam on log beta at every update), beta
+  clamped to [beta_min, beta_max] (beta_max = 1e7, App. C.4).
 
 Numerics: exponentiated TD errors are formed as ``exp(logit)`` with the logit
 clamped where the papers clamp; elsewhere (unclamped weights, exp(nu), the exp-TD
