@@ -370,7 +370,7 @@ class GaussianEnsemble(PyroModule):
 
     def fit(self, obs, act, next_obs, reward, *, epochs: int = 5, batch_size: int = 256,
             holdout: float = 0.2, lr: float = 1e-3, weight_decay: float = 5e-5, bootstrap: bool = True,
-            seed: int | None = None, weights=None) -> dict:
+            seed: int | None = None, weights=None, elite_score: str = "mse") -> dict:
         """Maximum-likelihood fit of eq. (10) by SVI, then elite selection on hold-out data.
 
         Shuffles the ``N`` transitions and keeps ``int(holdout * N)`` of them aside;
@@ -389,6 +389,10 @@ class GaussianEnsemble(PyroModule):
         ``weights`` (``[N]``, >= 0) weight each transition's log-likelihood (a weighted
         maximum-likelihood fit, see :meth:`model`); each minibatch's weights are
         divided by their mean, so the step size does not depend on their scale.
+        ``elite_score``: ``"mse"`` ranks members by the hold-out MSE of the mean (mbrl-lib);
+        ``"weighted_nll"`` by the hold-out negative log-likelihood weighted by ``weights``
+        (unweighted without them), the criterion the fit optimises (so a fit to a tilted
+        distribution keeps the members that fit the tilt, not the least-tilted ones).
 
         Returns ``{"train_loss": [mean SVI loss per epoch], "holdout_mse": [per member],
         "elites": [indices, best first], "num_train", "num_holdout", "steps"}``.
@@ -402,6 +406,8 @@ class GaussianEnsemble(PyroModule):
             raise ValueError(f"epochs and batch_size must be >= 1, got {epochs}, {batch_size}")
         if not 0.0 <= holdout < 1.0:
             raise ValueError(f"holdout must lie in [0, 1), got {holdout}")
+        if elite_score not in ("mse", "weighted_nll"):
+            raise ValueError(f"elite_score must be 'mse' or 'weighted_nll', got {elite_score!r}")
         gen = torch.Generator(device=obs.device)
         gen.manual_seed(int(seed) if seed is not None else int(torch.randint(2**62, ()).item()))
 
@@ -435,7 +441,11 @@ class GaussianEnsemble(PyroModule):
             epoch_losses.append(total / n_train)
 
         eval_idx = hold if n_hold > 0 else train
-        mse = self.select_elites(obs[eval_idx], act[eval_idx], next_obs[eval_idx], reward[eval_idx])
+        if elite_score == "weighted_nll":
+            w = weights[eval_idx] if weights is not None else torch.ones(eval_idx.numel(), device=obs.device)
+            self.select_elites_by_likelihood(obs[eval_idx], act[eval_idx], next_obs[eval_idx], reward[eval_idx], w)
+        mse = self.select_elites(obs[eval_idx], act[eval_idx], next_obs[eval_idx], reward[eval_idx],
+                                 keep=elite_score == "weighted_nll")
         return {"train_loss": epoch_losses, "holdout_mse": mse.tolist(), "elites": self.elite_idx.tolist(),
                 "num_train": n_train, "num_holdout": n_hold, "steps": steps}
 
@@ -454,14 +464,37 @@ class GaussianEnsemble(PyroModule):
         return (total / (obs.shape[0] * self.target_dim)).to(obs.dtype)
 
     @torch.no_grad()
-    def select_elites(self, obs, act, next_obs, reward) -> torch.Tensor:
+    def select_elites(self, obs, act, next_obs, reward, keep: bool = False) -> torch.Tensor:
         """Set :attr:`elite_idx` to the ``num_elites`` members of lowest :meth:`member_mse`
         on the given (hold-out) transitions, best first; returns the MSE ``[E]``.
-        Members with a non-finite MSE rank last."""
+        Members with a non-finite MSE rank last. ``keep``: only compute the MSE."""
         mse = self.member_mse(obs, act, next_obs, reward)
-        ranked = torch.argsort(torch.nan_to_num(mse, nan=math.inf), stable=True)
-        self.elite_idx.copy_(ranked[:self.num_elites])
+        if not keep:
+            ranked = torch.argsort(torch.nan_to_num(mse, nan=math.inf), stable=True)
+            self.elite_idx.copy_(ranked[:self.num_elites])
         return mse
+
+    @torch.no_grad()
+    def member_weighted_nll(self, obs, act, next_obs, reward, weights) -> torch.Tensor:
+        """Per-member ``-sum_i w_i log p_e(s'_i, r_i | s_i, a_i) / sum_i w_i``, ``[E]``: the
+        weighted fit's objective on the given transitions."""
+        obs, act, next_obs, reward = self.check_transitions(obs, act, next_obs, reward)
+        w = torch.as_tensor(weights, dtype=torch.float64, device=obs.device).reshape(-1)
+        total = torch.zeros(self.ensemble_size, dtype=torch.float64, device=obs.device)
+        for start in range(0, obs.shape[0], EVAL_CHUNK):
+            chunk = slice(start, start + EVAL_CHUNK)
+            lp = self.log_prob(obs[chunk], act[chunk], next_obs[chunk], reward[chunk]).to(torch.float64)
+            total -= (lp * w[chunk]).sum(-1)
+        return total / w.sum().clamp_min(1e-300)
+
+    @torch.no_grad()
+    def select_elites_by_likelihood(self, obs, act, next_obs, reward, weights) -> torch.Tensor:
+        """Set :attr:`elite_idx` to the ``num_elites`` members of lowest
+        :meth:`member_weighted_nll`, best first (non-finite last); returns the scores ``[E]``."""
+        nll = self.member_weighted_nll(obs, act, next_obs, reward, weights)
+        ranked = torch.argsort(torch.nan_to_num(nll, nan=math.inf), stable=True)
+        self.elite_idx.copy_(ranked[:self.num_elites])
+        return nll
 
     # -- prediction -------------------------------------------------------------------
     @torch.no_grad()

@@ -4,6 +4,7 @@ members, a linear-Gaussian system's noise is recovered, elites exclude bad membe
 
 import math
 
+import numpy as np
 import pyro
 import pytest
 import torch
@@ -264,3 +265,44 @@ def test_predict_shapes_reproducibility_and_mixture_moments():
     assert torch.allclose(info["var"], elite_var.mean(0) + elite_mean.var(0, unbiased=False))
     assert torch.allclose(next_obs, obs + info["mean"][:, :2]) and torch.allclose(reward, info["mean"][:, 2])
     assert (info["member"] == -1).all()
+
+
+def test_weighted_likelihood_elites_keep_the_member_that_fits_the_tilt():
+    """q_d's elites: on data where 90 % of the targets sit at 0 and 10 % at 1, member 0
+    (predicting 0) has the lower hold-out MSE, but with weights that put 95 % of the mass on
+    the targets at 1 (a tilt exp(scale * TD)), member 1 (predicting 1) has the lower
+    weighted negative log-likelihood, the criterion the weighted fit optimises."""
+    ens = GaussianEnsemble(1, 1, ensemble_size=2, num_elites=1, hidden=(8,))
+    n = 100
+    obs, act = torch.zeros(n, 1), torch.zeros(n, 1)
+    high = torch.arange(n) < 10
+    target = high.float()  # the delta of the state and the reward alike
+    mean = torch.stack([torch.zeros(n, 2), torch.ones(n, 2)])  # [E, B, obs_dim + 1]
+    logvar = torch.full_like(mean, math.log(0.25))
+    ens.forward = lambda o, a: (mean[:, : o.shape[0]], logvar[:, : o.shape[0]])
+    next_obs, reward = obs + target[:, None], target
+    ens.select_elites(obs, act, next_obs, reward)
+    assert ens.elite_idx.tolist() == [0]
+    weights = torch.where(high, 95.0 / 10, 5.0 / 90)
+    nll = ens.select_elites_by_likelihood(obs, act, next_obs, reward, weights)
+    assert ens.elite_idx.tolist() == [1]
+    # by hand: per target dimension, -log N(y; m, 0.5) = 0.5 log(2 pi 0.25) + (y - m)^2 / 0.5
+    const = 2 * 0.5 * math.log(2 * math.pi * 0.25)
+    expected = [const + 2 * (0.95 * 1.0) / 0.5, const + 2 * (0.05 * 1.0) / 0.5]
+    np.testing.assert_allclose(nll.numpy(), expected, rtol=1e-6)
+
+
+def test_fit_with_weighted_nll_elites_ranks_by_the_weighted_criterion():
+    torch.manual_seed(0)
+    ens = GaussianEnsemble(2, 1, ensemble_size=4, num_elites=2, hidden=(16,))
+    rng = np.random.default_rng(0)
+    obs = torch.tensor(rng.normal(size=(400, 2)), dtype=torch.float32)
+    act = torch.tensor(rng.uniform(-1, 1, size=(400, 1)), dtype=torch.float32)
+    next_obs, reward = obs + 0.1 * act, -(obs ** 2).sum(-1)
+    weights = torch.tensor(rng.exponential(size=400), dtype=torch.float32)
+    info = ens.fit(obs, act, next_obs, reward, epochs=2, weights=weights, seed=1, elite_score="weighted_nll")
+    hold = torch.randperm(400, generator=torch.Generator().manual_seed(1))[:80]
+    nll = ens.member_weighted_nll(obs[hold], act[hold], next_obs[hold], reward[hold], weights[hold])
+    assert info["elites"] == torch.argsort(nll)[:2].tolist()
+    with pytest.raises(ValueError, match="elite_score"):
+        ens.fit(obs, act, next_obs, reward, epochs=1, elite_score="best")

@@ -62,12 +62,14 @@ class EnsembleConfig:
 
 
 def fit_on_replay(ensemble: GaussianEnsemble, replay: ReplayBuffer, config: EnsembleConfig,
-                  rng: np.random.Generator) -> tuple[dict, int]:
+                  rng: np.random.Generator, elite_score: str = "mse") -> tuple[dict, int]:
     """Fit ``ensemble`` by eq. (10) on every real transition; returns the fit's report and
-    the seed of its split and bootstrap (drawn from the agent's ``rng``)."""
+    the seed of its split and bootstrap (drawn from the agent's ``rng``). ``elite_score``:
+    :meth:`models.dynamics.GaussianEnsemble.fit`'s."""
     data = replay.all()
     seed = int(rng.integers(2**31))
-    info = ensemble.fit(data.obs, data.act, data.next_obs, data.rew, epochs=config.fit_epochs(len(data)), seed=seed)
+    info = ensemble.fit(data.obs, data.act, data.next_obs, data.rew, epochs=config.fit_epochs(len(data)), seed=seed,
+                        elite_score=elite_score)
     return info, seed
 
 

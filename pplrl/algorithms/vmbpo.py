@@ -150,6 +150,12 @@ class VMBPOConfig(EnsembleConfig, SACConfig):
     last fit for model_min_updates (the papers do not say how q_d is initialised). Cheaper; on
     Pendulum-v1 the KL floor of beta paper App. C.4 remains (see ``epsilon_kl``; measurements:
     docs/notes.md, 'vmbpo: q_d_warm_start')"""
+    q_d_elite_score: str = "weighted_nll"
+    """how q_d's elites are chosen after each fit: 'weighted_nll', by the hold-out likelihood
+    weighted by exp(scale * TD), the criterion q_d is fitted on (step 1, eq. 19 / beta eq. 11);
+    'mse', by the unweighted hold-out error of the mean (mbrl-lib's), which favours the members
+    that the tilt moved least (pplrl before). p_theta's elites follow the same criterion
+    (unweighted), so that under flat weights q_d keeps p's members"""
     q_d_min_updates: int = 100
     """SVI steps of a warm-started q_d fit (at least one epoch); a cold fit uses model_min_updates"""
     real_ratio: float = 0.0
@@ -203,6 +209,8 @@ class VMBPOConfig(EnsembleConfig, SACConfig):
             raise ValueError(f"m_step must be 'copy' or 'map', got {self.m_step!r}")
         if self.exploration_noise < 0 or self.exploration_min < 0 or not 0 < self.exploration_decay <= 1:
             raise ValueError("exploration_noise and exploration_min must be >= 0, exploration_decay in (0, 1]")
+        if self.q_d_elite_score not in ("weighted_nll", "mse"):
+            raise ValueError(f"q_d_elite_score must be 'weighted_nll' or 'mse', got {self.q_d_elite_score!r}")
         if self.q_d_min_updates < 0:
             raise ValueError(f"q_d_min_updates must be >= 0, got {self.q_d_min_updates}")
         if self.m_step_every <= 0 or self.map_steps <= 0 or self.map_lambda < 0:
@@ -322,7 +330,11 @@ class VariationalAgent(SAC):
     # -- prior dynamics p_theta (eq. 10) ---------------------------------------------------
     def fit_model(self) -> dict:
         """p_theta on the real replay; the fit's split and bootstrap seed is kept for q_d's warm start."""
-        self.last_model_fit, self.last_model_seed = fit_on_replay(self.ensemble, self.replay, self.config, self.rng)
+        # p_theta's elites by the criterion q_d's are chosen by (unweighted here), so that with flat
+        # weights q_d, warm-started from p, keeps p's members and KL(q_d || p) stays ~0
+        score = "weighted_nll" if self.config.q_d_elite_score == "weighted_nll" else "mse"
+        self.last_model_fit, self.last_model_seed = fit_on_replay(self.ensemble, self.replay, self.config, self.rng,
+                                                                  elite_score=score)
         return self.last_model_fit
 
     # -- step 1: variational dynamics ------------------------------------------------------
@@ -358,7 +370,7 @@ class VariationalAgent(SAC):
         else:
             epochs, seed = self.config.fit_epochs(len(data)), int(self.rng.integers(2**31))
         info = self.q_dynamics.fit(data.obs, data.act, data.next_obs, data.rew, epochs=epochs,
-                                   weights=weights, seed=seed)
+                                   weights=weights, seed=seed, elite_score=self.config.q_d_elite_score)
         self.q_dynamics_fitted = True
         with torch.no_grad():
             real = self.replay.sample(self.config.batch_size, self.rng)
