@@ -329,8 +329,10 @@ def _as_json(obj):
     return json.loads(json.dumps(obj))
 
 
-def _differences(a: dict, b: dict) -> list[str]:
-    return sorted(k for k in a.keys() | b.keys() if a.get(k, "<absent>") != b.get(k, "<absent>"))
+def _differences(a: dict, b: dict, a_name: str, b_name: str) -> str | None:
+    """``"key: A value, B value, ..."`` for the keys whose values differ, or None."""
+    keys = sorted(k for k in a.keys() | b.keys() if a.get(k, "<absent>") != b.get(k, "<absent>"))
+    return ", ".join(f"{k}: {a_name} {a.get(k)!r}, {b_name} {b.get(k)!r}" for k in keys) or None
 
 
 def resolve_recorded(algo, plugin: str | None, where) -> type[Agent]:
@@ -462,30 +464,22 @@ def train(algo: str | type[Agent], config, out: Path | str, total_steps: int | N
             saved = _as_json(recorded["config"])
             where = f"the config in {out / CONFIG}"
             if state is not None:
-                in_checkpoint = _as_json(state["config"])
-                differing = _differences(saved, in_checkpoint)
-                if differing:
-                    details = ", ".join(f"{k}: {CONFIG} {saved.get(k)!r}, checkpoint {in_checkpoint.get(k)!r}"
-                                        for k in differing)
+                details = _differences(saved, _as_json(state["config"]), CONFIG, "checkpoint")
+                if details:
                     raise RunError(f"{out / CONFIG} differs from the checkpoint's config ({details}); a run's "
                                    f"config cannot change (restore {CONFIG}, or train into a new folder)")
             if config is not None:
-                given_config = _as_json(dataclasses.asdict(config))
-                differing = _differences(saved, given_config)
-                if differing:
-                    details = ", ".join(f"{k}: saved {saved.get(k)!r}, given {given_config.get(k)!r}"
-                                        for k in differing)
+                details = _differences(saved, _as_json(dataclasses.asdict(config)), "saved", "given")
+                if details:
                     raise ValueError(f"cannot resume {out} with a different config ({details}); pass the saved "
                                      f"config (or None) to resume, or train into a new folder")
             config = config_from_dict(cls, saved, where)
             check_config(config)
             settings = {**DEFAULT_SETTINGS, **(recorded.get("run") or {})}
             if state is not None and state.get("run") is not None:
-                in_checkpoint = {k: state["run"].get(k) for k in DEFAULT_SETTINGS}
-                differing = [k for k in DEFAULT_SETTINGS if settings[k] != in_checkpoint[k]]
-                if differing:
-                    details = ", ".join(f"{k}: {CONFIG} {settings[k]!r}, checkpoint {in_checkpoint[k]!r}"
-                                        for k in differing)
+                details = _differences({k: settings[k] for k in DEFAULT_SETTINGS},
+                                       {k: state["run"].get(k) for k in DEFAULT_SETTINGS}, CONFIG, "checkpoint")
+                if details:
                     raise RunError(f"{out / CONFIG} differs from the checkpoint's run settings ({details}); "
                                    f"restore {CONFIG}, or train into a new folder")
             for name, value in given.items():

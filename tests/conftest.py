@@ -21,3 +21,18 @@ def clean_pyro():
 
 def as_torch(mdp):
     return torch.tensor(mdp.P), torch.tensor(mdp.R), torch.tensor(mdp.uniform_policy())
+
+
+@pytest.fixture
+def clean_registry():
+    """Restores the algorithm registry and forgets plugin modules after a test that registers."""
+    import sys
+
+    from pplrl.algorithms import ALGORITHMS
+
+    saved = dict(ALGORITHMS)
+    yield
+    ALGORITHMS.clear()
+    ALGORITHMS.update(saved)
+    for name in [m for m in sys.modules if m.startswith("pplrl_plugin_")]:
+        del sys.modules[name]

@@ -1,24 +1,17 @@
 """`pplrl train ALGO --help` lists ALGO's config fields with defaults and docstrings."""
 
 import dataclasses
-import sys
 
 import pytest
 
-from pplrl.algorithms import ALGORITHMS, default_config
+from pplrl.algorithms import default_config
 from pplrl.algorithms.base import field_docs
 from pplrl.cli import main as cli
 
 
 @pytest.fixture(autouse=True)
-def clean_registry():
-    """The plugin test below registers the example's algorithm: forget it afterwards."""
-    saved = dict(ALGORITHMS)
-    yield
-    ALGORITHMS.clear()
-    ALGORITHMS.update(saved)
-    for name in [m for m in sys.modules if m.startswith("pplrl_plugin_")]:
-        del sys.modules[name]
+def _registry(clean_registry):
+    """Every test here starts and ends with the shipped registry (conftest.clean_registry)."""
 
 
 def help_text(capsys, *argv) -> str:

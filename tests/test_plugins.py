@@ -34,14 +34,8 @@ FAST = ["--quiet", "--eval-every", "200", "--eval-episodes", "1", "--checkpoint-
 
 
 @pytest.fixture(autouse=True)
-def clean_registry():
-    """Every test starts and ends with the shipped registry and no plugin modules loaded."""
-    saved = dict(ALGORITHMS)
-    yield
-    ALGORITHMS.clear()
-    ALGORITHMS.update(saved)
-    for name in [m for m in sys.modules if m.startswith("pplrl_plugin_")]:
-        del sys.modules[name]
+def _registry(clean_registry):
+    """Every test here starts and ends with the shipped registry (conftest.clean_registry)."""
 
 
 @pytest.fixture
