@@ -5,7 +5,8 @@ Generative agent, over a window of T steps (``pyro.markov``), for a batch of win
     s_t = [h_t, z_t],  h_t = GRU(h_{t-1}, [z_{t-1}, a_{t-1}]),  z_t ~ p_a(z_t | h_t)  (learned transition)
     x_t, r_t ~ p_a(x_t | s_t) p_a(r_t | s_t)                           (emitter; observed)
     factor  log p(O_t = 1 | r_t) = r_t / temperature                   (eq. 3 with a temperature)
-    factor  -log p_a(x_t, r_t | s_<t)   (K prior samples, log_marginal_estimate) (eq. 8's marginal)
+    factor  -log p_a(x_t, r_t | s_<t)   (eq. 8's marginal: the guide's s_t among K prior samples,
+                                         pplrl.infogain.contrastive_log_marginal, an upper estimate)
     a_t ~ p_a(a_t | s_t)                                               (action prior; latent)
 
 with s_{-1} = 0 at a window start (so the first z has the learned prior p_a(z | GRU(0, [0, a_{-1}]))).
@@ -56,6 +57,7 @@ from torch import nn
 from torch.distributions import Distribution, constraints, kl_divergence, register_kl
 
 from models.sites import factor, optimality, sample
+from pplrl.infogain import contrastive_log_marginal
 from pplrl.nets import MLP
 
 MIN_SCALE = 1e-2
@@ -91,6 +93,14 @@ def log_marginal_estimate(prior: Distribution, log_lik: Callable[[torch.Tensor],
     z = prior.rsample((K,)) if prior.has_rsample else prior.sample((K,))
     lp = log_lik(z)
     return torch.logsumexp(lp, dim=0) - math.log(K)
+
+
+def _detach_stochastic(pz, z: torch.Tensor) -> torch.Tensor:
+    """z with its stochastic part detached (for a :class:`StateDist`, the deterministic h
+    keeps its graph)."""
+    if isinstance(pz, StateDist):
+        return torch.cat([z[..., : pz.h_dim], z[..., pz.h_dim:].detach()], -1)
+    return z.detach()
 
 
 def check_window(T: int) -> int:
@@ -316,14 +326,19 @@ def pomdp_model(model: POMDPModel, guide, window: Window, temperature: float = 1
         for t in pyro.markov(range(T)):
             x_t, r_t = window.x[:, t], window.r[:, t]
             pz = model.z_prior(t, z, window.a_prev[:, t], x_t, r_t)
-            if model.generative:
-                factor("marginal", t, -log_marginal_estimate(pz, lambda zk: model.emitter.log_prob(zk, x_t, r_t), K),
-                       term="neg_log_marginal")
             z = sample("z", t, pz, term="kl_z")
             if model.generative:
                 px, pr = model.emitter(z)
                 sample("x", t, px, obs=x_t, term="log_lik_x")
                 sample("r", t, pr, obs=r_t, term="log_lik_r")
+                # eq. (8)'s -log p(x_t, r_t | z_<t): the guide's z_t among the K prior proposals
+                # (pplrl.infogain): an upper estimate of the marginal, so the logged eq. (8) stays
+                # a lower bound. z_t's stochastic part is detached here, so the filter is trained
+                # by the exact gradient of -KL(q || posterior) (the marginal does not depend on q).
+                z0 = _detach_stochastic(pz, z)
+                log_marg = contrastive_log_marginal(pz, lambda zk: model.emitter.log_prob(zk, x_t, r_t),
+                                                    model.emitter.log_prob(z0, x_t, r_t), K)
+                factor("marginal", t, -log_marg, term="neg_log_marginal")
             optimality(t, r_t, 1.0 / temperature)
             sample("a", t, model.action_prior(z), term="kl_a")
 

@@ -82,7 +82,8 @@ class GenerativeAgentConfig:
     temperature: float = 1.0
     """optimality log-likelihood r / temperature (eq. 3)"""
     info_gain_samples: int = 8
-    """K, prior samples of log p(x_t, r_t | z_<t) in the bound"""
+    """K, prior proposals of log p(x_t, r_t | z_<t) in the bound, with the guide's z_t among them
+    (pplrl.infogain.contrastive_log_marginal: an upper estimate, so the logged eq. 8 stays a bound)"""
     weight_diagnostics_every: int = 100
     """env steps between PSIS checks of the bound's K-sample marginal: its likelihood weights
     p(x_t, r_t | z) at the window's last step, z ~ p(z_t | z_<t), redrawn 256 times for 8
