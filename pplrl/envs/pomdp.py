@@ -22,6 +22,7 @@ Registered ids (``make_continuous_env`` accepts them):
 ``pplrl/PendulumNoVelNoisy-v0``  the same with observation noise of scale 0.05
 ``pplrl/PendulumNoisy-v0``       Pendulum-v1, all of [cos, sin, thetadot] seen with noise 0.1
 ``pplrl/POMDP-v0``               any env: ``gym.make("pplrl/POMDP-v0", base="Hopper-v5", hide=(5,), noise=0.1)``
+``pplrl/LightDark-v0``          the light-dark domain (pplrl.envs.light_dark; obs [x, y, r, first])
 ``pplrl/Tiger-v0``               the Tiger problem (discrete actions; terminates on opening a door)
 """
 
@@ -241,11 +242,14 @@ def pomdp_spec(env: gym.Env) -> POMDPSpec:
             break
         e = e.env
     name = env.spec.id if env.spec is not None else type(env.unwrapped).__name__
-    if view is None or partial is None or not partial.partial:
+    native = bool(getattr(env.unwrapped, "partially_observed", False))  # e.g. pplrl/LightDark-v0
+    if view is None or not (native or (partial is not None and partial.partial)):
         raise ValueError(
             f"environment {name!r} is fully observed, but this agent needs a POMDP: use "
-            "pplrl/PendulumNoVel-v0, pplrl/PendulumNoVelNoisy-v0, pplrl/PendulumNoisy-v0 or "
+            "pplrl/PendulumNoVel-v0, pplrl/PendulumNoVelNoisy-v0, pplrl/PendulumNoisy-v0, pplrl/LightDark-v0 or "
             "pplrl/POMDP-v0 with hide=... and/or noise>0 (see pplrl.envs.pomdp)")
+    if partial is None:
+        return POMDPSpec(x_dim=int(view.observation_space.shape[0]) - 2, hide=(), noise=0.0)
     return POMDPSpec(x_dim=int(partial.observation_space.shape[0]), hide=partial.hide, noise=partial.noise)
 
 
@@ -278,6 +282,9 @@ def register_pomdp_envs() -> None:
             gym.register(env_id, entry_point=make_pomdp_env, kwargs=dict(kwargs), disable_env_checker=True)
     if "pplrl/POMDP-v0" not in gym.registry:
         gym.register("pplrl/POMDP-v0", entry_point=make_pomdp_env, disable_env_checker=True)
+    if "pplrl/LightDark-v0" not in gym.registry:
+        gym.register("pplrl/LightDark-v0", entry_point="pplrl.envs.light_dark:make_light_dark_env",
+                     disable_env_checker=True)
     if "pplrl/Tiger-v0" not in gym.registry:
         gym.register("pplrl/Tiger-v0", entry_point=TigerEnv, max_episode_steps=50)
 
