@@ -9,7 +9,7 @@ to a Gaussian over z_t. h_t summarises the history a_<t, z_<t, as the DMM exampl
 guide RNN summarises x (here it runs forwards, since the agent filters online, and it is
 shared with the model rather than separate, as in PlaNet). :meth:`FilteringGuide.step`
 is the one-step update the agent calls while acting; :func:`pomdp_guide` runs it over a
-window from s_{-1} = 0.
+window from its stored s_{-1} (``Window.s0``; 0 at an episode start).
 
 q(a_t) is the planner's Gaussian (:mod:`pplrl.pomdp_planning`), stored with each step;
 planning starts from the amortised :class:`ActionPosterior` q(a_t | z_t) and refines it;
@@ -58,7 +58,7 @@ class FilteringGuide(PyroModule):
     def filter(self, model: POMDPModel, window: Window, sample: bool = True) -> torch.Tensor:
         """s_t for every step of a window ``[B, T, h_dim + z_dim]`` (samples, or the means)."""
         B, T = window.shape
-        s = self.initial_state((B,))
+        s = self.initial_state((B,)) if window.s0 is None else window.s0
         out = []
         for t in range(T):
             qs = self.step(model, s, window.a_prev[:, t], window.x[:, t], window.r[:, t])
@@ -85,7 +85,7 @@ def pomdp_guide(model: POMDPModel, guide: FilteringGuide, window: Window, temper
     """The guide of :func:`models.pomdp.pomdp_model` (same signature)."""
     B, T = window.shape
     check_window(T)
-    s = guide.initial_state((B,))
+    s = guide.initial_state((B,)) if window.s0 is None else window.s0
     with pyro.plate("windows", B):
         for t in pyro.markov(range(T)):
             s = sample("z", t, guide.step(model, s, window.a_prev[:, t], window.x[:, t], window.r[:, t]), term="kl_z")

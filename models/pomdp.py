@@ -9,7 +9,8 @@ Generative agent, over a window of T steps (``pyro.markov``), for a batch of win
                                          pplrl.infogain.contrastive_log_marginal, an upper estimate)
     a_t ~ p_a(a_t | s_t)                                               (action prior; latent)
 
-with s_{-1} = 0 at a window start (so the first z has the learned prior p_a(z | GRU(0, [0, a_{-1}]))).
+with s_{-1} = the acting filter's stored state before the window (``Window.s0``; 0 at an
+episode start, where the first z has the learned prior p_a(z | GRU(0, [0, a_{-1}]))).
 
 **The internal state is recurrent-state-space (RSSM, PlaNet: Hafner et al. 2019), not in
 the paper.** The paper's transition p_a(z_t | z_{t-1}, a_{t-1}) is Markov in a stochastic
@@ -297,7 +298,9 @@ class Window:
     that arrived with x_t), ``a_prev [B, T, a_dim]`` (the executed action before x_t;
     zero at an episode start), ``qa_loc, qa_scale [B, T, a_dim]`` (the planner's q(a_t)),
     ``act [B, T, a_dim]`` (the executed a_t), ``rew [B, T]`` (the reward after a_t) and
-    ``done [B, T]`` (1 when a_t ended the episode by termination)."""
+    ``done [B, T]`` (1 when a_t ended the episode by termination); ``s0 [B, s_dim]`` the
+    acting filter's state s_{-1} before the window's first step (stored with the step, so a
+    window continues the episode's filter; None: zeros, as at an episode start)."""
 
     x: torch.Tensor
     r: torch.Tensor
@@ -307,6 +310,7 @@ class Window:
     act: torch.Tensor
     rew: torch.Tensor
     done: torch.Tensor
+    s0: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -322,7 +326,7 @@ def pomdp_model(model: POMDPModel, guide, window: Window, temperature: float = 1
     B, T = window.shape
     check_window(T)
     with pyro.plate("windows", B):
-        z = None
+        z = window.s0
         for t in pyro.markov(range(T)):
             x_t, r_t = window.x[:, t], window.r[:, t]
             pz = model.z_prior(t, z, window.a_prev[:, t], x_t, r_t)

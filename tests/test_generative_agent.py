@@ -474,3 +474,37 @@ def test_psis_of_the_marginal_weights_flags_peaked_likelihoods_and_leaves_traini
         assert torch.equal(p1, p2)
     with pytest.raises(ValueError, match="weight_diagnostics_every"):
         GenerativeAgent(tiny(weight_diagnostics_every=-1), 4, 1)
+
+
+# ------------------------------------------------------------------------------ memory
+def test_acting_filter_carries_the_whole_episode_and_windows_start_from_the_stored_state():
+    """Issue 19 point 4: q(s_t) at decision 12 still depends on the first observation (the
+    old filter, the last T = 4 decisions from zeros, had forgotten it by construction; an
+    untrained GRU forgets geometrically, so the check is at 3T); each stored step
+    keeps the filter's state before it, and a sampled window starts from that state."""
+    def run(x0):
+        agent = GenerativeAgent(tiny(learning_starts=10_000, window=4, action_repeat=1), 4, 1)
+        states = []
+        for i in range(41):
+            x = x0 if i == 0 else 0.0
+            agent.act(np.array([x, x, -1.0, float(i == 0)], np.float32))
+            agent.observe(None, None, -1.0, None, False)
+            states.append(agent.streams["train"].state.clone())
+        return agent, states
+
+    torch.manual_seed(0)
+    a1, s1 = run(0.0)
+    torch.manual_seed(0)
+    a2, s2 = run(3.0)
+    assert (s1[12] - s2[12]).abs().max() > 1e-6  # remembered (2e-5 measured; exactly 0 with the old window)
+    stored = torch.as_tensor(a1.replay.data["s_prev"][:41])
+    assert torch.equal(stored[0], torch.zeros_like(stored[0]))  # zeros at the episode start
+    assert torch.allclose(stored[1:], torch.stack(s1[:40]))  # the state before each step
+    w = a1.replay.sample(8, 4, np.random.default_rng(0))
+    assert w.s0 is not None and w.s0.shape == (8, a1.model.s_dim)
+    # the guide uses s0: a different s0 changes q(s_0)
+    w2 = Window(**{**w.__dict__, "s0": torch.zeros_like(w.s0)})
+    q1 = a1.guide.filter(a1.model, w, sample=False)[:, 0]
+    q2 = a1.guide.filter(a1.model, w2, sample=False)[:, 0]
+    nonzero = w.s0.abs().sum(-1) > 0
+    assert nonzero.any() and not torch.allclose(q1[nonzero], q2[nonzero])

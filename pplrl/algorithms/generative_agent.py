@@ -27,9 +27,11 @@ and several updates per decision (``gradient_steps``), which are what made the a
 learn the task.
 
 Observations come from a POMDP view ``[x_t, r_t, first_t]`` (:mod:`pplrl.envs.pomdp`);
-a fully observed env raises. Acting filters the last T steps (the training window) of
-the current episode, one history for training and one for deterministic evaluation,
-each reset at ``first_t``.
+a fully observed env raises. Acting carries the filter's state through the whole episode
+(one update per decision, from zeros at ``first_t``), one stream for training and one
+for deterministic evaluation; each stored step keeps the state before it, and training
+windows start from it (R2D2's stored state, Kapturowski et al. 2019; not in the paper), so the
+filter is trained on the states it acts from.
 """
 
 from __future__ import annotations
@@ -201,20 +203,24 @@ class SequenceReplay:
     """Per-step storage of one stream of episodes, sampled as windows of T consecutive
     steps that never cross an episode start or the write pointer (circular buffer)."""
 
-    FIELDS = ("x", "r", "first", "a_prev", "act", "qa_loc", "qa_scale", "rew", "done")
+    FIELDS = ("x", "r", "first", "a_prev", "act", "qa_loc", "qa_scale", "rew", "done", "s_prev")
 
-    def __init__(self, x_dim: int, a_dim: int, capacity: int):
+    def __init__(self, x_dim: int, a_dim: int, capacity: int, s_dim: int = 0):
         self.capacity, self.ptr, self.size = int(capacity), 0, 0
         shapes = {"x": (x_dim,), "r": (), "first": (), "a_prev": (a_dim,), "act": (a_dim,), "qa_loc": (a_dim,),
-                  "qa_scale": (a_dim,), "rew": (), "done": ()}
+                  "qa_scale": (a_dim,), "rew": (), "done": (), "s_prev": (s_dim,)}
         self.data = {k: np.zeros((self.capacity, *shapes[k]), dtype=np.float32) for k in self.FIELDS}
 
     def __len__(self) -> int:
         return self.size
 
     def add(self, **step) -> None:
+        """One step; ``s_prev`` (the acting filter's state before it) defaults to zeros."""
         for k in self.FIELDS:
-            self.data[k][self.ptr] = step[k]
+            if k in step:
+                self.data[k][self.ptr] = step[k]
+            else:
+                self.data[k][self.ptr] = 0.0
         self.ptr = (self.ptr + 1) % self.capacity
         self.size = min(self.size + 1, self.capacity)
 
@@ -235,8 +241,9 @@ class SequenceReplay:
             return None
         idx = (rng.choice(starts, size=B)[:, None] + np.arange(T)[None]) % self.capacity
         d = {k: torch.as_tensor(v[idx]) for k, v in self.data.items()}
+        s0 = d["s_prev"][:, 0] if d["s_prev"].shape[-1] > 0 else None
         return Window(x=d["x"], r=d["r"], a_prev=d["a_prev"], qa_loc=d["qa_loc"], qa_scale=d["qa_scale"],
-                      act=d["act"], rew=d["rew"], done=d["done"])
+                      act=d["act"], rew=d["rew"], done=d["done"], s0=s0)
 
     def state_dict(self) -> dict:
         return {"ptr": self.ptr, "size": self.size, "data": {k: v.copy() for k, v in self.data.items()}}
@@ -244,7 +251,7 @@ class SequenceReplay:
     def load_state_dict(self, state: dict) -> None:
         self.ptr, self.size = state["ptr"], state["size"]
         for k in self.FIELDS:
-            self.data[k][...] = state["data"][k]
+            self.data[k][...] = state["data"].get(k, 0.0)  # checkpoints before s_prev: zeros
 
 
 class QNetwork(torch.nn.Module):
@@ -257,15 +264,24 @@ class QNetwork(torch.nn.Module):
 
 
 class _Stream:
-    """One stream of interaction (training or evaluation): the last T inputs of the
-    filter (x, r, a_prev) of the current episode, the last executed action, and, within an
-    action-repeat block, the environment steps left to repeat it and the rewards seen so far."""
+    """One stream of interaction (training or evaluation): the filter's state s_{t-1} of
+    the current episode (carried step by step from the episode start), the last executed
+    action, and, within an action-repeat block, the environment steps left to repeat it
+    and the rewards seen so far."""
 
     def __init__(self):
-        self.history: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.state: torch.Tensor | None = None
         self.a_prev: torch.Tensor | None = None
         self.repeat_left = 0
         self.reward_sum = 0.0
+
+    def state_dict(self) -> dict:
+        return {"state": self.state, "a_prev": self.a_prev, "repeat_left": self.repeat_left,
+                "reward_sum": self.reward_sum}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.state, self.a_prev, self.repeat_left, self.reward_sum = (d["state"], d["a_prev"], d["repeat_left"],
+                                                                       d["reward_sum"])
 
 
 class GenerativeAgent(Agent):
@@ -301,7 +317,7 @@ class GenerativeAgent(Agent):
         self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=c.lr_critic) if c.critic else None
         self.elbo = POMDPELBO(generative=c.generative, marginal_weight=c.marginal_weight, free_nats=c.free_nats)
         self.planner = CEMPlanner(c.planner_config())
-        self.replay = SequenceReplay(self.x_dim, act_dim, c.buffer_size)
+        self.replay = SequenceReplay(self.x_dim, act_dim, c.buffer_size, s_dim=self.model.s_dim)
         self.streams = {"train": _Stream(), "eval": _Stream()}
         self.pending: dict | None = None
         self.pending_steps = 0
@@ -329,22 +345,21 @@ class GenerativeAgent(Agent):
         p = self.model.action_prior(z_particles.mean(0))
         return p.mean, p.stddev
 
-    def filter_window(self, history, deterministic: bool):
-        """q(z_t) after filtering the last T steps from the window-start state, exactly as
-        the guide is trained (windows of T steps): a filter run over a whole episode
-        would meet GRU states it never saw in training."""
-        s = self.guide.initial_state(())
-        for i, (x, r, a_prev) in enumerate(history):
-            qs = self.guide.step(self.model, s, a_prev, x, r)
-            if i < len(history) - 1:
-                s = qs.mean if deterministic else qs.sample()
-        return qs
+    def filter_step(self, stream: _Stream, x, r, deterministic: bool):
+        """q(s_t) from the stream's s_{t-1} (the whole episode so far, one update per
+        decision; zeros at the episode start), a_{t-1} and (x_t, r_t); the stream's state
+        becomes a sample of it (its mean when deterministic). Training windows start from
+        the same stored states (``Window.s0``), so the filter meets the states it acts on."""
+        s_prev = stream.state if stream.state is not None else self.guide.initial_state(())
+        qs = self.guide.step(self.model, s_prev, stream.a_prev, torch.as_tensor(x), torch.tensor(float(r)))
+        stream.state = qs.mean if deterministic else qs.sample()
+        return qs, s_prev
 
     def act(self, obs: np.ndarray, deterministic: bool = False) -> np.ndarray:
         x, r, first = split_view(obs)
         s = self.streams["eval" if deterministic else "train"]
         if first or s.a_prev is None:
-            s.history, s.a_prev, s.repeat_left, s.reward_sum = [], torch.zeros(self.act_dim), 0, 0.0
+            s.state, s.a_prev, s.repeat_left, s.reward_sum = None, torch.zeros(self.act_dim), 0, 0.0
         if s.repeat_left > 0:  # within an action-repeat block: hold the action, add up the rewards
             s.repeat_left -= 1
             s.reward_sum += r
@@ -353,9 +368,8 @@ class GenerativeAgent(Agent):
             self._store()
         r, s.reward_sum = s.reward_sum + r, 0.0
         a_prev = s.a_prev
-        s.history = (s.history + [(torch.as_tensor(x), torch.tensor(r), a_prev)])[-self.config.window:]
         with torch.no_grad():
-            qz = self.filter_window(s.history, deterministic)
+            qz, s_prev = self.filter_step(s, x, r, deterministic)
             if not deterministic and self.steps_seen < self.config.learning_starts:
                 a = torch.as_tensor(self.held_uniform_action(self.decisions, self.config.warmup_hold))
                 loc, scale = torch.zeros(self.act_dim), torch.full((self.act_dim,), UNIFORM_SCALE)
@@ -370,7 +384,8 @@ class GenerativeAgent(Agent):
         s.repeat_left = self.config.action_repeat - 1
         if not deterministic:
             self.pending = dict(x=x, r=r, first=float(first), a_prev=a_prev.numpy(), act=a.numpy(),
-                                qa_loc=loc.numpy(), qa_scale=scale.numpy(), rew=0.0, done=0.0)
+                                qa_loc=loc.numpy(), qa_scale=scale.numpy(), rew=0.0, done=0.0,
+                                s_prev=s_prev.numpy())
             self.pending_steps = 0
         return a.numpy().astype(np.float32)
 
@@ -508,7 +523,7 @@ class GenerativeAgent(Agent):
                  "replay": self.replay.state_dict(), "rng": self.rng.bit_generator.state,
                  "steps_seen": self.steps_seen, "decisions": self.decisions, "warmup_action": self.warmup_action,
                  "pending": None if self.pending is None else dict(self.pending), "pending_steps": self.pending_steps,
-                 "diagnosed_block": self.diagnosed_block}
+                 "diagnosed_block": self.diagnosed_block, "train_stream": self.streams["train"].state_dict()}
         if self.action_guide is not None:
             state.update(action_guide=self.action_guide.state_dict(),
                          action_guide_opt=self.action_guide_opt.state_dict())
@@ -537,6 +552,8 @@ class GenerativeAgent(Agent):
             self.critic_target.load_state_dict(state["critic_target"])
             self.critic_opt.load_state_dict(state["critic_opt"])
         self.streams = {"train": _Stream(), "eval": _Stream()}
+        if state.get("train_stream") is not None:  # the episode's filter state: a resumed episode continues it
+            self.streams["train"].load_state_dict(state["train_stream"])
         # a block cut short by the end of a run is stored at the next (episode-start) act
         self.pending, self.pending_steps, self.fresh = state.get("pending"), state.get("pending_steps", 0), False
 
