@@ -21,6 +21,29 @@ The ELBO Pyro computes is eq. (8)'s estimate of V(s) / alpha, summed over the ba
 alpha times it is V(s) in reward units, and ``alpha = 0`` (MEMB's unregularised
 ablation, App. B.1) is the plain stochastic value gradient (the temperature is floored
 at :data:`models.sites.MIN_TEMPERATURE`).
+
+The ablations of App. B.1 and B.3 keep this pair and change only what is passed in as
+``dynamics``, ``reward_fn`` and the guide's ``policy``:
+
+* **SVG variant** (App. B.1, "when we just utilize the real trajectory in the policy
+  update, MEMB reduces to the SVG"; SVG(1), Heess et al. 2015, and eq. 1 of 004_…): the
+  model noise is *inferred* from a real transition (s, a_k, r, s') instead of drawn:
+  :func:`inferred_dynamics` / :func:`inferred_reward` give ``s'(a) = s' + mu_f(s, a) -
+  mu_f(s, a_k)`` and ``r(a) = r + mu_r(s, a) - mu_r(s, a_k)`` (additive noise inferred
+  from the real s' and r), so the value is taken at the real s' moved by the model's
+  Jacobian for the action change, and at ``a = a_k`` the sample *is* the real s'.
+  Deviation from SVG(1)-ER: the policy noise is drawn fresh, not inferred from a_k, and
+  there is no importance weight pi_theta(a_k|s) / pi_behaviour(a_k|s) (the replay buffer
+  keeps no behaviour probabilities). Measured: with eta inferred from a_k and no weight,
+  the gradient on the policy's log-scale is G (1 - a^2) (atanh a_k - loc), which at a
+  locally optimal mean points down for every replayed action and does not vanish as the
+  scale does; the policy's scale fell to 0.0045 and V's loss reached 7e5 within 600 steps
+  (seed 0, the tests' small networks).
+* **true-model variant** (App. B.3): :func:`true_model_for` gives the environment's own
+  dynamics and reward as differentiable torch functions (Pendulum-v1's closed form).
+
+Deterministic next states enter as :class:`Pinned` samples: rsample returns the given
+(differentiable) value, and model and guide hold the same one, so KL_d stays exactly 0.
 """
 
 from __future__ import annotations
@@ -30,6 +53,8 @@ from collections.abc import Callable
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro.distributions import constraints
+from pyro.distributions.torch_distribution import TorchDistribution
 from torch import nn
 
 from models.sites import inverse_temperature, optimality, sample
@@ -106,4 +131,84 @@ def memb_model(obs: torch.Tensor, prior_policy, dynamics: Callable, reward_fn: C
         optimality(0, reward_fn(obs, a) + gamma * cont * value_fn(x1), scale)
 
 
-__all__ = ["LOG_STD_MAX", "LOG_STD_MIN", "ReparamModel", "memb_model"]
+class Pinned(TorchDistribution):
+    """A next state fixed in advance as a differentiable function of the action: ``rsample()``
+    returns ``value`` (its gradient included) and ``log_prob`` is 0. Model and guide hold the
+    same one, so the dynamics KL is exactly 0, as for MEMB's own model samples."""
+
+    arg_constraints: dict = {}
+    has_rsample = True
+
+    def __init__(self, value: torch.Tensor, event_dim: int = 1):
+        self.value = value
+        shape = value.shape
+        super().__init__(shape[:len(shape) - event_dim], shape[len(shape) - event_dim:], validate_args=False)
+
+    @property
+    def support(self):
+        return constraints.independent(constraints.real, len(self.event_shape))
+
+    def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        if len(sample_shape):
+            raise ValueError("a Pinned sample has no sample_shape")
+        return self.value
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(self.batch_shape, dtype=value.dtype)
+
+
+def inferred_dynamics(model: ReparamModel, obs: torch.Tensor, act: torch.Tensor, next_obs: torch.Tensor) -> Callable:
+    """SVG(1)'s next state: ``s'(a) = mu_f(s, a) + zeta_hat``, ``zeta_hat = s' - mu_f(s, a_k)``
+    (additive noise inferred from the real transition, detached), as ``dynamics(obs, a)``:
+    the real s' at a = a_k, and d s'/d a = d mu_f / d a."""
+    zeta = (next_obs - model.dynamics(obs, act).mean).detach()
+    return lambda o, a: Pinned(model.dynamics(o, a).mean + zeta, 1)
+
+
+def inferred_reward(model: ReparamModel, obs: torch.Tensor, act: torch.Tensor, rew: torch.Tensor) -> Callable:
+    """SVG(1)'s reward: ``r(a) = mu_r(s, a) + (r - mu_r(s, a_k))``, as ``reward_fn(obs, a)``."""
+    zeta = (rew - model.reward_dist(obs, act).mean).detach()
+    return lambda o, a: model.reward_dist(o, a).mean + zeta
+
+
+# -- the true model (App. B.3) ---------------------------------------------------------------
+PENDULUM = dict(g=10.0, m=1.0, l=1.0, dt=0.05, max_speed=8.0, max_torque=2.0)
+
+
+def _pendulum_state(obs: torch.Tensor, act: torch.Tensor):
+    p = PENDULUM
+    th = torch.atan2(obs[..., 1], obs[..., 0])  # angle_normalize(th) for free
+    u = (act[..., 0] * p["max_torque"]).clamp(-p["max_torque"], p["max_torque"])  # agent's [-1, 1] -> torque
+    return th, obs[..., 2], u
+
+
+def pendulum_reward(obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+    """Pendulum-v1's reward ``-(th^2 + 0.1 thdot^2 + 0.001 u^2)`` (gymnasium PendulumEnv.step),
+    th in [-pi, pi] from (cos, sin), u = 2 a the torque of the agent's action in [-1, 1]."""
+    th, thdot, u = _pendulum_state(obs, act)
+    return -(th.square() + 0.1 * thdot.square() + 0.001 * u.square())
+
+
+def pendulum_next_obs(obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+    """Pendulum-v1's step in torch, batched: ``thdot' = clip(thdot + (3g/(2l) sin th + 3/(m l^2) u) dt,
+    -8, 8)``, ``th' = th + thdot' dt``, observation (cos th', sin th', thdot')."""
+    p = PENDULUM
+    th, thdot, u = _pendulum_state(obs, act)
+    thdot = thdot + (3 * p["g"] / (2 * p["l"]) * torch.sin(th) + 3.0 / (p["m"] * p["l"] ** 2) * u) * p["dt"]
+    thdot = thdot.clamp(-p["max_speed"], p["max_speed"])
+    th = th + thdot * p["dt"]
+    return torch.stack([torch.cos(th), torch.sin(th), thdot], -1)
+
+
+def true_model_for(env_id: str) -> tuple[Callable, Callable]:
+    """``(dynamics, reward_fn)`` of the environment itself, for MEMB App. B.3's true-model
+    variant: ``dynamics(obs, act)`` a :class:`Pinned` next state, ``reward_fn(obs, act)`` the
+    reward, both differentiable in the action. Only Pendulum-v1 (as in App. B.3)."""
+    name = env_id.split(":")[-1].split("/")[-1]
+    if name != "Pendulum-v1":
+        raise ValueError(f"the true-model variant knows only Pendulum-v1's dynamics (App. B.3), not {env_id!r}")
+    return (lambda obs, act: Pinned(pendulum_next_obs(obs, act), 1)), pendulum_reward
+
+
+__all__ = ["LOG_STD_MAX", "LOG_STD_MIN", "PENDULUM", "Pinned", "ReparamModel", "inferred_dynamics", "inferred_reward",
+           "memb_model", "pendulum_next_obs", "pendulum_reward", "true_model_for"]
