@@ -77,11 +77,15 @@ class EnsembleLinear(PyroModule):
         self.weight = nn.Parameter(weight)
         self.bias = nn.Parameter(torch.zeros(self.ensemble_size, 1, self.out_features))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 3 or x.shape[0] != self.ensemble_size or x.shape[-1] != self.in_features:
-            raise ValueError(f"EnsembleLinear expects input [{self.ensemble_size}, B, {self.in_features}], "
+    def forward(self, x: torch.Tensor, members: torch.Tensor | None = None) -> torch.Tensor:
+        """``members`` (``[k]`` indices): run only those members, ``x`` of shape ``[k, B, in]``."""
+        weight, bias = self.weight, self.bias
+        if members is not None:
+            weight, bias = weight.index_select(0, members), bias.index_select(0, members)
+        if x.dim() != 3 or x.shape[0] != weight.shape[0] or x.shape[-1] != self.in_features:
+            raise ValueError(f"EnsembleLinear expects input [{weight.shape[0]}, B, {self.in_features}], "
                              f"got {list(x.shape)}")
-        return torch.baddbmm(self.bias, x, self.weight)
+        return torch.baddbmm(bias, x, weight)
 
     def extra_repr(self) -> str:
         return f"ensemble_size={self.ensemble_size}, in_features={self.in_features}, out_features={self.out_features}"
@@ -246,6 +250,41 @@ class GaussianEnsemble(PyroModule):
         x = self.normalizer(torch.cat([obs, act], dim=-1))
         mean, raw_logvar = self.net(x).chunk(2, dim=-1)
         return mean, soft_clamp(raw_logvar, self.min_logvar, self.max_logvar)
+
+    def forward_members(self, x: torch.Tensor, members: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and log-variance ``[k, m, obs_dim + 1]`` of the members ``members`` (``[k]``) on
+        their own normalised-input rows ``x`` (``[k, m, obs_dim + act_dim]``, row block ``j`` through
+        member ``members[j]``): one batched matmul per layer over ``k`` members, not all ``E``."""
+        for layer in self.net:
+            x = layer(x, members) if isinstance(layer, EnsembleLinear) else layer(x)
+        mean, raw_logvar = x.chunk(2, dim=-1)
+        return mean, soft_clamp(raw_logvar, self.min_logvar, self.max_logvar)
+
+    def elite_rows(self, obs: torch.Tensor, act: torch.Tensor, generator: torch.Generator | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each row through one elite member, drawn uniformly: ``(mean, logvar, member)``, ``[B, D]``,
+        ``[B, D]``, ``[B]``. The batch is split over the elites (mbrl-lib's random-model
+        propagation): a random permutation puts row ``i`` in one of ``k * ceil(B / k)`` slots, slot
+        block ``j`` goes through elite ``j``, so each row's member is uniform over the ``k`` elites
+        (as :meth:`step_from`'s draw) and the network does ``1 / E`` of :meth:`forward`'s work.
+        Rows are not independent of each other (the blocks are balanced), only each row's
+        distribution matters to the estimators that use them."""
+        obs = torch.as_tensor(obs, dtype=self.max_logvar.dtype, device=self.max_logvar.device)
+        act = torch.as_tensor(act, dtype=self.max_logvar.dtype, device=self.max_logvar.device)
+        for name, x, width in (("obs", obs, self.obs_dim), ("act", act, self.act_dim)):
+            if x.dim() != 2 or x.shape[-1] != width:
+                raise ValueError(f"{name} must have shape [B, {width}], got {list(x.shape)}")
+        if obs.shape[0] != act.shape[0]:
+            raise ValueError(f"obs and act batches differ: {list(obs.shape)} vs {list(act.shape)}")
+        batch, k = obs.shape[0], self.num_elites
+        per = -(-batch // k)
+        slots = torch.randperm(k * per, generator=generator, device=obs.device)[:batch]
+        x = self.normalizer(torch.cat([obs, act], dim=-1))
+        padded = x.new_zeros(k * per, x.shape[-1])
+        padded[slots] = x
+        mean, logvar = self.forward_members(padded.view(k, per, x.shape[-1]), self.elite_idx)
+        mean, logvar = (t.reshape(k * per, self.target_dim)[slots] for t in (mean, logvar))
+        return mean, logvar, self.elite_idx[torch.div(slots, per, rounding_mode="floor")]
 
     def sample_member_dist(self, obs: torch.Tensor, act: torch.Tensor) -> dist.Normal:
         """Every member's predictive ``Normal(mean, std)`` of the target, batch shape
@@ -503,7 +542,8 @@ class GaussianEnsemble(PyroModule):
         """One model step for a batch ``obs [B, obs_dim]``, ``act [B, act_dim]``.
 
         Stochastic (default; PETS' TS1 / MBPO's rollouts): each transition draws an
-        elite member uniformly and samples the target from that member's Gaussian.
+        elite member uniformly and samples the target from that member's Gaussian; only
+        that member runs on the row (the batch is split over the elites, :meth:`elite_rows`).
         ``deterministic=True``: the average of the elites' means, no noise.
 
         Returns ``next_obs [B, obs_dim]`` (= obs + delta), ``reward [B]`` and ``info``
@@ -515,7 +555,21 @@ class GaussianEnsemble(PyroModule):
         obs = torch.as_tensor(obs, dtype=self.max_logvar.dtype, device=self.max_logvar.device)
         if obs.dim() != 2:
             raise ValueError(f"predict expects obs of shape [B, {self.obs_dim}], got {list(obs.shape)}")
-        return self.step_from(obs, *self(obs, act), deterministic=deterministic, generator=generator)
+        if deterministic:
+            return self.step_from(obs, *self(obs, act), deterministic=True)
+        # stochastic: only the row's own member runs (elite_rows), 1 / E of the full pass
+        mean, logvar, member = self.elite_rows(obs, act, generator)
+        return self.sample_rows(obs, mean, logvar, member, generator)
+
+    @torch.no_grad()
+    def sample_rows(self, obs: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor, member: torch.Tensor,
+                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """:meth:`predict`'s stochastic step from one member's ``(mean, logvar)`` per row
+        (:meth:`elite_rows`): target ~ N(mean, exp(logvar))."""
+        var = logvar.exp()
+        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
+        sample = mean + var.sqrt() * noise
+        return obs + sample[:, :self.obs_dim], sample[:, self.obs_dim], {"mean": mean, "var": var, "member": member}
 
     @torch.no_grad()
     def step_from(self, obs: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor, *, deterministic: bool = False,
@@ -540,6 +594,16 @@ class GaussianEnsemble(PyroModule):
         next_obs = obs + sample[:, :self.obs_dim]
         reward = sample[:, self.obs_dim]
         return next_obs, reward, {"mean": m, "var": v, "member": member}
+
+    @torch.no_grad()
+    def elite_mixture_log_density(self, obs: torch.Tensor, act: torch.Tensor, next_obs: torch.Tensor) -> torch.Tensor:
+        """:meth:`elite_log_density` at ``(obs, act)``, running the elite members only."""
+        obs = torch.as_tensor(obs, dtype=self.max_logvar.dtype, device=self.max_logvar.device)
+        x = self.normalizer(torch.cat([obs, torch.as_tensor(act, dtype=obs.dtype, device=obs.device)], dim=-1))
+        mean, logvar = self.forward_members(x.expand(self.num_elites, *x.shape), self.elite_idx)
+        d = dist.Normal(mean[..., :self.obs_dim], (0.5 * logvar[..., :self.obs_dim]).exp())
+        lp = d.log_prob((next_obs - obs).expand(self.num_elites, *obs.shape)).sum(-1)
+        return torch.logsumexp(lp, 0) - math.log(self.num_elites)
 
     @torch.no_grad()
     def elite_log_density(self, obs: torch.Tensor, next_obs: torch.Tensor, mean: torch.Tensor,

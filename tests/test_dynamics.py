@@ -267,6 +267,48 @@ def test_predict_shapes_reproducibility_and_mixture_moments():
     assert (info["member"] == -1).all()
 
 
+def test_split_batch_rows_are_their_members_full_pass_outputs():
+    """elite_rows runs each row through one elite only; that row's (mean, logvar) is exactly the
+    chosen member's output of the full pass, every elite gets a balanced block, and the
+    elites-only mixture density equals the full pass's."""
+    ens = small_ensemble(ensemble_size=5, num_elites=3)
+    ens.fit(*random_batch((200,)), epochs=1, seed=0)
+    obs, act, next_obs, _ = random_batch((10,))
+    with torch.no_grad():
+        full_mean, full_logvar = ens(obs, act)
+        mean, logvar, member = ens.elite_rows(obs, act, torch.Generator().manual_seed(0))
+    rows = torch.arange(10)
+    torch.testing.assert_close(mean, full_mean[member, rows])
+    torch.testing.assert_close(logvar, full_logvar[member, rows])
+    counts = torch.bincount(member, minlength=5)[ens.elite_idx]
+    assert counts.sum() == 10 and counts.max() - counts.min() <= 1  # 4 slots per elite, 2 padded
+    torch.testing.assert_close(ens.elite_mixture_log_density(obs, act, next_obs),
+                               ens.elite_log_density(obs, next_obs, full_mean, full_logvar))
+    assert ens.predict(obs[:0], act[:0])[0].shape == (0, 2)  # an empty batch passes through
+
+
+def test_split_batch_sample_has_the_per_row_draws_mean_and_variance():
+    """The speed issue's check: over many draws, the split-batch sample of a row (predict) has
+    the mean and variance of the earlier per-row draw over the full pass (step_from): the
+    elite mixture's mean and total variance, within Monte Carlo error."""
+    torch.manual_seed(0)
+    ens = small_ensemble(ensemble_size=5, num_elites=3)
+    ens.fit(*random_batch((200,)), epochs=1, seed=0)
+    obs, act, _, _ = random_batch((4,))
+    n = 20_000
+    obs_n, act_n = obs.repeat(n, 1), act.repeat(n, 1)
+    with torch.no_grad():
+        new_next, new_rew, _ = ens.predict(obs_n, act_n, generator=torch.Generator().manual_seed(1))
+        old_next, old_rew, _ = ens.step_from(obs_n, *ens(obs_n, act_n), generator=torch.Generator().manual_seed(2))
+        _, _, exact = ens.predict(obs, act, deterministic=True)
+    for next_obs, rew in ((new_next, new_rew), (old_next, old_rew)):
+        sample = torch.cat([next_obs - obs_n, rew.unsqueeze(-1)], -1).view(n, 4, 3)
+        se_mean = (exact["var"] / n).sqrt()
+        assert ((sample.mean(0) - exact["mean"]).abs() < 5 * se_mean).all()
+        # the variance of a sample variance is about 2 var^2 / n for near-Gaussian mixtures
+        assert ((sample.var(0) - exact["var"]).abs() < 5 * exact["var"] * math.sqrt(3.0 / n)).all()
+
+
 def test_weighted_likelihood_elites_keep_the_member_that_fits_the_tilt():
     """q_d's elites: on data where 90 % of the targets sit at 0 and 10 % at 1, member 0
     (predicting 0) has the lower hold-out MSE, but with weights that put 95 % of the mass on

@@ -220,25 +220,38 @@ def test_dual_descent_on_beta():
 
 
 def test_beta_follows_algorithm_1s_schedule_once_per_env_step(monkeypatch):
-    """beta-VMBPO Algorithm 1: K E-step updates, then one step of the dual on beta, on the
-    mean of the K updates' KL estimates; 'adam_log' keeps the old per-update Adam step."""
+    """beta-VMBPO Algorithm 1: K E-step updates, then one step of the dual on beta on a KL
+    estimate; beta-VMBPO's critic has no log term, so the updates compute no log-ratio and the
+    KL is estimated once per env step (kl_estimate); 'adam_log' keeps the old per-update Adam
+    step on each update's own estimate."""
     kls = iter([1.0, 2.0, 6.0] * 4)
+    calls = []
 
     def fake_e_step(self, step):
-        self.last_kl = next(kls)
-        if self.config.beta_update == "adam_log":
+        calls.append("e")
+        if self.critic_needs_log_ratio:  # adam_log: the update's own KL
+            self.last_kl = next(kls)
             self.update_beta(self.last_kl)
+            return {"kl_dynamics": self.last_kl}
         return {}
 
+    def fake_kl(self):
+        calls.append("kl")
+        return 3.0
+
     monkeypatch.setattr(BetaVMBPO, "e_step_update", fake_e_step)
+    monkeypatch.setattr(BetaVMBPO, "kl_estimate", fake_kl)
     a = agent(BetaVMBPO, beta_init=100.0, epsilon_kl=10.0, beta_lr=0.01, gradient_steps=3)
     a.q_dynamics_fitted = True
     out = a.update(step=1)  # not a model-fitting step
-    assert a.beta == pytest.approx(100.0 - 0.01 * (10.0 - 3.0), rel=1e-12)  # KL mean of 1, 2, 6 = 3
-    assert out["beta"] == a.beta and out["epsilon_kl"] == 10.0
+    assert calls == ["e", "e", "e", "kl"]
+    assert a.beta == pytest.approx(100.0 - 0.01 * (10.0 - 3.0), rel=1e-12)
+    assert out["beta"] == a.beta and out["epsilon_kl"] == 10.0 and out["kl_dynamics"] == 3.0
+    calls.clear()
     b = agent(BetaVMBPO, beta_init=100.0, epsilon_kl=10.0, beta_lr=0.01, gradient_steps=3, beta_update="adam_log")
     b.q_dynamics_fitted = True
     b.update(step=1)
+    assert calls == ["e", "e", "e"]
     assert b.beta == pytest.approx(100.0 * np.exp(-0.03), rel=1e-3)  # three Adam steps of ~lr on log beta
     with pytest.raises(ValueError, match="beta_update"):
         BetaVMBPO(BetaVMBPO.Config(**{**TINY, "beta_update": "sgd"}), 3, 1)
@@ -322,8 +335,11 @@ def test_short_runs_log_every_term(algo, tmp_path):
     train(algo, cfg, tmp_path, 300, eval_every=300, eval_episodes=1, checkpoint_every=300, progress=False)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if r["kind"] == "train"]
-    assert train_rows and all(k in train_rows[-1] for k in ("elbo", "elbo_kl_policy", "kl_dynamics", "beta",
+    # VMBPO-MFE has no model samples in its E-step: its KL is logged at the fits
+    kl = "kl_dynamics_ensembles" if algo == "vmbpo-mfe" else "kl_dynamics"
+    assert train_rows and all(k in train_rows[-1] for k in ("elbo", "elbo_kl_policy", kl, "beta",
                                                              "critic_loss", "actor_loss"))
+    assert all(np.isfinite(r[kl]) for r in train_rows if kl in r)
     assert any(r["kind"] == "eval" for r in rows)
 
 
@@ -376,9 +392,12 @@ def test_q_d_fit_logs_psis_khat_and_ess_of_its_weights():
 
 
 def test_model_batch_log_ratio_and_real_ratio():
-    """model_batch's one-pass log q_d/p equals the mixture densities computed by hand, and
-    real_ratio keeps that share of real transitions (real a, r, x', done) at the front."""
+    """model_batch's log q_d/p (the elites-only pass) equals the mixture densities of the full
+    pass computed by hand, and real_ratio keeps that share of real transitions (real a, r, x',
+    done) at the front. beta-VMBPO's own critic has no log term: no log-ratio is computed."""
     a, b = agent(BetaVMBPO, real_ratio=0.25), batch(8)
+    assert a.model_batch(b)[1] is None
+    a.config.critic_log_ratio = True
     torch.manual_seed(5)
     mb, log_ratio = a.model_batch(b)
     for k in ("act", "rew", "next_obs", "done"):

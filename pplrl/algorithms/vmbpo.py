@@ -385,7 +385,7 @@ class VariationalAgent(SAC):
     # -- step 2: log-likelihood ratio ------------------------------------------------------------
     def ensemble_log_density(self, ensemble: GaussianEnsemble, obs, act, next_obs) -> torch.Tensor:
         """log of the elites' equal-weight mixture density of x' (reward marginalised)."""
-        return ensemble.elite_log_density(obs, next_obs, *ensemble(obs, act))
+        return ensemble.elite_mixture_log_density(obs, act, next_obs)
 
     def nu_value(self, obs, act, next_obs) -> torch.Tensor:
         """nu(x'|x, a), softly bounded to (-nu_clip, nu_clip) by c tanh(raw / c) when set."""
@@ -412,33 +412,48 @@ class VariationalAgent(SAC):
         return -(nu_q.mean() - self._exp_weight(nu_p, "exp(nu)", step).mean())
 
     # -- model samples ----------------------------------------------------------------------
-    def model_batch(self, real: Batch) -> tuple[Batch, torch.Tensor]:
-        """x from D_env, a ~ q_c, x' ~ q_d, r ~ p_theta (beta Algorithm 1), and log q_d/p; the
-        first ``real_ratio`` of the rows keep the real (a, r, x', done) of ``real`` instead.
-        Each ensemble runs once: its output gives both the sample and the density."""
+    def model_batch(self, real: Batch) -> tuple[Batch, torch.Tensor | None]:
+        """x from D_env, a ~ q_c, x' ~ q_d, r ~ p_theta (beta Algorithm 1), and log q_d/p where
+        the critic uses it (:attr:`critic_needs_log_ratio`; None otherwise); the first
+        ``real_ratio`` of the rows keep the real (a, r, x', done) of ``real`` instead.
+
+        Each model row runs through one sampled elite of each ensemble
+        (:meth:`~models.dynamics.GaussianEnsemble.elite_rows`, the batch split over the
+        elites), the same per-row distribution as a full pass with a per-row draw at 1 / E of
+        its cost; the elite mixtures' densities are computed only for the ensembles' log-ratio."""
         obs = real.obs
         with torch.no_grad():
             act = self.policy(obs).sample()
-            q_out, p_out = self.q_dynamics(obs, act), self.ensemble(obs, act)
-            next_obs, _, _ = self.q_dynamics.step_from(obs, *q_out)
-            _, rew, _ = self.ensemble.step_from(obs, *p_out)
+            n_real = round(self.config.real_ratio * obs.shape[0])
+            m_obs, m_act = obs[n_real:], act[n_real:]
+            next_obs, _, _ = self.q_dynamics.predict(m_obs, m_act)
+            _, rew, _ = self.ensemble.predict(m_obs, m_act)
             done = torch.zeros_like(rew)
             if self.termination_fn is not None:
-                done = torch.as_tensor(self.termination_fn(obs.numpy(), act.numpy(), next_obs.numpy()),
+                done = torch.as_tensor(self.termination_fn(m_obs.numpy(), m_act.numpy(), next_obs.numpy()),
                                        dtype=torch.float32)
-            n_real = round(self.config.real_ratio * obs.shape[0])
             if n_real:
-                act, rew, next_obs, done = (torch.cat([r[:n_real], m[n_real:]]) for r, m in (
-                    (real.act, act), (real.rew, rew), (real.next_obs, next_obs), (real.done, done)))
-                # only the real rows changed action: run the ensembles on those rows alone
-                q_out, p_out = ([torch.cat([r, m[:, n_real:]], 1) for r, m in zip(ens(obs[:n_real], act[:n_real]), out)]
-                                for ens, out in ((self.q_dynamics, q_out), (self.ensemble, p_out)))
-            if self.config.log_ratio == "ensembles":
-                log_ratio = self.q_dynamics.elite_log_density(obs, next_obs, *q_out) \
-                    - self.ensemble.elite_log_density(obs, next_obs, *p_out)
-            else:
-                log_ratio = self.log_ratio(obs, act, next_obs)
+                act = torch.cat([real.act[:n_real], m_act])
+                rew, next_obs, done = (torch.cat([r[:n_real], m]) for r, m in (
+                    (real.rew, rew), (real.next_obs, next_obs), (real.done, done)))
+            log_ratio = self.log_ratio(obs, act, next_obs) if self.critic_needs_log_ratio else None
         return Batch(obs, act, rew, next_obs, done), log_ratio
+
+    @property
+    def critic_needs_log_ratio(self) -> bool:
+        """Whether every E-step update needs log q_d/p on its model batch: the critic's target has
+        it (eq. 23), or the dual on beta steps after every update ('adam_log')."""
+        c = self.config
+        return c.e_step == "model_based" and (c.critic_log_ratio or (c.learn_beta and c.beta_update == "adam_log"))
+
+    def kl_estimate(self) -> float:
+        """KL(q_d || p) = E_{x ~ D, a ~ q_c, x' ~ q_d}[log q_d/p] on one fresh batch: the dual's KL
+        (beta eq. 9) and the logged ``kl_dynamics`` when no update computed the log-ratio."""
+        with torch.no_grad():
+            obs = self.replay.sample(self.config.batch_size, self.rng).obs
+            act = self.policy(obs).sample()
+            next_obs, _, _ = self.q_dynamics.predict(obs, act)
+            return float(self.log_ratio(obs, act, next_obs).mean())
 
     # -- step 3: critic ---------------------------------------------------------------------
     def critic_td_target(self, batch: Batch, log_ratio: torch.Tensor | None) -> torch.Tensor:
@@ -546,12 +561,20 @@ class VariationalAgent(SAC):
             out.update(self.fit_variational_dynamics(step))
         kls = []
         for _ in range(c.gradient_steps):
-            out.update(self.e_step_update(step))
-            if np.isfinite(self.last_kl):
-                kls.append(self.last_kl)
+            metrics = self.e_step_update(step)
+            out.update(metrics)
+            if "kl_dynamics" in metrics:
+                kls.append(metrics["kl_dynamics"])
             self.e_steps += 1
             if self.e_steps % c.m_step_every == 0:
                 out["m_step_loss"] = self.m_step(self.replay.sample(c.batch_size, self.rng).obs)
+        if not kls and c.e_step == "model_based":
+            # no update computed log q_d/p (beta-VMBPO's critic has no log term): one estimate
+            # per env step, on a fresh batch, for the dual and the log
+            self.last_kl = self.kl_estimate()
+            kls = [self.last_kl]
+            out["kl_dynamics"] = self.last_kl
+        kls = [k for k in kls if np.isfinite(k)]
         if c.learn_beta and c.beta_update == "algorithm1" and kls:
             self.update_beta(float(np.mean(kls)))  # Algorithm 1: once per environment step
             out["beta"] = self.beta
@@ -600,7 +623,9 @@ class VariationalAgent(SAC):
         polyak_update(self.critic, self.critic_target, c.tau)
         polyak_update(self.value, self.value_target, c.tau)
         B = batch.obs.shape[0]
-        metrics.update({"beta": self.beta, "kl_dynamics": self.last_kl, **self.elbo_metrics(terms, B)})
+        metrics.update({"beta": self.beta, **self.elbo_metrics(terms, B)})
+        if log_ratio is not None:
+            metrics["kl_dynamics"] = self.last_kl
         return metrics
 
     # -- checkpoints ---------------------------------------------------------------------

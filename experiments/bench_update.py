@@ -1,0 +1,172 @@
+"""What one update of each agent costs, against a SAC update and stable-baselines3's.
+
+Every agent gets the same replay: ``--transitions`` Pendulum-v1 transitions of a uniform
+random policy (seed 0). Each agent first runs one update at a model-fit step, so that the
+models are fitted (steady state), then, in one process, interleaved across agents,
+median over ``--repeats`` rounds:
+
+* ``step_ms``: one environment step's updates (``agent.update(step)`` at a step that fits
+  no model): ``updates_per_step`` gradient steps;
+* ``fit_ms``: the extra cost of an update at a model-fit step (p_theta's fit, q_d's fit,
+  MBPO's rollouts), ``update(k * model_train_freq)`` minus ``step_ms``, measured
+  ``--fit-repeats`` times;
+* ``env_step_ms = step_ms + fit_ms / model_train_freq`` (the fit amortised over the steps
+  between fits), ``update_ms = env_step_ms / updates_per_step`` and ``vs_sac`` =
+  ``update_ms`` over SAC's.
+
+stable-baselines3's SAC gradient step (``SAC.train(1, 256)``) is timed in the same rounds
+when it is installed. Targets (the speed issue): VMBPO and beta-VMBPO <= 1.5x a SAC update,
+MBPO and VMBPO-MFE <= 1.2x, pplrl SAC <= 1.0x stable-baselines3's step. MEMB's
+``update_ms`` divides by its ``m`` policy updates per step; its model steps are in
+``step_ms``. One torch thread by default. Prints a table, writes JSON (default
+runs/bench_update.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_objective_api import sb3_step  # noqa: E402
+
+ALGOS = ("sac", "virel", "mbpo", "memb", "vmbpo-mfe", "beta-vmbpo", "vmbpo")
+TARGETS = {"vmbpo": 1.5, "beta-vmbpo": 1.5, "mbpo": 1.2, "vmbpo-mfe": 1.2}
+
+
+def pendulum_transitions(n: int, seed: int = 0) -> list[tuple]:
+    import gymnasium as gym
+
+    env = gym.make("Pendulum-v1")
+    obs, _ = env.reset(seed=seed)
+    env.action_space.seed(seed)
+    out = []
+    for _ in range(n):
+        act = env.action_space.sample()
+        nxt, rew, term, trunc, _ = env.step(act)
+        out.append((obs, act, float(rew), nxt, bool(term)))
+        obs = env.reset()[0] if term or trunc else nxt
+    return out
+
+
+def make(algo: str, data: list[tuple], device: str = "cpu"):
+    """An agent of ``algo``'s Pendulum defaults holding ``data``, its models fitted."""
+    import gymnasium as gym
+
+    from pplrl.algorithms import default_config, make_agent
+
+    env = gym.make("Pendulum-v1")
+    overrides = {"env_id": "Pendulum-v1", "seed": 0}
+    config = default_config(algo, **overrides)
+    if hasattr(config, "device"):
+        config = type(config)(**{**config.__dict__, "device": device})
+    agent = make_agent(algo, config, env.observation_space.shape[0], env.action_space.shape[0])
+    for obs, act, rew, nxt, term in data:
+        agent.observe(obs, act / env.action_space.high, rew, nxt, term)
+    freq = getattr(config, "model_train_freq", None)
+    agent.update(freq or 1)  # first update: fits every model (steady state)
+    return agent, freq
+
+
+def times_ms(fn, repeats: int) -> list[float]:
+    out = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t) * 1e3)
+    return out
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--algos", nargs="+", default=list(ALGOS), choices=ALGOS)
+    p.add_argument("--transitions", type=int, default=5000)
+    p.add_argument("--repeats", type=int, default=7, help="interleaved rounds of one env step's updates")
+    p.add_argument("--fit-repeats", type=int, default=2, help="updates at a model-fit step per model-based agent")
+    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--device", default="cpu", help="the agents' device config field (cpu, cuda, auto)")
+    p.add_argument("--out", type=Path, default=Path("runs/bench_update.json"))
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    data = pendulum_transitions(args.transitions)
+    agents = {a: make(a, data, args.device) for a in args.algos}
+    step = {a: 1 for a in agents}
+
+    def one_step(a):
+        def fn():
+            freq = agents[a][1]
+            step[a] += 1
+            if freq and step[a] % freq == 0:
+                step[a] += 1
+            agents[a][0].update(step[a])
+        return fn
+
+    fns = {a: one_step(a) for a in agents}
+    sb3 = sb3_step(256)
+    if sb3 is not None:
+        fns["sb3"] = sb3
+    inner = {}
+    for k, fn in fns.items():  # warm-up; each round times >= ~0.3 s of each agent's steps
+        inner[k] = max(1, round(300.0 / max(statistics.median(times_ms(fn, 2)), 1e-3)))
+    times = {k: [] for k in fns}
+    for _ in range(args.repeats):
+        for k, fn in fns.items():
+            times[k].append(sum(times_ms(fn, inner[k])) / inner[k])
+    step_ms = {k: statistics.median(v) for k, v in times.items()}
+
+    fit_ms = {}
+    for a, (agent, freq) in agents.items():
+        if not freq:
+            continue
+        costs = []
+        for i in range(args.fit_repeats):
+            s = freq * (1000 + i)
+            costs += times_ms(lambda: agent.update(s), 1)
+        fit_ms[a] = max(statistics.median(costs) - step_ms[a], 0.0)
+
+    rows = []
+    for a, (agent, freq) in agents.items():
+        n = agent.updates_per_step()
+        env_step = step_ms[a] + (fit_ms[a] / freq if a in fit_ms else 0.0)
+        rows.append({"algo": a, "updates_per_step": n, "step_ms": step_ms[a], "fit_ms": fit_ms.get(a),
+                     "model_train_freq": freq, "env_step_ms": env_step, "update_ms": env_step / n})
+    sac = next((r["update_ms"] for r in rows if r["algo"] == "sac"), None)
+    for r in rows:
+        r["vs_sac"] = r["update_ms"] / sac if sac else None
+        r["target_vs_sac"] = TARGETS.get(r["algo"])
+    result = {"threads": args.threads, "device": args.device, "transitions": args.transitions,
+              "repeats": args.repeats, "fit_repeats": args.fit_repeats, "rows": rows,
+              "sb3_update_ms": step_ms.get("sb3"),
+              "sac_over_sb3": sac / step_ms["sb3"] if sac and "sb3" in step_ms else None}
+
+    print(f"ms per update, {args.threads} thread(s), device {args.device}, {args.transitions} Pendulum-v1 "
+          f"transitions, median of {args.repeats} interleaved rounds ({args.fit_repeats} per fit):")
+    print("| algorithm | updates / step | ms / env step | fit ms (every N steps) | ms / update | vs SAC | target |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        fit = f"{r['fit_ms']:.0f} ({r['model_train_freq']})" if r["fit_ms"] is not None else "-"
+        vs = f"{r['vs_sac']:.2f}" if r["vs_sac"] is not None else "-"
+        target = f"<= {r['target_vs_sac']}" if r["target_vs_sac"] else "-"
+        print(f"| {r['algo']} | {r['updates_per_step']} | {r['env_step_ms']:.1f} | {fit} | {r['update_ms']:.1f} "
+              f"| {vs} | {target} |")
+    if result["sb3_update_ms"] is not None:
+        print(f"stable-baselines3 SAC gradient step: {result['sb3_update_ms']:.1f} ms; "
+              f"pplrl SAC / SB3 = {result['sac_over_sb3']:.2f} (target <= 1.0)")
+    else:
+        print("stable-baselines3 not installed: no SB3 row (pip install stable-baselines3)")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
