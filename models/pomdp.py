@@ -189,16 +189,34 @@ class Recurrent(PyroModule):
 
 
 class Transition(PyroModule):
-    """p_a(s_t | s_{t-1}, a_{t-1}): h_t = :class:`Recurrent`, z_t ~ N(mu(h_t), sigma(h_t))."""
+    """p_a(s_t | s_{t-1}, a_{t-1}): h_t = :class:`Recurrent`, z_t ~ N(mu(h_t), sigma(h_t)).
 
-    def __init__(self, z_dim: int, a_dim: int, h_dim: int = 64, hidden: int = 64):
+    ``ensemble`` = M > 1 (not in the paper; the model's epistemic uncertainty, as PETS'
+    ensembles): M independently initialised heads (mu, sigma)(h_t); ``member`` (an integer
+    tensor broadcasting against the batch) picks each row's head. In learning each window
+    draws one member (models.pomdp.pomdp_model), so members see different data; the
+    planner spreads its particles over the members, so where they disagree the belief-level
+    information gain is large (pplrl.pomdp_planning)."""
+
+    def __init__(self, z_dim: int, a_dim: int, h_dim: int = 64, hidden: int = 64, ensemble: int = 1):
         super().__init__()
+        if isinstance(ensemble, bool) or not isinstance(ensemble, int) or ensemble < 1:
+            raise ValueError(f"ensemble must be an integer >= 1, got {ensemble!r}")
+        self.ensemble = ensemble
         self.recurrent = Recurrent(z_dim, a_dim, h_dim, hidden)
-        self.prior = MLP(h_dim, 2 * z_dim, (hidden,))
+        if ensemble == 1:
+            self.prior = MLP(h_dim, 2 * z_dim, (hidden,))
+        else:
+            self.heads = PyroModule[nn.ModuleList]([MLP(h_dim, 2 * z_dim, (hidden,)) for _ in range(ensemble)])
 
-    def forward(self, s: torch.Tensor, a: torch.Tensor) -> StateDist:
+    def forward(self, s: torch.Tensor, a: torch.Tensor, member: torch.Tensor | None = None) -> StateDist:
         h = self.recurrent(s, a)
-        return StateDist(h, _gaussian(self.prior(h)))
+        if self.ensemble == 1:
+            return StateDist(h, _gaussian(self.prior(h)))
+        out = torch.stack([head(h) for head in self.heads], -2)  # [..., M, 2 z_dim]
+        member = torch.zeros((), dtype=torch.long) if member is None else member
+        pick = F.one_hot(member, self.ensemble).to(out.dtype)
+        return StateDist(h, _gaussian((out * pick[..., None]).sum(-2)))
 
 
 class Emitter(PyroModule):
@@ -264,12 +282,13 @@ class POMDPModel(PyroModule):
     One optimiser (the M-step) owns these parameters; the guide's are separate."""
 
     def __init__(self, x_dim: int, a_dim: int, z_dim: int = 8, hidden: int = 64, generative: bool = True,
-                 h_dim: int = 64, x_scale: float | None = None, r_scale: float | None = None):
+                 h_dim: int = 64, x_scale: float | None = None, r_scale: float | None = None, ensemble: int = 1):
         super().__init__()
         self.x_dim, self.a_dim, self.z_dim, self.h_dim, self.generative = x_dim, a_dim, z_dim, h_dim, generative
         self.s_dim = h_dim + z_dim
+        self.ensemble = ensemble if generative else 1
         if generative:
-            self.transition = Transition(z_dim, a_dim, h_dim, hidden)
+            self.transition = Transition(z_dim, a_dim, h_dim, hidden, ensemble)
             self.emitter = Emitter(self.s_dim, x_dim, hidden, x_scale, r_scale)
         else:
             self.discriminative = DiscriminativePrior(z_dim, a_dim, x_dim, h_dim, hidden)
@@ -283,13 +302,14 @@ class POMDPModel(PyroModule):
         """h_t from (s_{t-1}, a_{t-1}): the recurrent path, which the guide shares."""
         return (self.transition if self.generative else self.discriminative).recurrent(s_prev, a_prev)
 
-    def z_prior(self, t: int, s_prev, a_prev, x, r) -> StateDist:
-        """p_a(s_t | ...), from s_{-1} = 0 at a window start (``s_prev`` None)."""
+    def z_prior(self, t: int, s_prev, a_prev, x, r, member: torch.Tensor | None = None) -> StateDist:
+        """p_a(s_t | ...), from s_{-1} = 0 at a window start (``s_prev`` None); ``member``:
+        the ensemble member per row (None: member 0)."""
         if s_prev is None:
             s_prev = self.initial_state(x.shape[:-1])
         if not self.generative:
             return self.discriminative(s_prev, a_prev, x, r)
-        return self.transition(s_prev, a_prev)
+        return self.transition(s_prev, a_prev, member)
 
 
 @dataclass
@@ -325,11 +345,14 @@ def pomdp_model(model: POMDPModel, guide, window: Window, temperature: float = 1
         raise ValueError(f"temperature must be > 0, got {temperature}")
     B, T = window.shape
     check_window(T)
+    # an ensemble's member per window (the bound of a randomly drawn member: each member fits its share)
+    M = getattr(model, "ensemble", 1)
+    member = {} if M == 1 else {"member": torch.randint(M, (B,))}
     with pyro.plate("windows", B):
         z = window.s0
         for t in pyro.markov(range(T)):
             x_t, r_t = window.x[:, t], window.r[:, t]
-            pz = model.z_prior(t, z, window.a_prev[:, t], x_t, r_t)
+            pz = model.z_prior(t, z, window.a_prev[:, t], x_t, r_t, **member)
             z = sample("z", t, pz, term="kl_z")
             if model.generative:
                 px, pr = model.emitter(z)

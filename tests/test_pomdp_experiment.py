@@ -7,7 +7,7 @@ import sys
 import pytest
 from experiments_loader import ROOT, load_experiment
 
-TINY = ["learning_starts=120", "horizon=1", "candidates=8", "elites=2", "cem_iterations=1", "particles=1", "hidden=16",
+TINY = ["learning_starts=120", "horizon=1", "candidates=8", "elites=2", "cem_iterations=1", "particles=2", "hidden=16",
         "h_dim=16", "batch_size=4", "window=4", "info_gain_samples=2", "plan_info_gain_samples=2", "update_every=1"]
 
 
