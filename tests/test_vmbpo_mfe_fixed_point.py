@@ -1,0 +1,43 @@
+"""The fixed point of VMBPO-MFE's exponential-TD critic loss (VMBPO eq. 39 with pplrl's
+temperature tau): closed form against a numerical minimisation of pplrl's own loss."""
+
+import numpy as np
+import pytest
+from experiments_loader import load_experiment
+
+mfe = load_experiment("vmbpo_mfe")
+
+
+@pytest.mark.parametrize("m, s, k", [(0.0, 1.0, 1.0), (-3.0, 0.5, 1.0), (2.0, 2.0, 0.01), (0.0, 1.5, 0.3)])
+def test_gaussian_fixed_point_is_m_minus_1p5_k_s2(m, s, k):
+    """argmin_Q E[(exp(k (Q - y)) - 1)^2] for y ~ N(m, s^2), found by minimising pplrl's exp_td_loss
+    (no clamp) numerically, is m - 1.5 k s^2: at k = 1 and s = 1, 2 below the soft value m + s^2/2."""
+    numeric = mfe.exp_td_loss_minimiser(m, s, k, clip=None)
+    assert numeric == pytest.approx(m - 1.5 * k * s * s, abs=1e-6)
+    assert mfe.exp_td_fixed_point_gaussian(m, s, k) == pytest.approx(numeric, abs=1e-6)
+    if k == 1.0 and s == 1.0:
+        assert mfe.soft_value_gaussian(m, s) - numeric == pytest.approx(2.0, abs=1e-6)
+
+
+def test_general_fixed_point_matches_brute_force_on_a_two_point_target():
+    """(1/k)(log E exp(-k y) - log E exp(-2 k y)) for y in {-2, 1} with probabilities 0.3, 0.7,
+    against a grid search of the loss itself; it lies below the mean and the soft value."""
+    y, w, k = np.array([-2.0, 1.0]), np.array([0.3, 0.7]), 1.0
+    grid = np.linspace(-3, 2, 500_001)
+    loss = (w[None] * np.expm1(k * (grid[:, None] - y[None])) ** 2).sum(1)
+    brute = grid[loss.argmin()]
+    q = mfe.exp_td_fixed_point(y, k, w)
+    assert q == pytest.approx(brute, abs=2e-5)
+    soft = np.log((w * np.exp(k * y)).sum()) / k
+    assert q < (w * y).sum() < soft
+
+
+def test_stable_loss_keeps_the_fixed_point_for_small_spread_and_moves_it_for_large():
+    """The tangent continuation beyond |k (Q - y)| = 4 changes nothing while k s is small and
+    pulls Q* up (less risk-averse) once the tails reach the clamp."""
+    small = mfe.exp_td_loss_minimiser(0.0, 0.5, 1.0, clip=4.0)
+    assert small == pytest.approx(-0.375, abs=1e-5)
+    large_plain = mfe.exp_td_loss_minimiser(0.0, 2.0, 1.0, clip=None)
+    large_stable = mfe.exp_td_loss_minimiser(0.0, 2.0, 1.0, clip=4.0)
+    assert large_plain == pytest.approx(-6.0, abs=1e-5)
+    assert large_stable > large_plain + 0.3
