@@ -188,3 +188,163 @@ def test_table2_defaults_by_environment():
     assert default_config("memb", env_id="Pendulum-v1").model_hidden == (32, 16)
     assert default_config("memb", env_id="HalfCheetah-v5", alpha=0.1).alpha == 0.1  # overrides win
     assert default_config("memb", env_id="MountainCarContinuous-v0").alpha == 0.2  # not in the table
+
+
+# -- the ablations: SVG variant, true model, value expansion (App. B.1, B.3, Sec. 3.2) -----------------
+def test_true_model_step_equals_gymnasium_pendulum():
+    """imagination='true' imagines with Pendulum-v1's own step: next observation and reward equal
+    gymnasium's for random states, random actions, saturated actions and a clipped velocity."""
+    from models.memb import pendulum_next_obs, pendulum_reward
+    from pplrl.envs.continuous import make_continuous_env
+
+    env = make_continuous_env("Pendulum-v1", seed=0)
+    g = np.random.default_rng(0)
+    obs_l, act_l, next_l, rew_l = [], [], [], []
+    for i in range(40):
+        obs, _ = env.reset(seed=i)
+        if i % 4 == 0:  # velocity near the limit: the clip at 8 acts
+            env.unwrapped.state = np.array([g.uniform(-np.pi, np.pi), 7.9 * np.sign(g.normal())])
+            obs = env.unwrapped._get_obs()
+        a = np.array([1.0 if i % 5 == 0 else -1.0 if i % 5 == 1 else g.uniform(-1, 1)], dtype=np.float32)
+        nxt, r, *_ = env.step(a)
+        obs_l.append(obs), act_l.append(a), next_l.append(nxt), rew_l.append(r)
+    obs, act = torch.as_tensor(np.array(obs_l)), torch.as_tensor(np.array(act_l))
+    torch.testing.assert_close(pendulum_next_obs(obs, act), torch.as_tensor(np.array(next_l)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(pendulum_reward(obs, act), torch.as_tensor(np.array(rew_l), dtype=torch.float32),
+                               atol=1e-4, rtol=0)
+    assert (np.abs(np.array(next_l)[:, 2]) >= 8.0 - 1e-6).any()  # the clip was exercised
+
+
+def test_true_model_gradient_is_the_closed_form():
+    """d thdot' / d a = 3 / (m l^2) dt * max_torque = 0.3 (unclipped), d r / d a = -0.002 * 4 a."""
+    from models.memb import pendulum_next_obs, pendulum_reward
+
+    obs = torch.tensor([[np.cos(0.3), np.sin(0.3), 1.0]], dtype=torch.float32)
+    act = torch.tensor([[0.4]], requires_grad=True)
+    (g,) = torch.autograd.grad(pendulum_next_obs(obs, act)[0, 2], act)
+    assert float(g) == pytest.approx(0.3, rel=1e-5)
+    (g,) = torch.autograd.grad(pendulum_reward(obs, act).sum(), act)
+    assert float(g) == pytest.approx(-0.001 * 2 * 2.0 * 2.0 * 0.4, rel=1e-5)
+
+
+def test_true_model_variant_uses_the_env_dynamics_in_the_policy_update():
+    agent = MEMB(tiny(imagination="true"), 3, 1)
+    (obs, _, dynamics, reward, *_), kw = agent.actor_args(torch.zeros(4, 3), None, torch.tensor(0.2))
+    from models.memb import pendulum_next_obs
+
+    s = torch.tensor([[1.0, 0.0, 0.5], [0.0, 1.0, -1.0]])
+    a = torch.tensor([[0.2], [-0.7]])
+    torch.testing.assert_close(dynamics(s, a).rsample(), pendulum_next_obs(s, a))
+    with pytest.raises(ValueError, match="Pendulum-v1"):
+        MEMB(tiny(imagination="true", env_id="HalfCheetah-v5"), 17, 6)
+
+
+def _pendulum_batch(n=16, seed=0):
+    """Real Pendulum-v1 transitions (deterministic s', reward), agent actions in [-1, 1]."""
+    from models.memb import pendulum_next_obs, pendulum_reward
+
+    g = np.random.default_rng(seed)
+    th, thdot = g.uniform(-np.pi, np.pi, n), g.uniform(-4, 4, n)
+    obs = torch.as_tensor(np.stack([np.cos(th), np.sin(th), thdot], 1), dtype=torch.float32)
+    act = torch.as_tensor(g.uniform(-1, 1, (n, 1)), dtype=torch.float32)
+    return Batch(obs, act, pendulum_reward(obs, act), pendulum_next_obs(obs, act), torch.zeros(n))
+
+
+def _svg_actor_loss(agent, b, seed):
+    agent._batch = b
+    torch.manual_seed(seed)
+    pyro.set_rng_seed(seed)
+    return agent.actor_loss(b.obs, torch.tensor(0.2))[0]
+
+
+def test_svg_variant_takes_the_policy_gradient_through_the_real_next_state():
+    """imagination='real': at the replayed action the imagined s' and r *are* the real ones,
+    d s'/d a is the model's Jacobian there, and the actor's loss is, with the same policy noise,
+    -E[r(a) + gamma V_bar(s' + mu_f(s, a) - mu_f(s, a_k)) - alpha log pi(a)]; moving the real s'
+    moves the SVG actor's loss and gradient, and leaves MEMB's (model-sampled s') unchanged."""
+    b = _pendulum_batch()
+    agent = MEMB(tiny(imagination="real", gamma=0.9), 3, 1)
+    agent._batch = b
+    (_, _, dynamics, reward, value_fn, *_), kw = agent.actor_args(b.obs, None, torch.tensor(0.2))
+    torch.testing.assert_close(dynamics(b.obs, b.act).rsample(), b.next_obs)
+    torch.testing.assert_close(reward(b.obs, b.act), b.rew)
+    a = b.act.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(dynamics(b.obs, a).rsample()[:, 2].sum(), a)
+    a2 = b.act.clone().requires_grad_(True)
+    (g_model,) = torch.autograd.grad(agent.world_model.dynamics(b.obs, a2).mean[:, 2].sum(), a2)
+    torch.testing.assert_close(g, g_model)
+    assert g.abs().sum() > 0
+
+    loss = _svg_actor_loss(agent, b, seed=3)
+    torch.manual_seed(3)
+    pyro.set_rng_seed(3)
+    d = agent.policy(b.obs)
+    act = d.rsample()
+    wm = agent.world_model
+    s1 = b.next_obs + wm.dynamics(b.obs, act).mean - wm.dynamics(b.obs, b.act).mean
+    r = b.rew + wm.reward_dist(b.obs, act).mean - wm.reward_dist(b.obs, b.act).mean
+    by_hand = -(r + 0.9 * agent.value_target(s1) - 0.2 * d.log_prob(act)).mean()
+    assert float(loss.detach()) == pytest.approx(float(by_hand.detach()), rel=1e-5)
+
+    moved = Batch(b.obs, b.act, b.rew, b.next_obs + torch.tensor([0.0, 0.0, 1.0]), b.done)
+    grad = torch.autograd.grad(_svg_actor_loss(agent, b, 3), list(agent.policy.parameters()))
+    grad_moved = torch.autograd.grad(_svg_actor_loss(agent, moved, 3), list(agent.policy.parameters()))
+    assert float(_svg_actor_loss(agent, moved, 3).detach()) != pytest.approx(float(loss.detach()), rel=1e-4)
+    assert any(not torch.allclose(x, y) for x, y in zip(grad, grad_moved))
+    memb = MEMB(tiny(gamma=0.9), 3, 1)
+    memb.load_state_dict(agent.state_dict())
+    assert float(_svg_actor_loss(memb, b, 3).detach()) == float(_svg_actor_loss(memb, moved, 3).detach())
+
+
+def test_svg_variant_needs_the_batch():
+    agent = MEMB(tiny(imagination="real"), 3, 1)
+    with pytest.raises(RuntimeError, match="batch"):
+        agent.actor_args(torch.zeros(4, 3), None, torch.tensor(0.2))
+
+
+def test_value_expansion_averages_q_loss_over_the_h_imagined_tuples():
+    """H = 3, expansion_states='all' (Sec. 3.2): the critic loss is 1/H sum_t 1/2 sum_heads
+    mean_B (Q(s_t, a_t) - y_t)^2 over the rollout from the real tuple, with y_t recomputed by
+    hand from the same draws; 'first' is the t = 0 term alone, which is eq. 6's H = 1 loss
+    with the expanded target."""
+    b = _batch(16)
+    agent = MEMB(tiny(gamma=0.9, horizon=3, alpha=0.3), 3, 1)
+    torch.manual_seed(7)
+    got = agent.critic_loss(b)
+    torch.manual_seed(7)
+    wm, pol = agent.world_model, agent.policy
+    with torch.no_grad():
+        s, states, acts, rews, logps = b.next_obs, [b.obs], [b.act], [b.rew], [None]
+        for _ in range(2):
+            d = pol(s)
+            a = d.sample()
+            r = wm.reward_dist(s, a).sample()
+            s_next = wm.dynamics(s, a).sample()
+            states.append(s), acts.append(a), rews.append(r), logps.append(d.log_prob(a))
+            s = s_next
+        v = agent.value_target(s)
+        y2 = rews[2] + 0.9 * v
+        y1 = rews[1] + 0.9 * (y2 - 0.3 * logps[2])
+        y0 = b.rew + 0.9 * (1 - b.done) * (y1 - 0.3 * logps[1])
+        per_t = []
+        for t, (st, at, yt) in enumerate(zip(states, acts, (y0, y1, y2))):
+            q1, q2 = agent.critic(st, at)
+            alive = 1.0 if t == 0 else 1 - b.done  # imagined tuples after a real termination weigh 0
+            per_t.append(0.5 * (alive * ((q1 - yt).pow(2) + (q2 - yt).pow(2))).mean())
+    assert b.done.sum() > 0
+    assert float(got.detach()) == pytest.approx(float(sum(per_t) / 3), rel=1e-5)
+    # the target of the real tuple is y_0, as before
+    torch.manual_seed(7)
+    torch.testing.assert_close(agent.critic_target_value(b), y0)
+    first = MEMB(tiny(gamma=0.9, horizon=3, alpha=0.3, expansion_states="first"), 3, 1)
+    first.load_state_dict(agent.state_dict())
+    torch.manual_seed(7)
+    assert float(first.critic_loss(b).detach()) == pytest.approx(float(per_t[0]), rel=1e-5)
+    assert abs(float(per_t[0]) - float(sum(per_t) / 3)) > 1e-3  # the two options differ here
+
+
+@pytest.mark.parametrize("kw, match", [(dict(imagination="dream"), "imagination"),
+                                       (dict(expansion_states="last"), "expansion_states")])
+def test_bad_ablation_options(kw, match):
+    with pytest.raises(ValueError, match=match):
+        MEMB(tiny(**kw), 3, 1)
