@@ -98,6 +98,7 @@ def summarise(results: list[dict], names: list[str], reference: str | None) -> d
     from pplrl.diagnostics import mean_and_iqm
 
     out = {}
+    results = [r for r in results if "error" not in r]
     for name in names:
         runs = [r for r in results if r["algo"] == name]
         if not runs:
@@ -181,7 +182,7 @@ def main(argv=None) -> dict:
     t0 = time.time()
 
     def save() -> dict:
-        names = [v for v in args.variants if any(r["algo"] == v for r in results)]
+        names = [v for v in args.variants if any(r["algo"] == v and "error" not in r for r in results)]
         summary = summarise(results, names, "memb")
         out = {"env": args.env, "steps": args.steps, "seeds": args.seeds, "eval_every": args.eval_every,
                "eval_episodes": args.eval_episodes, "variants": {v: VARIANTS[v] + args.set for v in args.variants},
@@ -193,8 +194,13 @@ def main(argv=None) -> dict:
 
     for seed in args.seeds:  # seed-major: an early stop leaves every variant with the same seeds
         for v in args.variants:
-            r = train_seed("memb", VARIANTS[v] + args.set, args.env, seed, args.steps,
-                           args.out / "runs" / v / f"seed{seed}", args.eval_every, args.eval_episodes)
+            try:
+                r = train_seed("memb", VARIANTS[v] + args.set, args.env, seed, args.steps,
+                               args.out / "runs" / v / f"seed{seed}", args.eval_every, args.eval_episodes)
+            except Exception as e:  # one failed run is reported, the others go on
+                results.append({"algo": v, "seed": seed, "error": f"{type(e).__name__}: {e}"})
+                print(f"  {v} seed {seed}: failed: {results[-1]['error']}", flush=True)
+                continue
             results.append({"algo": v, **r})
             print(f"  {v} seed {seed}: final {r['returns'][-1]:.1f}, {r['wall_s']:.0f} s", flush=True)
             save()

@@ -158,7 +158,7 @@ def main(argv=None) -> dict:
     t0 = time.time()
 
     def save() -> dict:
-        done = [n for n in names if any(r["algo"] == n for r in results)]
+        done = [n for n in names if any(r["algo"] == n and "error" not in r for r in results)]
         summary = summarise(results, done, None)
         if len(done) == 2:
             from bench_pendulum import paired
@@ -172,8 +172,13 @@ def main(argv=None) -> dict:
     for tau, name in zip(args.taus, names):
         for seed in args.seeds:
             overrides = [f"exp_td_temperature={tau:g}", f"gradient_steps={args.gradient_steps}", *args.set]
-            r = train_seed("vmbpo-mfe", overrides, args.env, seed, args.steps, args.out / f"tau{tau:g}" / f"seed{seed}",
-                           args.eval_every, args.eval_episodes)
+            try:
+                r = train_seed("vmbpo-mfe", overrides, args.env, seed, args.steps,
+                               args.out / f"tau{tau:g}" / f"seed{seed}", args.eval_every, args.eval_episodes)
+            except Exception as e:  # one failed run is reported, the others go on
+                results.append({"algo": name, "seed": seed, "error": f"{type(e).__name__}: {e}"})
+                print(f"  {name} seed {seed}: failed: {results[-1]['error']}", flush=True)
+                continue
             results.append({"algo": name, **r})
             last = r["last_train"]
             nan = float("nan")
