@@ -1,23 +1,27 @@
-"""The generative POMDP agent on velocity-hidden Pendulum (Marino & Yue, 003_…).
+"""The generative POMDP agent on pplrl/LightDark-v0 and velocity-hidden Pendulum (Marino & Yue, 003_…; issue 19).
 
 Variants (each trained by Active Variational EM through :func:`pplrl.runner.train`):
 
-* ``generative``          eq. (8) bound, planning (eq. 10) with the information-gain term
+* ``generative``          eq. (8) bound (learning loss: eq. 8 + log p(x, r | z_<t), marginal_weight 0),
+                          planning (eq. 10) with the belief-level information gain
 * ``generative-no-ig``    the same agent planning without the information-gain term
 * ``discriminative``      eq. (6) bound, no model: q(a_t) from the prior and the critic only
 
 At every evaluation point each agent is evaluated twice, deterministically, on the same
 seeds: acting by **planning** (its E-step) and by the **consolidated prior** p_a(a_t | z_t)
-alone (the model-free habit, no planning). The bound's information-gain estimate
-(``elbo_info_gain``) and the planner's (``plan_info_gain``) are read from the runs'
-``metrics.jsonl`` over training.
+alone. On LightDark the evaluation episodes' positions are kept: the share of episodes
+that reach the light (``light``: max x >= 3.4, where the noise std is < 0.2) and, for the
+final agents, a figure of the trajectories (``trajectories.png``: does the agent detour to
+the light?). The table gives means over seeds with 95% percentile-bootstrap intervals.
 
-Writes under ``--out``: one run folder per variant and seed (with ``curve.json``, rewritten
-at every evaluation point), ``results.json`` (rewritten after every finished run),
-``results.md`` (the table) and ``generative_agent.png``; prints the table.
-``--jobs N`` runs the variant x seed runs in N worker processes (spawned, one torch
-thread each); ``--budget-s S`` stops every run at its first evaluation point after S
-seconds of its own wall time, counted from its start (the table then states the steps each run reached).
+Writes under ``--out``: one run folder per env, variant and seed (``curve.json`` rewritten at
+every evaluation point, ``result.json`` when the run is done), ``results.json`` (rewritten
+after every finished run), ``results.md`` and the figures; prints the table. Runs go seed by
+seed (every variant of seed 0 first), so a partial result compares the variants.
+``--resume`` keeps finished runs and continues unfinished ones from their last evaluation
+point (Ctrl-C safe). ``--jobs N``: N worker processes (spawned, one torch thread each);
+``--budget-s S`` stops every run at its first evaluation point after S seconds of its own
+wall time (the table then states the steps each run reached).
 A smoke run: ``--steps 400 --seeds 0 --eval-every 200 --eval-episodes 1``.
 """
 
@@ -39,6 +43,7 @@ import numpy as np
 import torch
 
 from pplrl.algorithms import apply_overrides, default_config
+from pplrl.envs import make_continuous_env
 from pplrl.runfiles import read_records
 from pplrl.runner import evaluate, train
 
@@ -60,17 +65,52 @@ steps, seed 0, against about -900 to -1000 at temperature 1)."""
 #: (tests/test_pomdp_planning.py). 1,000 warm-up steps of held random torques (the model's first
 #: data), temperature 0.1 (the planner ranks by reward; the action prior's log-density is a
 #: tie-breaker), one learning step per decision.
-EXPERIMENT_DEFAULTS = {"candidates": "32", "elites": "4", "cem_iterations": "2", "particles": "2", "update_every": "1",
+EXPERIMENT_DEFAULTS = {"candidates": "32", "elites": "4", "cem_iterations": "2", "particles": "16", "update_every": "1",
                        "learning_starts": "1000", "temperature": "0.1"}
+#: per-env settings over EXPERIMENT_DEFAULTS. LightDark: one decision per step (30-step episodes),
+#: horizon 8 (to the light is ~4 steps, from there to the goal ~8), learned state-dependent
+#: observation noise (x_scale 0) and reward noise, an ensemble of 3 transition heads, 300 warm-up steps
+#: (10 episodes) of random moves held for 2 steps, one update per step (the CPU budget).
+ENV_DEFAULTS = {
+    "pplrl/LightDark-v0": {"action_repeat": "1", "horizon": "8", "x_scale": "0", "r_scale": "0", "ensemble": "3",
+                           "learning_starts": "300", "warmup_hold": "2", "gradient_steps": "1"},
+}
+LIGHT_X = 3.4  # an episode "reaches the light" when its x exceeds this (noise std < 0.2)
 
 
-def evaluate_both(agent, env_id: str, episodes: int, seed: int) -> dict[str, float]:
-    """Mean deterministic returns acting by planning and by the prior alone."""
+def rollouts(agent, env_id: str, episodes: int, seed: int) -> tuple[list[float], list[list[list[float]]]]:
+    """Deterministic returns and the true positions (``info['position']``) of each episode."""
+    env = make_continuous_env(env_id)
+    returns, paths = [], []
+    for i in range(episodes):
+        obs, info = env.reset(seed=seed + i)
+        path, total, done = [info["position"].tolist()], 0.0, False
+        while not done:
+            obs, r, term, trunc, info = env.step(agent.act(obs, deterministic=True))
+            total += float(r)
+            path.append(info["position"].tolist())
+            done = term or trunc
+        returns.append(total)
+        paths.append(path)
+    env.close()
+    return returns, paths
+
+
+def evaluate_both(agent, env_id: str, episodes: int, seed: int, keep_paths: bool = False) -> dict:
+    """Mean deterministic returns acting by planning and by the prior alone (on LightDark
+    also the share of episodes reaching the light, and the planning paths if asked)."""
     out = {}
     saved = agent.config
     for mode, plan in (("plan", True), ("prior", False)):
         agent.config = dataclasses.replace(saved, plan=plan)
-        out[mode] = float(np.mean(evaluate(agent, env_id, episodes, seed)))
+        if env_id == "pplrl/LightDark-v0":
+            rets, paths = rollouts(agent, env_id, episodes, seed)
+            out[f"{mode}_light"] = float(np.mean([max(p[0] for p in path) >= LIGHT_X for path in paths]))
+            if keep_paths and mode == "plan":
+                out["paths"] = paths
+        else:
+            rets = evaluate(agent, env_id, episodes, seed)
+        out[mode] = float(np.mean(rets))
     agent.config = saved
     return out
 
@@ -79,82 +119,134 @@ def read_metrics(folder: Path) -> list[dict]:
     return read_records(folder / "metrics.jsonl")
 
 
-def run_one(name: str, seed: int, args, out: Path) -> dict:
+def run_folder(out: Path, env: str, name: str, seed: int) -> Path:
+    return out / f"{env.split('/')[-1]}-{name}-seed{seed}"
+
+
+def run_one(name: str, seed: int, args, out: Path, env: str | None = None) -> dict:
+    env = env or args.env
     algo, overrides = VARIANTS[name]
-    settings = {**EXPERIMENT_DEFAULTS, **overrides, **dict(s.split("=", 1) for s in (args.set or []))}
+    per_env = [kv.split(":", 1)[1] for kv in (getattr(args, "set_env", None) or []) if kv.split(":", 1)[0] == env]
+    settings = {**EXPERIMENT_DEFAULTS, **ENV_DEFAULTS.get(env, {}), **overrides,
+                **dict(s.split("=", 1) for s in (args.set or [])), **dict(s.split("=", 1) for s in per_env)}
     if algo == "discriminative-agent":  # no model to roll out: it always plans with horizon 0
-        settings.pop("horizon", None)
-    config = apply_overrides(default_config(algo, env_id=args.env, seed=seed), settings)
-    folder = out / f"{name}-seed{seed}"
-    if folder.exists():
+        for key in ("horizon", "ensemble", "x_scale", "r_scale"):
+            settings.pop(key, None)
+    config = apply_overrides(default_config(algo, env_id=env, seed=seed), settings)
+    folder = run_folder(out, env, name, seed)
+    resume = getattr(args, "resume", False)
+    if resume and (folder / "result.json").exists():
+        return json.loads((folder / "result.json").read_text())
+    curve: list[dict] = []
+    if resume and (folder / "curve.json").exists() and (folder / "checkpoint.pt").exists():
+        curve = json.loads((folder / "curve.json").read_text())
+    elif folder.exists():
         shutil.rmtree(folder)
     points = list(range(args.eval_every, args.steps + 1, args.eval_every))
     if not points or points[-1] != args.steps:
         points.append(args.steps)
-    curve, t0 = [], time.time()
+    t0 = time.time() - (curve[-1].get("seconds", 0.0) if curve else 0.0)
     stopped_early = False
     for k, upto in enumerate(points):
-        if k > 0 and args.budget_s is not None and time.time() - t0 > args.budget_s:
+        if curve and upto <= curve[-1]["step"]:
+            continue
+        if curve and args.budget_s is not None and time.time() - t0 > args.budget_s:
             stopped_early = True
             break
-        agent = train(algo, config, folder, upto, resume=k > 0, eval_every=10 ** 9, checkpoint_every=args.eval_every,
-                      progress=False)
-        returns = evaluate_both(agent, args.env, args.eval_episodes, seed=10_000 + seed)
-        curve.append({"step": upto, **returns})
-        print(f"  {name} seed {seed} step {upto}: plan {returns['plan']:.1f}, prior {returns['prior']:.1f} "
+        agent = train(algo, config, folder, upto, resume=bool(curve), eval_every=10 ** 9,
+                      checkpoint_every=args.eval_every, progress=False)
+        last = upto == points[-1] or (args.budget_s is not None and time.time() - t0 > args.budget_s)
+        returns = evaluate_both(agent, env, args.eval_episodes, seed=10_000 + seed, keep_paths=last)
+        curve.append({"step": upto, "seconds": time.time() - t0, **returns})
+        print(f"  {env} {name} seed {seed} step {upto}: plan {returns['plan']:.1f}, prior {returns['prior']:.1f} "
               f"({time.time() - t0:.0f}s)", flush=True)
         (folder / "curve.json").write_text(json.dumps(curve))
+    stopped_early = stopped_early or curve[-1]["step"] < points[-1]
     metrics = [m for m in read_metrics(folder) if m["kind"] == "train"]
     episodes = [m for m in read_metrics(folder) if m["kind"] == "episode"]
-    return {"variant": name, "algo": algo, "seed": seed, "config": dataclasses.asdict(config), "curve": curve,
+    result = {"env": env, "variant": name, "algo": algo, "seed": seed, "config": dataclasses.asdict(config),
+              "curve": curve,
             "info_gain": [{"step": m["step"], "elbo_info_gain": m.get("elbo_info_gain"),
                            "plan_info_gain": m.get("plan_info_gain"), "elbo": m.get("elbo_elbo"),
                            "kl_a": m.get("elbo_kl_a")} for m in metrics],
-            "train_episode_returns": [m["episode_return"] for m in episodes], "seconds": time.time() - t0,
-            "stopped_early": stopped_early}
+              "train_episode_returns": [m["episode_return"] for m in episodes], "seconds": time.time() - t0,
+              "stopped_early": stopped_early}
+    (folder / "result.json").write_text(json.dumps(result))
+    return result
 
 
 def _job(job) -> dict:
     """One run in a worker process (one torch thread); an exception becomes an error record."""
-    name, seed, args, out = job
+    env, name, seed, args, out = job
     torch.set_num_threads(1)
     try:
-        return run_one(name, seed, args, out)
+        return run_one(name, seed, args, out, env)
     except Exception as e:
-        return {"variant": name, "seed": seed, "error": f"{type(e).__name__}: {e}"}
+        return {"env": env, "variant": name, "seed": seed, "error": f"{type(e).__name__}: {e}"}
+
+
+def interval(v: list[float], d: int = 1, n_boot: int = 2000) -> str:
+    """mean [95% percentile-bootstrap interval over seeds]."""
+    v = [x for x in v if x is not None]
+    if not v:
+        return "-"
+    if len(v) == 1:
+        return f"{v[0]:.{d}f}"
+    boot = np.random.default_rng(0).choice(v, size=(n_boot, len(v))).mean(1)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return f"{np.mean(v):.{d}f} [{lo:.{d}f}, {hi:.{d}f}]"
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| variant | seeds | steps | final return, planning | final return, prior alone | "
-             "info gain (bound, last) | KL(q(a) \\|\\| p(a)) (last) | last training episode |",
-             "|---|---|---|---|---|---|---|---|"]
-    for name in VARIANTS:
-        rs = [r for r in results if r["variant"] == name and "error" not in r]
-        if not rs:
-            continue
-        plan = [r["curve"][-1]["plan"] for r in rs]
-        prior = [r["curve"][-1]["prior"] for r in rs]
-        ig = [r["info_gain"][-1]["elbo_info_gain"] for r in rs if r["info_gain"]]
-        kl = [r["info_gain"][-1]["kl_a"] for r in rs if r["info_gain"]]
-        ep = [r["train_episode_returns"][-1] for r in rs if r["train_episode_returns"]]
-
-        def fmt(v, d=1):
-            v = [x for x in v if x is not None]
-            if not v:
-                return "-"
-            return f"{np.mean(v):.{d}f} ± {np.std(v):.{d}f}" if len(v) > 1 else f"{v[0]:.{d}f}"
-
-        steps = sorted({r["curve"][-1]["step"] for r in rs})
-        steps = str(steps[0]) if len(steps) == 1 else "–".join(map(str, (steps[0], steps[-1])))
-        lines.append(f"| {name} | {len(rs)} | {steps} | {fmt(plan)} | {fmt(prior)} | "
-                     f"{fmt(ig, 3)} | {fmt(kl, 3)} | {fmt(ep)} |")
+    lines = ["| env | variant | seeds | steps | return, planning | return, prior alone | reaches the light "
+             "(planning) | info gain (bound, last) | last training episode |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    envs = list(dict.fromkeys(r.get("env", "") for r in results))
+    for env in envs:
+        for name in VARIANTS:
+            rs = [r for r in results if r.get("env", "") == env and r["variant"] == name and "error" not in r]
+            if not rs:
+                continue
+            plan = [r["curve"][-1]["plan"] for r in rs]
+            prior = [r["curve"][-1]["prior"] for r in rs]
+            light = [r["curve"][-1].get("plan_light") for r in rs]
+            ig = [r["info_gain"][-1]["elbo_info_gain"] for r in rs if r["info_gain"]]
+            ep = [r["train_episode_returns"][-1] for r in rs if r["train_episode_returns"]]
+            steps = sorted({r["curve"][-1]["step"] for r in rs})
+            steps = str(steps[0]) if len(steps) == 1 else "–".join(map(str, (steps[0], steps[-1])))
+            lines.append(f"| {env.split('/')[-1]} | {name} | {len(rs)} | {steps} | {interval(plan)} | "
+                         f"{interval(prior)} | {interval(light, 2)} | {interval(ig, 3)} | {interval(ep)} |")
     return "\n".join(lines)
 
 
-def plot(results: list[dict], path: Path) -> None:
+def plot_trajectories(results: list[dict], path: Path) -> bool:
+    """LightDark: the final agents' evaluation paths per variant (planning), the light shaded."""
+    rs = [r for r in results if r.get("env") == "pplrl/LightDark-v0" and "error" not in r and r["curve"]
+          and r["curve"][-1].get("paths")]
+    if not rs:
+        return False
+    fig, axes = plt.subplots(1, len(VARIANTS), figsize=(5 * len(VARIANTS), 4.5), sharex=True, sharey=True)
+    for ax, name in zip(np.atleast_1d(axes), VARIANTS):
+        ax.axvspan(LIGHT_X, 4.6, color="gold", alpha=0.3, label="light (noise std < 0.2)")
+        ax.add_patch(plt.Circle((0, 0), 0.3, color="green", alpha=0.4))
+        for r in (r for r in rs if r["variant"] == name):
+            for episode in r["curve"][-1]["paths"]:
+                p = np.array(episode)
+                ax.plot(p[:, 0], p[:, 1], "-", color=f"C{r['seed'] % 10}", alpha=0.6, lw=1)
+                ax.plot(p[0, 0], p[0, 1], "o", color=f"C{r['seed'] % 10}", ms=3)
+        ax.set(title=f"{name} (colour: seed)", xlabel="x", xlim=(-2, 6), ylim=(-2, 5))
+    np.atleast_1d(axes)[0].set_ylabel("y")
+    np.atleast_1d(axes)[0].legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot(results: list[dict], path: Path, env: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     colors = dict(zip(VARIANTS, ("C0", "C1", "C2")))
-    results = [r for r in results if "error" not in r]
+    results = [r for r in results if "error" not in r and r.get("env", env) == env]
     for r in results:
         steps = [p["step"] for p in r["curve"]]
         c = colors[r["variant"]]
@@ -167,7 +259,7 @@ def plot(results: list[dict], path: Path) -> None:
         pig = [(m["step"], m["plan_info_gain"]) for m in r["info_gain"] if m.get("plan_info_gain") is not None]
         if pig and r["variant"] == "generative":
             axes[1].plot(*zip(*pig), ":", color=c, label=label and f"{label}: planner (elites, sum over horizon)")
-    axes[0].set(xlabel="environment steps", ylabel="evaluation return", title="velocity-hidden Pendulum")
+    axes[0].set(xlabel="environment steps", ylabel="evaluation return", title=env)
     axes[1].set(xlabel="environment steps", ylabel="nats", title="information gain estimate (bound: per step)")
     for ax in axes:
         if ax.get_legend_handles_labels()[0]:  # a run too short to log training metrics has no curve here
@@ -180,7 +272,10 @@ def plot(results: list[dict], path: Path) -> None:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/generative_agent")
-    p.add_argument("--env", default="pplrl/PendulumNoVel-v0")
+    p.add_argument("--env", default="pplrl/PendulumNoVel-v0", help="one env (see --envs)")
+    p.add_argument("--envs", nargs="+", default=None,
+                   help="several envs, e.g. pplrl/LightDark-v0 pplrl/PendulumNoVel-v0")
+    p.add_argument("--resume", action="store_true", help="keep finished runs under --out, continue unfinished ones")
     p.add_argument("--steps", type=int, default=6000)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--eval-every", type=int, default=1000, help="a multiple of the episode length (200) is best")
@@ -188,33 +283,38 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--set", nargs="*", metavar="KEY=VALUE",
                    help="config overrides for every variant (horizon: generative variants only)")
+    p.add_argument("--set-env", nargs="*", metavar="ENV:KEY=VALUE", help="overrides for one env's runs")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (worker processes, 1 torch thread each)")
     p.add_argument("--budget-s", type=float, default=None,
                    help="stop each run at its first evaluation point after this many seconds")
     args = p.parse_args(argv)
     if args.steps <= 0 or args.eval_every <= 0 or args.eval_episodes <= 0 or args.jobs <= 0:
         p.error("--steps, --eval-every, --eval-episodes and --jobs must be > 0")
+    if any(":" not in kv or "=" not in kv for kv in (args.set_env or [])):
+        p.error("--set-env takes ENV:KEY=VALUE")
     if args.budget_s is not None and args.budget_s <= 0:
         p.error("--budget-s must be > 0")
     args.t_start = time.time()
     torch.set_num_threads(1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    jobs = [(name, seed, args, out) for name in args.variants for seed in args.seeds]
+    envs = args.envs or [args.env]
+    jobs = [(env, name, seed, args, out) for seed in args.seeds for env in envs for name in args.variants]
     results: list[dict] = []
 
     def save() -> dict:
-        order = {(n, s): i for i, (n, s, _, _) in enumerate(jobs)}
-        results.sort(key=lambda r: order[(r["variant"], r["seed"])])
+        order = {(e, n, s): i for i, (e, n, s, _, _) in enumerate(jobs)}
+        results.sort(key=lambda r: order[(r.get("env", envs[0]), r["variant"], r["seed"])])
         md = table(results)
-        summary = {"env": args.env, "steps": args.steps, "seeds": args.seeds, "jobs": args.jobs,
+        summary = {"env": envs[0], "envs": envs, "steps": args.steps, "seeds": args.seeds, "jobs": args.jobs,
                    "wall_s": time.time() - args.t_start, "results": results, "table": md}
         (out / "results.json").write_text(json.dumps(summary, indent=1))
         return summary
 
     if args.jobs == 1:
         for job in jobs:
-            results.append(run_one(*job))
+            env, name, seed, _, _ = job
+            results.append(run_one(name, seed, args, out, env))
             save()
     else:
         with mp.get_context("spawn").Pool(min(args.jobs, len(jobs))) as pool:
@@ -226,7 +326,9 @@ def main(argv: list[str] | None = None) -> dict:
     summary = save()
     md = summary["table"]
     (out / "results.md").write_text(md + "\n")
-    plot(results, out / "generative_agent.png")
+    for i, env in enumerate(envs):
+        plot(results, out / ("generative_agent.png" if i == 0 else f"generative_agent_{env.split('/')[-1]}.png"), env)
+    plot_trajectories(results, out / "trajectories.png")
     print(md)
     return summary
 
