@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import torch
@@ -61,10 +62,10 @@ class GaussianPolicy(PyroModule):
         self.net = MLP(obs_dim, 2 * act_dim, hidden)
         self.bounded = low is not None
         if self.bounded:
-            low = torch.as_tensor(low, dtype=torch.get_default_dtype()).expand(self.act_dim).clone()
-            high = torch.as_tensor(high, dtype=torch.get_default_dtype()).expand(self.act_dim).clone()
-            if torch.any(high <= low):
+            low, high = (np.broadcast_to(np.asarray(b, dtype=np.float64), (self.act_dim,)) for b in (low, high))
+            if np.any(high <= low):  # checked in host memory, before the bounds go to the device
                 raise ValueError("action bounds need low < high in every dimension")
+            low, high = (torch.as_tensor(b.copy(), dtype=torch.get_default_dtype()) for b in (low, high))
             self.register_buffer("low", low)
             self.register_buffer("high", high)
 

@@ -39,6 +39,7 @@ beta-VMBPO; the agents do it for their losses).
 
 from __future__ import annotations
 
+import math
 import re
 
 import pyro
@@ -110,10 +111,20 @@ def factor(kind: str, t: int | None, log_factor: torch.Tensor, *, term: str | No
 
 def check_temperature(temperature: float | torch.Tensor) -> torch.Tensor:
     """A temperature as a tensor: finite and >= 0 (else ValueError), floored at :data:`MIN_TEMPERATURE`."""
+    if not torch.is_tensor(temperature):  # a number is checked as a number (no device round trip)
+        return torch.as_tensor(temperature_value(temperature), dtype=torch.get_default_dtype())
     t = torch.as_tensor(temperature, dtype=torch.get_default_dtype())
     if not torch.isfinite(t).all() or (t < 0).any():
         raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
     return t.clamp_min(MIN_TEMPERATURE)
+
+
+def temperature_value(temperature: float) -> float:
+    """:func:`check_temperature` of a number, as a float."""
+    t = float(temperature)
+    if not math.isfinite(t) or t < 0:
+        raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
+    return max(t, MIN_TEMPERATURE)
 
 
 def inverse_temperature(temperature: float | torch.Tensor) -> torch.Tensor:

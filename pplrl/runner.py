@@ -225,6 +225,8 @@ def save_checkpoint(out: Path, agent: Agent, step: int, env_rng_state, episode: 
              "agent": agent.state_dict(), "env_rng": env_rng_state, "episode_state": episode_state,
              "log_state": log_state,
              "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(), "python_rng": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # a GPU agent's sampling streams
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
     write_checkpoint(out, state)
 
 
@@ -638,6 +640,8 @@ def _loop(agent: Agent, env, config, out: Path, algo: str, plugin, settings: dic
             reset_rng, reset_seed = state["env_rng"], None
             obs, _ = env.reset()
         torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
         np.random.set_state(state["numpy_rng"])
         random.setstate(state["python_rng"])
     if commit is not None:

@@ -12,7 +12,17 @@ import numpy as np
 import pyro
 import torch
 
+from pplrl.device import device_context
 from pplrl.diagnostics import check_finite
+
+
+def _config_device(args) -> str | None:
+    """The ``device`` field of the agent's config (``args[0].config``, or the config passed to
+    ``__init__`` as ``args[1]``); None when it has none."""
+    config = getattr(args[0], "config", None) if args else None
+    if config is None and len(args) > 1:
+        config = args[1]
+    return getattr(config, "device", None)
 
 
 def module_local(method):
@@ -20,11 +30,13 @@ def module_local(method):
     PyroModules keep their own parameters (Pyro's recommendation for nn.Module-based
     code), so target networks, copies and several agents in one process never share
     parameters by name through the global param store, and optimisers are plain
-    torch optimisers whose state checkpoints by module."""
+    torch optimisers whose state checkpoints by module. An agent whose config's
+    ``device`` is not the CPU also runs it under ``with torch.device(device)``
+    (:mod:`pplrl.device`): every tensor it creates lands there."""
 
     @functools.wraps(method)
     def wrapper(*args, **kwargs):
-        with pyro.settings.context(module_local_params=True):
+        with pyro.settings.context(module_local_params=True), device_context(_config_device(args)):
             return method(*args, **kwargs)
 
     return wrapper

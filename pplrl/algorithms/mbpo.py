@@ -68,14 +68,14 @@ class MBPO(SAC):
         return self.last_model_fit
 
     def rollout(self) -> int:
-        start = self.replay.sample(self.config.rollout_batch_size, self.rng).obs.numpy()
+        start = self.replay.sample(self.config.rollout_batch_size, self.rng).obs.cpu().numpy()
 
         def policy_fn(obs):
-            return self.policy.act(torch.as_tensor(obs)).numpy()
+            return self.policy.act(torch.as_tensor(obs)).cpu().numpy()
 
         def model_step(obs, act):
             next_obs, rew, _ = self.ensemble.predict(torch.as_tensor(obs), torch.as_tensor(act))
-            return next_obs.numpy(), rew.numpy()
+            return next_obs.cpu().numpy(), rew.cpu().numpy()
 
         data = branched_rollouts(start, policy_fn, model_step, self.config.rollout_length, self.termination_fn)
         self.model_replay.add_batch(**data)

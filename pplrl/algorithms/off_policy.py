@@ -48,8 +48,9 @@ from torch import nn
 from guides.actor import actor_guide
 from guides.continuous import GaussianPolicy
 from models.actor import actor_model, flat_prior
-from models.sites import check_temperature, inverse_temperature
+from models.sites import inverse_temperature, temperature_value
 from pplrl.algorithms.base import Agent
+from pplrl.device import resolve_device
 from pplrl.elbo import ReparamOptimalityELBO, soft_value
 from pplrl.nets import TwinQ, VNetwork, polyak_update, target_copy
 from pplrl.replay import Batch, ReplayBuffer
@@ -75,6 +76,9 @@ class OffPolicyConfig:
     every step); held actions reach states that i.i.d. ones do not, e.g. Mountain Car's goal
     (measurements: docs/notes.md, 'off-policy agents: warmup_hold')"""
     hidden: tuple[int, ...] = (256, 256)
+    device: str = "cpu"
+    """where the agent's networks and batches live: 'cpu', 'cuda' (or 'cuda:N'), or 'auto'
+    (CUDA when a GPU is present); the replay stays in host memory (pplrl.device)"""
 
     #: further fields that must be > 0 (subclasses extend)
     positive: ClassVar[tuple[str, ...]] = ()
@@ -91,6 +95,7 @@ class OffPolicyConfig:
             raise ValueError("learning_starts must be >= 0")
         if isinstance(self.warmup_hold, bool) or not isinstance(self.warmup_hold, int) or self.warmup_hold < 1:
             raise ValueError(f"warmup_hold must be an integer >= 1, got {self.warmup_hold!r}")
+        resolve_device(self.device)
 
 
 class OffPolicyActorCritic(Agent):
@@ -121,7 +126,7 @@ class OffPolicyActorCritic(Agent):
             return self.random_warmup_action()
         with torch.no_grad():
             a = self.policy.act(torch.as_tensor(obs, dtype=torch.float32)[None], deterministic)
-        return a[0].numpy()
+        return a[0].cpu().numpy()
 
     def observe(self, obs, act, rew, next_obs, terminated: bool) -> None:
         self.replay.add(obs, act, rew, next_obs, terminated)
@@ -225,7 +230,8 @@ class ActorCritic(OffPolicyActorCritic):
             self.critic_target = target_copy(self.critic)
             self.value = self.value_target = self.value_opt = None
         self.dual = self.temperature()
-        initial = float(check_temperature(self.initial_temperature()))
+        initial = self.initial_temperature()
+        initial = temperature_value(initial.item() if torch.is_tensor(initial) else initial)
         if self.dual is None:  # fixed: kept exactly as given (floored at MIN_TEMPERATURE)
             self.log_alpha = self.alpha_opt = None
             self._fixed_alpha = torch.tensor(initial)

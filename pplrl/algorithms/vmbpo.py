@@ -293,7 +293,7 @@ class VariationalAgent(SAC):
     def act(self, obs: np.ndarray, deterministic: bool = False) -> np.ndarray:
         if not deterministic and self.steps_seen < self.config.learning_starts:
             return self.random_warmup_action()
-        a = self.prior_policy.act(torch.as_tensor(obs, dtype=torch.float32)[None], deterministic)[0].numpy()
+        a = self.prior_policy.act(torch.as_tensor(obs, dtype=torch.float32)[None], deterministic)[0].cpu().numpy()
         sigma = self.exploration_std()
         if not deterministic and sigma > 0:
             a = np.clip(a + sigma * self.rng.standard_normal(self.act_dim), -1.0, 1.0).astype(np.float32)
@@ -430,7 +430,7 @@ class VariationalAgent(SAC):
             _, rew, _ = self.ensemble.predict(m_obs, m_act)
             done = torch.zeros_like(rew)
             if self.termination_fn is not None:
-                done = torch.as_tensor(self.termination_fn(m_obs.numpy(), m_act.numpy(), next_obs.numpy()),
+                done = torch.as_tensor(self.termination_fn(*(t.cpu().numpy() for t in (m_obs, m_act, next_obs))),
                                        dtype=torch.float32)
             if n_real:
                 act = torch.cat([real.act[:n_real], m_act])
