@@ -1,6 +1,8 @@
 """VMBPO, VMBPO-MFE, beta-VMBPO: each step's loss against a hand computation, the
 weighted q_d fit against the closed form (14), the dual on beta, and beta = 1."""
 
+import dataclasses
+
 import numpy as np
 import pyro
 import pytest
@@ -438,3 +440,24 @@ def test_copy_from_takes_weights_in_place_and_checks_shapes():
         torch.testing.assert_close(p, q)
     with pytest.raises(ValueError, match="same dimensions"):
         e2.copy_from(GaussianEnsemble(3, 1, ensemble_size=4, num_elites=2, hidden=(8,), name="cp3"))
+
+
+@pytest.mark.parametrize("algo", ["vmbpo", "beta-vmbpo", "vmbpo-mfe"])
+def test_paper_preset_sets_the_papers_schedule_and_other_overrides_win(algo):
+    """``--set preset=paper``: 20 updates per env step, 5,000 warm-up steps, model lr 3e-4 and
+    VMBPO's Table 4 exploration noise, applied before the other overrides wherever it stands;
+    ``preset=default`` puts the class's own values back; the fits use the model lr."""
+    from pplrl.algorithms import apply_overrides
+
+    base = default_config(algo)
+    paper = apply_overrides(base, ["gradient_steps=7", "preset=paper"])
+    assert (paper.preset, paper.gradient_steps, paper.learning_starts, paper.model_lr) == ("paper", 7, 5000, 3e-4)
+    assert (paper.exploration_noise, paper.exploration_decay, paper.exploration_min) == (1.0, 0.999, 0.025)
+    assert paper.beta_init == base.beta_init and paper.e_step == base.e_step  # the variant is kept
+    back = apply_overrides(paper, ["preset=default"])
+    assert back == dataclasses.replace(base, gradient_steps=base.gradient_steps)
+    assert default_config(algo, preset="paper", learning_starts=10).learning_starts == 10
+    with pytest.raises(ValueError, match="unknown preset 'fast'.*known: default, paper"):
+        apply_overrides(base, ["preset=fast"])
+    a = agent({"vmbpo": VMBPO, "beta-vmbpo": BetaVMBPO, "vmbpo-mfe": VMBPOMFE}[algo], model_lr=3e-4)
+    assert a.ensemble.optimizer_state()[0][1] == 3e-4  # (local, lr, weight decay) of p_theta's fit

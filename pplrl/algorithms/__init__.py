@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pplrl.algorithms.base import Agent, apply_overrides
+from pplrl.algorithms.base import Agent, apply_overrides, with_preset
 from pplrl.algorithms.generative_agent import DiscriminativeAgent, GenerativeAgent
 from pplrl.algorithms.mbpo import MBPO, MBPOConfig
 from pplrl.algorithms.memb import MEMB
@@ -31,9 +31,12 @@ def default_config(algo: str | type[Agent], **overrides):
     env_defaults = getattr(cls, "env_defaults", None)
     if env_defaults is not None:
         config = dataclasses.replace(config, **env_defaults(overrides.get("env_id", config.env_id)))
+    if "preset" in overrides:  # the preset's settings first, the other overrides over them
+        overrides = dict(overrides)
+        config = with_preset(config, overrides.pop("preset"))
     return dataclasses.replace(config, **overrides)
 
 
 __all__ = ["ALGORITHMS", "Agent", "BetaVMBPO", "DiscriminativeAgent", "GenerativeAgent", "MBPO", "VMBPO", "VMBPOMFE",
            "MEMB", "VIREL", "VIRELBeta", "MBPOConfig", "SAC", "SACConfig", "apply_overrides", "default_config",
-           "make_agent", "register", "resolve"]
+           "make_agent", "register", "resolve", "with_preset"]

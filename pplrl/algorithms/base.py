@@ -150,9 +150,27 @@ def describe_config(config) -> str:
     return "\n".join(lines)
 
 
+def with_preset(config, name: str):
+    """A copy of ``config`` with the named preset's settings (``Config.presets[name]``) and
+    ``preset=name``; ``"default"`` is the class's defaults for those settings. ValueError
+    naming the presets there are, for a config without presets or an unknown name."""
+    presets = getattr(type(config), "presets", None)
+    if not presets or not any(f.name == "preset" for f in dataclasses.fields(config)):
+        raise ValueError(f"{type(config).__name__} has no presets")
+    if name == "default":
+        defaults = type(config)()
+        keys = {k for values in presets.values() for k in values}
+        return dataclasses.replace(config, preset=name, **{k: getattr(defaults, k) for k in keys})
+    if name not in presets:
+        raise ValueError(f"unknown preset {name!r} for {type(config).__name__}; known: default, {', '.join(presets)}")
+    return dataclasses.replace(config, preset=name, **presets[name])
+
+
 def apply_overrides(config, overrides: dict[str, str] | list[str]):
     """A copy of the dataclass ``config`` with ``key=value`` strings applied, each
-    value parsed by the field's type. Unknown keys and unparsable values raise."""
+    value parsed by the field's type. Unknown keys and unparsable values raise.
+    ``preset=NAME`` (configs with presets) applies that preset's settings first, whatever its
+    place among the overrides, so the other overrides win over it."""
     if isinstance(overrides, list):
         pairs = {}
         for item in overrides:
@@ -168,6 +186,8 @@ def apply_overrides(config, overrides: dict[str, str] | list[str]):
         if key not in fields:
             raise ValueError(f"unknown config key {key!r} for {type(config).__name__}; known: {sorted(fields)}")
         changes[key] = _parse(raw, hints[key], key)
+    if "preset" in changes:
+        config = with_preset(config, changes.pop("preset"))
     return dataclasses.replace(config, **changes)
 
 

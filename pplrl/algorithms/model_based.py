@@ -29,6 +29,9 @@ class EnsembleConfig:
     """at least this many SVI steps per model fit: 5 epochs of a small early buffer are a few
     dozen steps and leave the model badly underfit; mbrl-lib's MBPO trains to hold-out
     convergence instead"""
+    model_lr: float = 1e-3
+    """Adam's learning rate in the model fits (mbrl-lib's MBPO configuration; both VMBPO
+    papers: 3e-4, the paper preset)"""
     ensemble_size: int = 7
     num_elites: int = 5
     model_hidden: tuple[int, ...] = (200, 200, 200, 200)
@@ -39,7 +42,7 @@ class EnsembleConfig:
 
     def validate(self) -> None:
         super().validate()
-        for name in ("model_train_freq", "model_epochs"):
+        for name in ("model_train_freq", "model_epochs", "model_lr"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.model_min_updates < 0:
@@ -69,7 +72,7 @@ def fit_on_replay(ensemble: GaussianEnsemble, replay: ReplayBuffer, config: Ense
     data = replay.all()
     seed = int(rng.integers(2**31))
     info = ensemble.fit(data.obs, data.act, data.next_obs, data.rew, epochs=config.fit_epochs(len(data)), seed=seed,
-                        elite_score=elite_score)
+                        lr=config.model_lr, elite_score=elite_score)
     return info, seed
 
 

@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -177,8 +178,21 @@ class VMBPOConfig(EnsembleConfig, SACConfig):
     without it q_c collapses to a deterministic policy (measurements: docs/notes.md,
     'vmbpo: entropy_regularizer')"""
 
+    preset: str = "default"
+    """'default' (this machine's budget: the settings above) or 'paper', the schedule of both
+    VMBPO papers: 20 E-step updates per env step (VMBPO App. C, beta App. C.2), 5,000
+    warm-up steps, model learning rate 3e-4, and VMBPO's Table 4 exploration noise N(0, 1)
+    decayed by 0.999 per step to 0.025. ``--set preset=paper`` applies these first; other
+    ``--set`` keys override them"""
+
+    presets: ClassVar[dict[str, dict]] = {
+        "paper": {"gradient_steps": 20, "learning_starts": 5000, "model_lr": 3e-4, "exploration_noise": 1.0,
+                  "exploration_decay": 0.999, "exploration_min": 0.025}}
+
     def validate(self) -> None:
         super().validate()
+        if self.preset not in ("default", *self.presets):
+            raise ValueError(f"preset must be one of default, {', '.join(self.presets)}; got {self.preset!r}")
         if not 0.0 <= self.real_ratio <= 1.0:
             raise ValueError(f"real_ratio must lie in [0, 1], got {self.real_ratio}")
         if not np.isfinite(self.eta) or self.eta <= 0:
@@ -369,7 +383,7 @@ class VariationalAgent(SAC):
             seed = self.last_model_seed
         else:
             epochs, seed = self.config.fit_epochs(len(data)), int(self.rng.integers(2**31))
-        info = self.q_dynamics.fit(data.obs, data.act, data.next_obs, data.rew, epochs=epochs,
+        info = self.q_dynamics.fit(data.obs, data.act, data.next_obs, data.rew, epochs=epochs, lr=self.config.model_lr,
                                    weights=weights, seed=seed, elite_score=self.config.q_d_elite_score)
         self.q_dynamics_fitted = True
         with torch.no_grad():
