@@ -515,3 +515,13 @@ def test_acting_filter_carries_the_whole_episode_and_windows_start_from_the_stor
     q2 = a1.guide.filter(a1.model, w2, sample=False)[:, 0]
     nonzero = w.s0.abs().sum(-1) > 0
     assert nonzero.any() and not torch.allclose(q1[nonzero], q2[nonzero])
+
+
+def test_marginal_weight_anneals_from_zero_to_its_value():
+    agent = GenerativeAgent(tiny(marginal_weight=1.0, marginal_anneal=4), 4, 1)
+    weights = [agent.learn(random_window(B=4, T=4), step=i)["marginal_weight"] for i in range(6)]
+    assert weights == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
+    with pytest.raises(ValueError, match="marginal_anneal"):
+        tiny(marginal_anneal=-1).validate()
+    with pytest.raises(ValueError, match="ensemble"):
+        tiny(ensemble=0).validate()

@@ -21,6 +21,24 @@ def test_generative_agent_experiment_smoke(tmp_path):
     assert {r["variant"] for r in saved["results"]} == {"generative", "generative-no-ig", "discriminative"}
     assert all({"plan", "prior"} <= set(r["curve"][-1]) for r in saved["results"])
     assert "| generative |" in summary["table"]
+    # --resume keeps the finished runs (no run folder is touched)
+    stamps = {f: f.stat().st_mtime_ns for f in tmp_path.glob("*/result.json")}
+    assert len(stamps) == 3
+    again = exp.main(["--out", str(tmp_path), "--steps", "200", "--seeds", "0", "--eval-every", "200",
+                      "--eval-episodes", "1", "--resume", "--set", *TINY])
+    assert {f: f.stat().st_mtime_ns for f in tmp_path.glob("*/result.json")} == stamps
+    assert again["table"] == summary["table"]
+
+
+def test_light_dark_experiment_keeps_paths_and_draws_trajectories(tmp_path):
+    exp = load_experiment("generative_agent")
+    summary = exp.main(["--out", str(tmp_path), "--env", "pplrl/LightDark-v0", "--steps", "60", "--seeds", "0",
+                        "--eval-every", "60", "--eval-episodes", "1", "--variants", "generative",
+                        "--set", *TINY, "learning_starts=30"])
+    last = summary["results"][0]["curve"][-1]
+    assert len(last["paths"]) == 1 and len(last["paths"][0]) == 31 and 0.0 <= last["plan_light"] <= 1.0
+    assert (tmp_path / "trajectories.png").stat().st_size > 0
+    assert "| LightDark-v0 | generative |" in summary["table"]
 
 
 @pytest.mark.slow
