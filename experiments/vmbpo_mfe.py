@@ -32,14 +32,14 @@ the continuation, beside the closed form and Q_soft.
 
 **2. The agent.** ``pplrl train vmbpo-mfe`` on Pendulum-v1 at ``exp_td_temperature`` 1 (eq.
 39 as printed, with the stable loss: td_clamp 4) and 0.01 (pplrl's default), ``--seeds``
-(default 0 1 2), ``--steps`` env steps, gradient_steps 2 (the notes' setting); runs in
+(default 0 1 2), ``--steps`` env steps (per tau), gradient_steps 2 (the notes' setting); runs in
 ``OUT/tauT/seedS`` (a finished run is read back, an unfinished one resumed: the same folders
 as ``pplrl train vmbpo-mfe --seeds 0-2 --out OUT/tauT --set exp_td_temperature=T
 gradient_steps=2 --eval-every 500``). Prints the mean evaluation return with a 95 %
 stratified-bootstrap interval across seeds at each checkpoint and the paired difference
 tau 1 - tau 0.01; writes ``OUT/vmbpo_mfe.json``.
 
-    python experiments/vmbpo_mfe.py                      # fixed point + 2 x 3 runs of 3k steps
+    python experiments/vmbpo_mfe.py                      # fixed point + 3 runs of 3k (tau 1), 3 of 2k (tau 0.01)
     python experiments/vmbpo_mfe.py --fixed-point-only
 """
 
@@ -133,7 +133,9 @@ def main(argv=None) -> dict:
     p.add_argument("--env", default="Pendulum-v1")
     p.add_argument("--taus", type=float, nargs="+", default=[1.0, 0.01])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--steps", type=int, nargs="+", default=[3000, 2000],
+                   help="env steps per run, one value for all taus or one per tau (default: 3000 at tau 1, "
+                        "2000 at tau 0.01, the budget the 2-core machine allowed)")
     p.add_argument("--gradient-steps", type=int, default=2)
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--eval-episodes", type=int, default=5)
@@ -152,7 +154,11 @@ def main(argv=None) -> dict:
         return out
 
     names = [f"tau={t:g}" for t in args.taus]
-    budget = (f"{args.steps} env steps (1000 uniform random first), gradient_steps {args.gradient_steps} "
+    if len(args.steps) not in (1, len(args.taus)):
+        p.error(f"--steps: one value or one per tau ({len(args.taus)}), got {len(args.steps)}")
+    steps = dict(zip(args.taus, args.steps * len(args.taus) if len(args.steps) == 1 else args.steps))
+    budget = (", ".join(f"{steps[t]} env steps at tau {t:g}" for t in args.taus)
+              + f" (1000 uniform random first), gradient_steps {args.gradient_steps} "
               "(E-step updates per env step), model fit every 250 steps, td_clamp 4 (stable loss)")
     results: list[dict] = []
     t0 = time.time()
@@ -163,9 +169,9 @@ def main(argv=None) -> dict:
         if len(done) == 2:
             from bench_pendulum import paired
             summary["paired"] = {"a": done[0], "b": done[1], "rows": paired(results, done[0], done[1])}
-        out.update({"env": args.env, "steps": args.steps, "seeds": args.seeds, "budget": budget,
-                    "eval_every": args.eval_every, "eval_episodes": args.eval_episodes, "results": results,
-                    "summary": summary, "total_wall_s": time.time() - t0})
+        out.update({"env": args.env, "steps": {f"{t:g}": n for t, n in steps.items()}, "seeds": args.seeds,
+                    "budget": budget, "eval_every": args.eval_every, "eval_episodes": args.eval_episodes,
+                    "results": results, "summary": summary, "total_wall_s": time.time() - t0})
         (args.out / "vmbpo_mfe.json").write_text(json.dumps(out, indent=1))
         return out
 
@@ -173,7 +179,7 @@ def main(argv=None) -> dict:
         for seed in args.seeds:
             overrides = [f"exp_td_temperature={tau:g}", f"gradient_steps={args.gradient_steps}", *args.set]
             try:
-                r = train_seed("vmbpo-mfe", overrides, args.env, seed, args.steps,
+                r = train_seed("vmbpo-mfe", overrides, args.env, seed, steps[tau],
                                args.out / f"tau{tau:g}" / f"seed{seed}", args.eval_every, args.eval_episodes)
             except Exception as e:  # one failed run is reported, the others go on
                 results.append({"algo": name, "seed": seed, "error": f"{type(e).__name__}: {e}"})
