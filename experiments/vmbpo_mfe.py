@@ -21,7 +21,10 @@ m + 0.5 s^2, a gap of 2 s^2; at tau = 0.01, Q* = m - 0.015 s^2, i.e. the mean (a
 critic, which learns r + gamma E_p[V'], not the soft value). The loss that does have Q_soft
 as its minimiser squares the difference of the exponentials, E[(exp(k y) - exp(k Q))^2]
 (minimised at exp(k Q) = E exp(k y), i.e. Q = (1/k) log E exp(k y), Q_soft at tau = 1);
-eq. (39) divides it by exp(2 k y), which re-weights the samples. On a deterministic task
+eq. (39) divides it by exp(2 k y), which re-weights the samples. So does the linex loss
+E[exp(k (y - Q)) - k (y - Q) - 1] / k^2 (minimiser (1/k) log E exp(k y); (y - Q)^2 / 2 to
+second order, so tau -> 0 is still the squared TD), which could replace eq. (39) with the
+same tangent continuation for stability. On a deterministic task
 (Pendulum-v1) y has no spread given (x, a) and every one of these fixed points is y itself:
 the bias shows only with stochastic transitions.
 
@@ -104,6 +107,22 @@ def exp_td_loss_minimiser(m: float, s: float, k: float, clip: float | None) -> f
                                  options={"xatol": 1e-10 * max(1.0, s * s)}).x)
 
 
+def linex_minimiser(m: float, s: float, k: float) -> float:
+    """Q minimising E[exp(k (y - Q)) - k (y - Q) - 1] / k^2 over y ~ N(m, s^2) (quadrature):
+    the linex loss, whose minimiser is exp(k Q) = E exp(k y), i.e. (1/k) log E exp(k y) =
+    m + k s^2 / 2 -- the soft value at tau = 1 -- and which is (y - Q)^2 / 2 to second order."""
+    from scipy.optimize import minimize_scalar
+
+    y, w = gauss_hermite(m, s)
+
+    def loss(q: float) -> float:
+        u = k * (y - q)
+        return float((w * (np.expm1(u) - u)).sum() / k ** 2)
+
+    return float(minimize_scalar(loss, bounds=(m - 10 * s - 1, m + 10 * s + 1), method="bounded",
+                                 options={"xatol": 1e-10 * max(1.0, s * s)}).x)
+
+
 def fixed_point_table(m: float = 0.0, spreads=(0.1, 0.5, 1.0, 2.0), ks=(1.0, 0.01), clip: float = 4.0) -> list[dict]:
     rows = []
     for k in ks:
@@ -111,7 +130,8 @@ def fixed_point_table(m: float = 0.0, spreads=(0.1, 0.5, 1.0, 2.0), ks=(1.0, 0.0
             rows.append({"k": k, "m": m, "s": s, "soft_value": soft_value_gaussian(m, s),
                          "closed_form": exp_td_fixed_point_gaussian(m, s, k),
                          "numeric_plain": exp_td_loss_minimiser(m, s, k, None),
-                         "numeric_stable": exp_td_loss_minimiser(m, s, k, clip), "td_clamp": clip})
+                         "numeric_stable": exp_td_loss_minimiser(m, s, k, clip), "td_clamp": clip,
+                         "linex": linex_minimiser(m, s, k)})
     return rows
 
 
@@ -119,10 +139,13 @@ def print_fixed_points(rows: list[dict]) -> None:
     print("eq. (39)'s fixed point for y ~ N(m, s^2), m = 0, scale = 1, k = tau * scale: Q* = m - 1.5 k s^2 "
           "(closed form), against the soft value m + s^2/2 that VMBPO wants")
     print(f"{'k':>6} {'s':>5} {'soft value':>11} {'Q* closed':>10} {'Q* numeric':>11} "
-          f"{'Q* stable loss':>15} {'Q* - soft':>10}")
+          f"{'Q* stable loss':>15} {'Q* - soft':>10} {'linex Q*':>9}")
     for r in rows:
         print(f"{r['k']:>6g} {r['s']:>5g} {r['soft_value']:>11.4f} {r['closed_form']:>10.4f} "
-              f"{r['numeric_plain']:>11.4f} {r['numeric_stable']:>15.4f} {r['closed_form'] - r['soft_value']:>10.4f}")
+              f"{r['numeric_plain']:>11.4f} {r['numeric_stable']:>15.4f} {r['closed_form'] - r['soft_value']:>10.4f} "
+              f"{r['linex']:>9.4f}")
+    print("(stable loss: pplrl's exp_td_loss with td_clamp 4; linex: E[exp(k(y - Q)) - k(y - Q) - 1]/k^2, a loss "
+          "whose minimiser is (1/k) log E exp(k y), the soft value at tau = 1)")
 
 
 # --------------------------------------------------------------------------- #

@@ -41,3 +41,10 @@ def test_stable_loss_keeps_the_fixed_point_for_small_spread_and_moves_it_for_lar
     large_stable = mfe.exp_td_loss_minimiser(0.0, 2.0, 1.0, clip=4.0)
     assert large_plain == pytest.approx(-6.0, abs=1e-5)
     assert large_stable > large_plain + 0.3
+
+
+@pytest.mark.parametrize("s, k", [(1.0, 1.0), (0.5, 0.3)])
+def test_linex_loss_has_the_soft_value_as_its_minimiser(s, k):
+    """The proposed replacement: E[exp(k(y - Q)) - k(y - Q) - 1] is minimised at m + k s^2 / 2
+    (the soft value (1/k) log E exp(k y)), where eq. (39)'s loss gives m - 1.5 k s^2."""
+    assert mfe.linex_minimiser(1.0, s, k) == pytest.approx(1.0 + k * s * s / 2, abs=1e-6)
