@@ -12,6 +12,16 @@ when ``plan=False``; **interaction** — a_t ~ q(a_t), clipped to [-1, 1]. Per u
 :func:`models.pomdp.pomdp_model` / :func:`guides.pomdp.pomdp_guide`) trains the guide
 (amortised E-step) and the model (M-step) with separate optimisers; its KL(q(a_t) ||
 p_a(a_t | z_t)) term trains the action prior toward the planner (consolidation).
+The bound's marginal -log p(x_t, r_t | z_<t) is an upper estimate (the guide's z_t among K
+prior proposals, :mod:`pplrl.infogain`), so the logged ``elbo_elbo`` is a lower bound and
+``elbo_info_gain`` a lower estimate of the gain (<= log(K+1) per step). The learning loss is
+eq. 8 plus (1 - ``marginal_weight``) log p(x, r | z_<t): eq. 8 alone (weight 1) does not ask
+the model to predict x and r (with the exact marginal, info_gain - kl_z = -KL(q || posterior),
+maximal for a model whose z ignores x), so the default 0 reads the paper's objective as
+eq. 8 for inference and planning plus the evidence for the model (measurements:
+experiments/eq8_model_fit.py). The planner's information gain is belief-level: pooled over
+``particles`` samples of q(s_t) and ``ensemble`` transition heads, with common random
+numbers across candidates (:mod:`pplrl.pomdp_planning`).
 A critic Q(z, a) (SARSA on the executed actions, in reward units) bootstraps the bound
 beyond the planning horizon; the discriminative agent, which has no model to roll out,
 plans with horizon 0 on it, and its critic's gradient shapes its encoder.
