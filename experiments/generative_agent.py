@@ -10,7 +10,7 @@ Variants (each trained by Active Variational EM through :func:`pplrl.runner.trai
 At every evaluation point each agent is evaluated twice, deterministically, on the same
 seeds: acting by **planning** (its E-step) and by the **consolidated prior** p_a(a_t | z_t)
 alone. On LightDark the evaluation episodes' positions are kept: the share of episodes
-that reach the light (``light``: max x >= 3.4, where the noise std is < 0.2) and, for the
+that reach the light (``light``: max x >= 3.4, where the noise std is < 0.25) and, for the
 final agents, a figure of the trajectories (``trajectories.png``: does the agent detour to
 the light?). The table gives means over seeds with 95% percentile-bootstrap intervals.
 
@@ -75,7 +75,7 @@ ENV_DEFAULTS = {
     "pplrl/LightDark-v0": {"action_repeat": "1", "horizon": "8", "x_scale": "0", "r_scale": "0", "ensemble": "3",
                            "learning_starts": "300", "warmup_hold": "2", "gradient_steps": "1"},
 }
-LIGHT_X = 3.4  # an episode "reaches the light" when its x exceeds this (noise std < 0.2)
+LIGHT_X = 3.4  # an episode "reaches the light" when its x exceeds this (noise std < 0.25)
 
 
 def rollouts(agent, env_id: str, episodes: int, seed: int) -> tuple[list[float], list[list[list[float]]]]:
@@ -227,7 +227,7 @@ def plot_trajectories(results: list[dict], path: Path) -> bool:
         return False
     fig, axes = plt.subplots(1, len(VARIANTS), figsize=(5 * len(VARIANTS), 4.5), sharex=True, sharey=True)
     for ax, name in zip(np.atleast_1d(axes), VARIANTS):
-        ax.axvspan(LIGHT_X, 4.6, color="gold", alpha=0.3, label="light (noise std < 0.2)")
+        ax.axvspan(LIGHT_X, 4.6, color="gold", alpha=0.3, label="light (noise std < 0.25)")
         ax.add_patch(plt.Circle((0, 0), 0.3, color="green", alpha=0.4))
         for r in (r for r in rs if r["variant"] == name):
             for episode in r["curve"][-1]["paths"]:
