@@ -46,7 +46,7 @@ from pyro.optim import PyroOptim
 from torch import nn
 
 from models.sites import factor, sample
-from pplrl.nets import soft_clamp
+from pplrl.nets import adam, soft_clamp
 
 #: Weight of mbrl-lib's penalty ``(sum max_logvar - sum min_logvar)`` on the loss.
 LOGVAR_BOUND_PENALTY = 0.01
@@ -375,7 +375,7 @@ class GaussianEnsemble(PyroModule):
         key = (local, float(lr), float(weight_decay))
         if self._optim is None or self._optim[0] != key:
             if local:
-                optim = torch.optim.Adam(self.parameters(), lr=lr, weight_decay=weight_decay)
+                optim = adam(self.parameters(), lr=lr, weight_decay=weight_decay)
             else:
                 optim = pyro.optim.Adam({"lr": lr, "weight_decay": weight_decay})
             self._optim = (key, optim)

@@ -418,16 +418,19 @@ def test_model_batch_log_ratio_and_real_ratio():
 def test_q_d_warm_start_stays_near_the_prior_under_flat_weights():
     """With flat weights (huge beta) a warm-started q_d (p's weights, split and bootstrap) stays
     close to p_theta on this small model: the batch KL(q_d || p) is far below that of a q_d
-    fitted from its own initialisation."""
-    kls = {}
-    for warm in (True, False):
-        a = agent(BetaVMBPO, beta_init=1e6, q_d_warm_start=warm, q_d_min_updates=100, model_min_updates=200)
-        a.fit_model()
-        info = a.fit_variational_dynamics(1)
-        kls[warm] = info["kl_dynamics_ensembles"]
-        if warm:  # p's weights were copied, not shared: q_d's own tensors moved during the fit
-            assert all(p is not q for p, q in zip(a.q_dynamics.parameters(), a.ensemble.parameters()))
-    assert abs(kls[True]) < 0.25 * abs(kls[False]), kls
+    fitted from its own initialisation, on each of two seeds (a single seed's warm KL ranges
+    0.02 to 0.5 nats with float rounding, the cold one stays above ~1)."""
+    for seed in (1, 2):
+        kls = {}
+        for warm in (True, False):
+            a = agent(BetaVMBPO, beta_init=1e6, q_d_warm_start=warm, q_d_min_updates=100, model_min_updates=200,
+                      seed=seed)
+            a.fit_model()
+            info = a.fit_variational_dynamics(1)
+            kls[warm] = info["kl_dynamics_ensembles"]
+            if warm:  # p's weights were copied, not shared: q_d's own tensors moved during the fit
+                assert all(p is not q for p, q in zip(a.q_dynamics.parameters(), a.ensemble.parameters()))
+        assert abs(kls[True]) < 0.25 * abs(kls[False]), (seed, kls)
 
 
 def test_copy_from_takes_weights_in_place_and_checks_shapes():

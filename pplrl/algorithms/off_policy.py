@@ -52,7 +52,7 @@ from models.sites import inverse_temperature, temperature_value
 from pplrl.algorithms.base import Agent
 from pplrl.device import resolve_device
 from pplrl.elbo import ReparamOptimalityELBO, soft_value
-from pplrl.nets import TwinQ, VNetwork, polyak_update, target_copy
+from pplrl.nets import TwinQ, VNetwork, adam, polyak_update, target_copy
 from pplrl.replay import Batch, ReplayBuffer
 
 
@@ -225,7 +225,7 @@ class ActorCritic(OffPolicyActorCritic):
             self.critic_target = None
             self.value = VNetwork(obs_dim, config.hidden)
             self.value_target = target_copy(self.value)
-            self.value_opt = torch.optim.Adam(self.value.parameters(), lr=self.learning_rate("value"))
+            self.value_opt = adam(self.value.parameters(), lr=self.learning_rate("value"))
         else:
             self.critic_target = target_copy(self.critic)
             self.value = self.value_target = self.value_opt = None
@@ -237,12 +237,12 @@ class ActorCritic(OffPolicyActorCritic):
             self._fixed_alpha = torch.tensor(initial)
         else:
             self.log_alpha = torch.tensor(float(np.log(initial)), requires_grad=True)
-            self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=self.learning_rate("dual"))
-        self.actor_opt = torch.optim.Adam(self.policy.parameters(), lr=self.learning_rate("policy"))
-        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=self.learning_rate("critic"))
+            self.alpha_opt = adam([self.log_alpha], lr=self.learning_rate("dual"))
+        self.actor_opt = adam(self.policy.parameters(), lr=self.learning_rate("policy"))
+        self.critic_opt = adam(self.critic.parameters(), lr=self.learning_rate("critic"))
         prior_params = [p for p in self.prior.parameters() if p.requires_grad] if isinstance(
             self.prior, nn.Module) else []
-        self.prior_opt = torch.optim.Adam(prior_params, lr=self.learning_rate("prior")) if prior_params else None
+        self.prior_opt = adam(prior_params, lr=self.learning_rate("prior")) if prior_params else None
         self.actor_elbo = ReparamOptimalityELBO()
 
     # -- what a subclass declares ------------------------------------------------------

@@ -78,7 +78,7 @@ from pplrl.algorithms.model_based import EnsembleConfig, elite_holdout_mse, fit_
 from pplrl.algorithms.sac import SAC, SACConfig
 from pplrl.diagnostics import NonFiniteError, importance_weight_diagnostics
 from pplrl.envs.continuous import termination_fn_for
-from pplrl.nets import VNetwork, mlp, polyak_update, target_copy
+from pplrl.nets import VNetwork, adam, mlp, polyak_update, target_copy
 from pplrl.replay import Batch
 
 
@@ -270,14 +270,14 @@ class VariationalAgent(SAC):
         self.q_dynamics = c.make_ensemble(obs_dim, act_dim, "vmbpo.q_d")
         self.q_dynamics_fitted = False
         self.nu = mlp(2 * obs_dim + act_dim, 1, c.hidden)
-        self.nu_opt = torch.optim.Adam(self.nu.parameters(), lr=c.lr)
+        self.nu_opt = adam(self.nu.parameters(), lr=c.lr)
         self.value = VNetwork(obs_dim, c.hidden)
         self.value_target = target_copy(self.value)
-        self.value_opt = torch.optim.Adam(self.value.parameters(), lr=c.lr)
+        self.value_opt = adam(self.value.parameters(), lr=c.lr)
         # float64: Algorithm 1's steps on beta are ~1e-3 of it, below float32's resolution over 1e4 steps
         self.log_beta = torch.tensor(float(np.log(c.beta_init)), dtype=torch.float64, requires_grad=True)
-        self.beta_opt = torch.optim.Adam([self.log_beta], lr=c.beta_lr)
-        self.map_opt = torch.optim.Adam(self.prior_policy.parameters(), lr=c.lr)
+        self.beta_opt = adam([self.log_beta], lr=c.beta_lr)
+        self.map_opt = adam(self.prior_policy.parameters(), lr=c.lr)
         self.e_steps = 0
         self.last_kl = float("nan")
 
