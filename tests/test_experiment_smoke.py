@@ -99,3 +99,16 @@ def test_bench_paired_difference_by_hand(tmp_path, capsys):
         bench.paired(results, "a", "c")
     with pytest.raises(SystemExit):
         bench.main(["--algos", "sac", "--paired", "sac", "vmbpo", "--out", str(tmp_path / "x.json")])
+
+
+def test_bench_update_table_and_json(tmp_path, capsys):
+    """bench_update.py: one row per agent, its update cost per env step and per update, the
+    ratio to SAC (1 for SAC itself), JSON written."""
+    bench = load_experiment("bench_update")
+    out = tmp_path / "u.json"
+    result = bench.main(["--algos", "sac", "virel", "--transitions", "600", "--repeats", "1", "--out", str(out)])
+    rows = {r["algo"]: r for r in result["rows"]}
+    assert rows["sac"]["vs_sac"] == 1.0 and rows["virel"]["vs_sac"] > 0
+    assert rows["sac"]["update_ms"] == rows["sac"]["env_step_ms"] > 0 and rows["sac"]["fit_ms"] is None
+    assert json.loads(out.read_text())["rows"][1]["algo"] == "virel"
+    assert "| sac | 1 |" in capsys.readouterr().out
