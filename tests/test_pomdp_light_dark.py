@@ -71,3 +71,15 @@ def test_bad_input():
     with pytest.raises(ValueError, match="goal_radius"):
         LightDarkEnv(goal_radius=0.0)
     assert isinstance(gym.make("pplrl/LightDark-v0").observation_space, gym.spaces.Box)
+
+
+def test_known_model_planning_experiment_smoke(tmp_path):
+    from experiments_loader import load_experiment
+
+    exp = load_experiment("light_dark_known_model")
+    out = exp.main(["--episodes", "2", "--candidates", "16", "--horizon", "3", "--particles", "16",
+                    "--filter-particles", "64", "--out", str(tmp_path / "k.json")])
+    rows = out["rows"]
+    assert len(rows["planner + information gain"]["returns"]) == 2
+    assert len(rows["planner, reward only"]["paths"][0]) == 31
+    assert "paired difference" in out["table"] and (tmp_path / "k.png").stat().st_size > 0

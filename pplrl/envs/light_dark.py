@@ -30,6 +30,9 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
+LIGHT_DARK_DEFAULTS = dict(start=(2.0, 2.0), start_std=1.0, goal=(0.0, 0.0), goal_radius=0.3, light_x=4.0,
+                           light_slope=0.5, sigma_min=0.05, sigma_max=4.0, speed=0.5, distance_cost=0.1, max_steps=30)
+
 
 class LightDarkEnv(gym.Env):
     """The light-dark POMDP (module docstring). ``partially_observed = True`` tells
@@ -139,4 +142,5 @@ def scripted_return(policy: str, episodes: int = 200, **env_kwargs) -> tuple[flo
     return float(returns.mean()), float(returns.std(ddof=1) / np.sqrt(episodes))
 
 
-__all__ = ["LightDarkBelief", "LightDarkEnv", "make_light_dark_env", "scripted_episode", "scripted_return"]
+__all__ = ["LIGHT_DARK_DEFAULTS", "LightDarkBelief", "LightDarkEnv", "make_light_dark_env", "scripted_episode",
+           "scripted_return"]
