@@ -255,10 +255,22 @@ class GaussianEnsemble(PyroModule):
         """Mean and log-variance ``[k, m, obs_dim + 1]`` of the members ``members`` (``[k]``) on
         their own normalised-input rows ``x`` (``[k, m, obs_dim + act_dim]``, row block ``j`` through
         member ``members[j]``): one batched matmul per layer over ``k`` members, not all ``E``."""
-        for layer in self.net:
-            x = layer(x, members) if isinstance(layer, EnsembleLinear) else layer(x)
+        if torch.is_grad_enabled():
+            for layer in self.net:
+                x = layer(x, members) if isinstance(layer, EnsembleLinear) else layer(x)
+        else:  # predictions: the members' weights gathered once per parameter update (_member_weights)
+            for layer, weights in zip(self.net, self._member_weights(members)):
+                x = layer(x) if weights is None else torch.baddbmm(weights[1], x, weights[0])
         mean, raw_logvar = x.chunk(2, dim=-1)
         return mean, soft_clamp(raw_logvar, self.min_logvar, self.max_logvar)
+
+    def _member_weights(self, members: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        """``(weight[members], bias[members])`` of each EnsembleLinear of :attr:`net` (None for the
+        activations), read straight from the modules' parameters (no Pyro messages: only for use
+        outside SVI, without gradients). Not cached: fused Adam updates parameters in place
+        without bumping their versions, so a cache could not tell that they changed."""
+        return [tuple(layer._parameters[k].index_select(0, members) for k in ("weight", "bias"))
+                if isinstance(layer, EnsembleLinear) else None for layer in self.net]
 
     def elite_rows(self, obs: torch.Tensor, act: torch.Tensor, generator: torch.Generator | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

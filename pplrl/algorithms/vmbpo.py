@@ -507,12 +507,14 @@ class VariationalAgent(SAC):
     # -- step 4: actor ----------------------------------------------------------------------
     def actor_loss(self, obs: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """-ELBO / (B scale) of actor_model (prior pi, factor scale * Q) vs q_c: eq. (25) / eq. (13)."""
+        # q_c's distribution on the batch, computed once: the guide samples from it and the
+        # entropy bonus takes its own sample from it (one policy forward and backward, not two)
+        d = self.policy(obs)
         loss = self.actor_elbo.differentiable_loss(actor_model, actor_guide, obs, self.prior_policy, self.critic.min,
-                                                   self.scale, policy=self.policy,
+                                                   self.scale, policy=lambda _obs: d,
                                                    sticking_the_landing=self.config.sticking_the_landing)
         loss = loss / (obs.shape[0] * self.scale)
         if self.config.entropy_regularizer:  # + alpha E_q[log q], on its own reparameterised sample
-            d = self.policy(obs)
             self._log_q = d.log_prob(d.rsample())
             loss = loss + self.alpha * self._log_q.mean()
         return loss, self.actor_elbo.last_terms
