@@ -94,21 +94,25 @@ def train_seed(algo: str, overrides: list[str], env_id: str, seed: int, steps: i
 
 def summarise(results: list[dict], names: list[str], reference: str | None) -> dict:
     """Per name: seeds, checkpoints, mean and 95 % interval of the return at each checkpoint
-    and of the mean over checkpoints; paired differences to ``reference``."""
+    and of the mean over the checkpoints all names share (area under the curve); paired
+    differences to ``reference``."""
     from pplrl.diagnostics import mean_and_iqm
 
     out = {}
-    results = [r for r in results if "error" not in r]
+    results = [r for r in results if "error" not in r and r["algo"] in names]
+    if not results:
+        return out
+    common = sorted(set.intersection(*(set(r["steps"]) for r in results)))  # the area's checkpoints
     for name in names:
         runs = [r for r in results if r["algo"] == name]
         if not runs:
             continue
         steps = sorted(set.intersection(*(set(r["steps"]) for r in runs)))
         at = {s: [r["returns"][r["steps"].index(s)] for r in runs] for s in steps}
-        auc = [float(np.mean([r["returns"][r["steps"].index(s)] for s in steps])) for r in runs]
+        auc = [float(np.mean([r["returns"][r["steps"].index(s)] for s in common])) for r in runs]
         row = {"seeds": [r["seed"] for r in runs], "steps": steps,
                "mean_ci": {s: mean_and_iqm(v)["mean"] for s, v in at.items()},
-               "auc_mean_ci": mean_and_iqm(auc)["mean"] if steps else None}
+               "auc_steps": common, "auc_mean_ci": mean_and_iqm(auc)["mean"] if common else None}
         if reference and name != reference and any(r["algo"] == reference for r in results):
             row["paired_vs_" + reference] = paired(results, name, reference)
         out[name] = row
@@ -124,7 +128,7 @@ def print_table(summary: dict, title: str, reference: str | None) -> None:
     print(title)
     steps = sorted({s for row in summary.values() for s in row["steps"]})
     print(f"{'variant':>14} {'seeds':>5} " + " ".join(f"{'step ' + str(s):>25}" for s in steps)
-          + f" {'mean over checkpoints':>25}")
+          + f" {'mean over shared ckpts':>25}")
     for name, row in summary.items():
         cells = [(_cell(row["mean_ci"][s]) if s in row["mean_ci"] else "-").rjust(25) for s in steps]
         print(f"{name:>14} {len(row['seeds']):>5} " + " ".join(cells) + f" {_cell(row['auc_mean_ci']):>25}")
