@@ -127,20 +127,30 @@ _NDARRAY, _NPSCALAR = "__pplrl_ndarray__", "__pplrl_npscalar__"
 _SAFE_LEAVES = (torch.Tensor, int, float, bool, str, bytes, complex, type(None), torch.Size, torch.dtype, torch.device)
 
 
+def _safe_array(arr: np.ndarray, where: str) -> np.ndarray:
+    """The array a checkpoint stores for ``arr`` (unsigned integers wider than a byte as int64),
+    or the RunError for a dtype it cannot hold (object, string, non-native byte order)."""
+    dtype = arr.dtype
+    if dtype.kind == "u" and dtype.itemsize > 1:
+        return arr.astype(np.int64) if dtype.itemsize < 8 else arr.view(np.int64)
+    if dtype.kind in "fiub" and dtype.byteorder in "=|":
+        return arr
+    raise RunError(f"{where} is a numpy array of dtype {dtype}, which a checkpoint cannot hold")
+
+
+def _unsafe(obj, where: str) -> RunError:
+    return RunError(f"{where} holds a {type(obj).__module__}.{type(obj).__qualname__}, which a weights-only "
+                    f"checkpoint cannot hold; store it as a tensor, a number or a plain container")
+
+
 def to_safe(obj, where: str = "state"):
     """``obj`` with numpy arrays and scalars replaced by tagged tensors / Python numbers, so
     that ``torch.load(weights_only=True)`` can read it back; containers that need no change
     are returned as they are (module state dicts keep their metadata). Anything else is a
     RunError naming where it sits."""
     if isinstance(obj, np.ndarray):
-        dtype = obj.dtype
-        if dtype.kind == "u" and dtype.itemsize > 1:
-            data = obj.astype(np.int64) if dtype.itemsize < 8 else obj.view(np.int64)
-        elif dtype.kind in "fiub" and dtype.byteorder in "=|":
-            data = obj
-        else:
-            raise RunError(f"{where} is a numpy array of dtype {dtype}, which a checkpoint cannot hold")
-        return {_NDARRAY: torch.from_numpy(np.ascontiguousarray(data).copy()), "dtype": dtype.str}
+        data = _safe_array(obj, where)
+        return {_NDARRAY: torch.from_numpy(np.ascontiguousarray(data).copy()), "dtype": obj.dtype.str}
     if isinstance(obj, np.generic):
         return {_NPSCALAR: obj.item(), "dtype": obj.dtype.str}
     if isinstance(obj, dict):
@@ -158,8 +168,7 @@ def to_safe(obj, where: str = "state"):
         return type(obj)(items) if type(obj) in (list, tuple) else items
     if isinstance(obj, _SAFE_LEAVES):
         return obj
-    raise RunError(f"{where} holds a {type(obj).__module__}.{type(obj).__qualname__}, which a weights-only "
-                   f"checkpoint cannot hold; store it as a tensor, a number or a plain container")
+    raise _unsafe(obj, where)
 
 
 def check_safe(obj, where: str = "state") -> None:
@@ -167,8 +176,8 @@ def check_safe(obj, where: str = "state") -> None:
     before training, so that an agent whose state a checkpoint cannot hold fails at once,
     not at its first checkpoint."""
     if isinstance(obj, np.ndarray):
-        if not (obj.dtype.kind in "fiub" and obj.dtype.byteorder in "=|" or obj.dtype.kind == "u"):
-            raise RunError(f"{where} is a numpy array of dtype {obj.dtype}, which a checkpoint cannot hold")
+        if not (obj.dtype.kind == "u" and obj.dtype.itemsize > 1):  # those convert by copying: skip
+            _safe_array(obj, where)
     elif isinstance(obj, dict):
         for k, v in obj.items():
             check_safe(v, f"{where}[{k!r}]")
@@ -176,8 +185,7 @@ def check_safe(obj, where: str = "state") -> None:
         for i, v in enumerate(obj):
             check_safe(v, f"{where}[{i}]")
     elif not isinstance(obj, (np.generic, *_SAFE_LEAVES)):
-        raise RunError(f"{where} holds a {type(obj).__module__}.{type(obj).__qualname__}, which a weights-only "
-                       f"checkpoint cannot hold; store it as a tensor, a number or a plain container")
+        raise _unsafe(obj, where)
 
 
 def from_safe(obj):
