@@ -307,7 +307,8 @@ def main(argv: list[str] | None = None) -> dict:
         results.sort(key=lambda r: order[(r.get("env", envs[0]), r["variant"], r["seed"])])
         md = table(results)
         summary = {"env": envs[0], "envs": envs, "steps": args.steps, "seeds": args.seeds, "jobs": args.jobs,
-                   "wall_s": time.time() - args.t_start, "results": results, "table": md}
+                   "wall_s": time.time() - args.t_start,  # this invocation's (a --resume reuses finished runs)
+                   "run_seconds": sum(r.get("seconds", 0.0) for r in results), "results": results, "table": md}
         (out / "results.json").write_text(json.dumps(summary, indent=1))
         return summary
 
