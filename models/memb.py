@@ -126,7 +126,7 @@ def memb_model(obs: torch.Tensor, prior_policy, dynamics: Callable, reward_fn: C
         x1 = sample("x", 1, dynamics(obs, a))
         cont = 1.0
         if termination_fn is not None:
-            done = termination_fn(obs.detach().numpy(), a.detach().numpy(), x1.detach().numpy())
+            done = termination_fn(*(t.detach().cpu().numpy() for t in (obs, a, x1)))
             cont = 1.0 - torch.as_tensor(done, dtype=obs.dtype)
         optimality(0, reward_fn(obs, a) + gamma * cont * value_fn(x1), scale)
 

@@ -206,7 +206,7 @@ class MEMB(ActorCritic):
     def _not_done(self, obs, act, next_obs) -> torch.Tensor:
         if self.termination_fn is None:
             return torch.ones(obs.shape[0])
-        done = self.termination_fn(obs.numpy(), act.numpy(), next_obs.numpy())
+        done = self.termination_fn(*(t.detach().cpu().numpy() for t in (obs, act, next_obs)))
         return 1.0 - torch.as_tensor(done, dtype=torch.float32)
 
     def imagine(self, obs: torch.Tensor, act: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
