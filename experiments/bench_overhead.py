@@ -56,10 +56,12 @@ def sac_rows(repeats: int, inner: int, batch_size: int) -> list[dict]:
                       float(rng.normal()), rng.normal(size=3).astype(np.float32), False)
     batch = agent.sample_batch()
 
-    def plain_actor_loss(obs):
+    def plain_actor_loss(obs, temperature=None):
+        alpha = agent.alpha if temperature is None else temperature
         d = agent.policy(obs)
         a = d.rsample()
-        return (agent.alpha * d.log_prob(a) - agent.critic.min(obs, a)).mean()
+        log_q, q = d.log_prob(a), agent.critic.min(obs, a)
+        return (alpha * log_q - q).mean(), log_q, q
 
     def step(loss):
         agent.actor_opt.zero_grad()
@@ -67,12 +69,18 @@ def sac_rows(repeats: int, inner: int, batch_size: int) -> list[dict]:
         agent.actor_opt.step()
 
     rows = [bench_pair("SAC actor ELBO (fwd+bwd+step)", lambda: step(agent.actor_loss(batch.obs)[0]),
-                       lambda: step(plain_actor_loss(batch.obs)), repeats, inner)]
+                       lambda: step(plain_actor_loss(batch.obs)[0]), repeats, inner)]
 
     original = SAC.actor_loss
 
+    def plain_with_terms(self, obs, temperature=None):
+        """The plain loss and the same floats the ELBO reports (its terms, summed over the batch)."""
+        loss, log_q, q = plain_actor_loss(obs, temperature)
+        kl, reward = float(log_q.detach().sum()), float(q.detach().sum())
+        return loss, {"kl_policy": kl, "reward": reward, "elbo": reward - kl}
+
     def plain_update():
-        SAC.actor_loss = lambda self, obs: (plain_actor_loss(obs), {"kl_policy": 0.0, "elbo": 0.0, "reward": 0.0})
+        SAC.actor_loss = plain_with_terms
         try:
             agent.train_step(batch, 0)
         finally:

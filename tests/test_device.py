@@ -52,8 +52,8 @@ def test_a_config_asking_for_a_missing_gpu_is_refused_before_anything_runs():
 @pytest.mark.parametrize("algo", ["sac", "virel", "mbpo", "memb", "vmbpo", "beta-vmbpo"])
 def test_every_tensor_an_agent_creates_lands_on_its_device(algo, monkeypatch):
     """With a stand-in accelerator (the meta device) every parameter and buffer of every
-    module the agent holds (MEMB's learned model included), its temperatures, and a sampled batch are on it, while the replay
-    stays numpy in host memory; a CPU agent's are on the CPU."""
+    module the agent holds (MEMB's learned model included), its temperatures, and a sampled
+    batch are on it, while the replay stays numpy in host memory; a CPU agent's are on the CPU."""
     import pplrl.algorithms.off_policy as off_policy
     import pplrl.device as device
 
