@@ -362,6 +362,11 @@ class POMDPELBO(_NamedTerms, TraceMeanField_ELBO):
     ``log_marginal``, ``info_gain`` (= log_lik - log_marginal), ``model_evidence``
     (log_lik - kl_z, the sequential-VAE bound on log p(x, r)) and ``elbo``.
 
+    The marginal log p(x_t, r_t | z_<t) comes from the model's estimate (the guide's z_t among K
+    prior proposals, :mod:`pplrl.infogain`), which is high on average, so ``neg_log_marginal``
+    is low and the reported ``elbo`` is a lower bound on eq. (8)'s value (tests/test_infogain.py
+    checks it against a Kalman filter).
+
     ``marginal_weight`` scales the marginal term in the *loss* only (the reported
     ``elbo`` is always the paper's): 1 is exactly -eq. (8); 0 gives eq. (8) plus
     log p(x, r | z_<t), the usual model-learning bound, which (unlike eq. 8 alone)
