@@ -77,15 +77,11 @@ class EnsembleLinear(PyroModule):
         self.weight = nn.Parameter(weight)
         self.bias = nn.Parameter(torch.zeros(self.ensemble_size, 1, self.out_features))
 
-    def forward(self, x: torch.Tensor, members: torch.Tensor | None = None) -> torch.Tensor:
-        """``members`` (``[k]`` indices): run only those members, ``x`` of shape ``[k, B, in]``."""
-        weight, bias = self.weight, self.bias
-        if members is not None:
-            weight, bias = weight.index_select(0, members), bias.index_select(0, members)
-        if x.dim() != 3 or x.shape[0] != weight.shape[0] or x.shape[-1] != self.in_features:
-            raise ValueError(f"EnsembleLinear expects input [{weight.shape[0]}, B, {self.in_features}], "
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 3 or x.shape[0] != self.ensemble_size or x.shape[-1] != self.in_features:
+            raise ValueError(f"EnsembleLinear expects input [{self.ensemble_size}, B, {self.in_features}], "
                              f"got {list(x.shape)}")
-        return torch.baddbmm(bias, x, weight)
+        return torch.baddbmm(self.bias, x, self.weight)
 
     def extra_repr(self) -> str:
         return f"ensemble_size={self.ensemble_size}, in_features={self.in_features}, out_features={self.out_features}"
@@ -255,20 +251,17 @@ class GaussianEnsemble(PyroModule):
         """Mean and log-variance ``[k, m, obs_dim + 1]`` of the members ``members`` (``[k]``) on
         their own normalised-input rows ``x`` (``[k, m, obs_dim + act_dim]``, row block ``j`` through
         member ``members[j]``): one batched matmul per layer over ``k`` members, not all ``E``."""
-        if torch.is_grad_enabled():
-            for layer in self.net:
-                x = layer(x, members) if isinstance(layer, EnsembleLinear) else layer(x)
-        else:  # predictions: the members' weights gathered once per parameter update (_member_weights)
-            for layer, weights in zip(self.net, self._member_weights(members)):
-                x = layer(x) if weights is None else torch.baddbmm(weights[1], x, weights[0])
+        for layer, weights in zip(self.net, self._member_weights(members)):
+            x = layer(x) if weights is None else torch.baddbmm(weights[1], x, weights[0])
         mean, raw_logvar = x.chunk(2, dim=-1)
         return mean, soft_clamp(raw_logvar, self.min_logvar, self.max_logvar)
 
     def _member_weights(self, members: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
         """``(weight[members], bias[members])`` of each EnsembleLinear of :attr:`net` (None for the
-        activations), read straight from the modules' parameters (no Pyro messages: only for use
-        outside SVI, without gradients). Not cached: fused Adam updates parameters in place
-        without bumping their versions, so a cache could not tell that they changed."""
+        activations), read straight from the modules' parameters (no Pyro param messages: for
+        predictions and densities, not for the SVI fit, which goes through :meth:`forward`). Not
+        cached: fused Adam updates parameters in place without bumping their versions, so a
+        cache could not tell that they changed."""
         return [tuple(layer._parameters[k].index_select(0, members) for k in ("weight", "bias"))
                 if isinstance(layer, EnsembleLinear) else None for layer in self.net]
 
@@ -612,17 +605,19 @@ class GaussianEnsemble(PyroModule):
         """:meth:`elite_log_density` at ``(obs, act)``, running the elite members only."""
         obs = torch.as_tensor(obs, dtype=self.max_logvar.dtype, device=self.max_logvar.device)
         x = self.normalizer(torch.cat([obs, torch.as_tensor(act, dtype=obs.dtype, device=obs.device)], dim=-1))
-        mean, logvar = self.forward_members(x.expand(self.num_elites, *x.shape), self.elite_idx)
-        d = dist.Normal(mean[..., :self.obs_dim], (0.5 * logvar[..., :self.obs_dim]).exp())
-        lp = d.log_prob((next_obs - obs).expand(self.num_elites, *obs.shape)).sum(-1)
-        return torch.logsumexp(lp, 0) - math.log(self.num_elites)
+        return self._mixture_log_density(obs, next_obs, *self.forward_members(x.expand(self.num_elites, *x.shape),
+                                                                             self.elite_idx))
 
     @torch.no_grad()
     def elite_log_density(self, obs: torch.Tensor, next_obs: torch.Tensor, mean: torch.Tensor,
                           logvar: torch.Tensor) -> torch.Tensor:
         """``log (1/|elites|) sum_{e in elites} N(next_obs - obs; mean_e, var_e)`` over the state
         dimensions (reward marginalised), ``[B]``, from ``(mean, logvar) = self(obs, act)``."""
-        elites = self.elite_idx
-        d = dist.Normal(mean[elites, :, :self.obs_dim], (0.5 * logvar[elites, :, :self.obs_dim]).exp())
-        lp = d.log_prob((next_obs - obs).expand(len(elites), *obs.shape)).sum(-1)
-        return torch.logsumexp(lp, 0) - math.log(len(elites))
+        return self._mixture_log_density(obs, next_obs, mean[self.elite_idx], logvar[self.elite_idx])
+
+    def _mixture_log_density(self, obs, next_obs, mean, logvar) -> torch.Tensor:
+        """log of the equal-weight mixture of the ``k`` members' Gaussians ``(mean, logvar)``
+        (``[k, B, obs_dim + 1]``) at ``next_obs - obs``, state dimensions only, ``[B]``."""
+        d = dist.Normal(mean[..., :self.obs_dim], (0.5 * logvar[..., :self.obs_dim]).exp())
+        lp = d.log_prob((next_obs - obs).expand(mean.shape[0], *obs.shape)).sum(-1)
+        return torch.logsumexp(lp, 0) - math.log(mean.shape[0])

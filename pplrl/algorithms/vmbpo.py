@@ -386,11 +386,8 @@ class VariationalAgent(SAC):
         info = self.q_dynamics.fit(data.obs, data.act, data.next_obs, data.rew, epochs=epochs, lr=self.config.model_lr,
                                    weights=weights, seed=seed, elite_score=self.config.q_d_elite_score)
         self.q_dynamics_fitted = True
-        with torch.no_grad():
-            real = self.replay.sample(self.config.batch_size, self.rng)
-            nxt, _, _ = self.q_dynamics.predict(real.obs, real.act)
-            kl = float((self.ensemble_log_density(self.q_dynamics, real.obs, real.act, nxt)
-                        - self.ensemble_log_density(self.ensemble, real.obs, real.act, nxt)).mean())
+        real = self.replay.sample(self.config.batch_size, self.rng)
+        kl = self.batch_kl(real.obs, real.act, ensembles=True)
         psis = importance_weight_diagnostics(log_w)  # how many transitions the q_d fit rests on
         return {"q_d_train_loss": info["train_loss"][-1], "q_d_weight_max": float(weights.max()),
                 "q_d_weight_mean": float(weights.mean()), "kl_dynamics_ensembles": kl,
@@ -465,9 +462,17 @@ class VariationalAgent(SAC):
         (beta eq. 9) and the logged ``kl_dynamics`` when no update computed the log-ratio."""
         with torch.no_grad():
             obs = self.replay.sample(self.config.batch_size, self.rng).obs
-            act = self.policy(obs).sample()
+            return self.batch_kl(obs, self.policy(obs).sample())
+
+    def batch_kl(self, obs: torch.Tensor, act: torch.Tensor, ensembles: bool = False) -> float:
+        """KL(q_d || p) on a batch: the mean of log q_d/p at x' ~ q_d(.|obs, act), by the agent's
+        :meth:`log_ratio` or (``ensembles``) by the two ensembles' elite mixtures."""
+        with torch.no_grad():
             next_obs, _, _ = self.q_dynamics.predict(obs, act)
-            return float(self.log_ratio(obs, act, next_obs).mean())
+            if not ensembles:
+                return float(self.log_ratio(obs, act, next_obs).mean())
+            return float((self.ensemble_log_density(self.q_dynamics, obs, act, next_obs)
+                          - self.ensemble_log_density(self.ensemble, obs, act, next_obs)).mean())
 
     # -- step 3: critic ---------------------------------------------------------------------
     def critic_td_target(self, batch: Batch, log_ratio: torch.Tensor | None) -> torch.Tensor:
