@@ -165,16 +165,21 @@ def add_gaps(out: dict) -> dict:
     return out
 
 
-def train_agent(algo: str, seed: int, steps: int, overrides: list[str], folder: Path):
+def train_agent(algo: str, seed: int, steps: int, overrides: list[str], folder: Path, *, resume: bool = False,
+                checkpoint_every: int | None = None):
+    """Train one agent into ``folder``; ``resume=True`` continues a run left there by an
+    interrupted call (from its last checkpoint, every ``checkpoint_every`` steps)."""
     from pplrl.algorithms import apply_overrides, default_config
-    from pplrl.runner import train
+    from pplrl.runner import CONFIG, train
 
     config = apply_overrides(default_config(algo, env_id=ENV_ID, seed=seed), [*DEFAULT_SET, *overrides])
-    if folder.exists():
+    resume = resume and (folder / CONFIG).exists()
+    if folder.exists() and not resume:
         shutil.rmtree(folder)  # this script's own output from an earlier call
     t0 = time.perf_counter()
-    agent = train(algo, config, folder, steps, eval_every=steps, eval_episodes=1, checkpoint_every=steps,
-                  progress=False)
+    # a resumed run keeps the run settings it was started with
+    settings = {} if resume else dict(eval_every=steps, eval_episodes=1, checkpoint_every=checkpoint_every or steps)
+    agent = train(algo, None if resume else config, folder, steps, progress=False, resume=resume, **settings)
     return agent, time.perf_counter() - t0
 
 
@@ -235,9 +240,9 @@ def _mean_over_seeds(per_seed: dict) -> dict:
 
 def _job(job) -> tuple[str, int, dict]:
     """Train one (algorithm, seed) and roll its policy out under the three dynamics."""
-    algo, seed, steps, overrides, folder, rollouts, horizon, threads = job
+    algo, seed, steps, overrides, folder, rollouts, horizon, threads, resume, checkpoint_every = job
     torch.set_num_threads(threads)
-    agent, wall = train_agent(algo, seed, steps, overrides, folder)
+    agent, wall = train_agent(algo, seed, steps, overrides, folder, resume=resume, checkpoint_every=checkpoint_every)
     r = evaluate_dynamics(agent, rollouts, horizon, seed)
     r.update(beta=agent.beta if agent.config.use_beta else 1.0 / agent.config.eta, train_wall_s=wall)
     print(f"  {algo} seed {seed}: trained {steps} steps in {wall:.0f} s; optimism "
@@ -313,20 +318,38 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--jobs", type=int, default=1, help="runs (algorithm, seed) in parallel worker processes")
     p.add_argument("--out", type=Path, default=Path("runs/mountain_car_optimism"))
+    p.add_argument("--checkpoint-every", type=int, default=1000, help="env steps between a run's checkpoints")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the (algorithm, seed) results already in OUT's JSON (same settings) and continue "
+                        "the runs an interrupted call left in OUT/runs from their last checkpoint")
     p.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
                    help="run nothing: one table and plot of these files' seeds, written to --out")
     args = p.parse_args(argv)
     if args.merge:
         return merge(args.merge, args.out)
-    if args.steps <= 0 or args.rollouts <= 0 or args.horizon <= 0 or args.jobs <= 0:
-        raise SystemExit("error: --steps, --rollouts, --horizon and --jobs must be > 0")
+    if min(args.steps, args.rollouts, args.horizon, args.jobs, args.checkpoint_every) <= 0:
+        raise SystemExit("error: --steps, --rollouts, --horizon, --jobs and --checkpoint-every must be > 0")
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    jobs = [(algo, seed, args.steps, args.set, args.out / "runs" / f"{algo}-seed{seed}", args.rollouts, args.horizon,
-             args.threads) for algo in args.algos for seed in args.seeds]
     per_algo: dict[str, dict[str, dict]] = {algo: {} for algo in args.algos}
     saved = {"env": ENV_ID, "steps": args.steps, "seeds": args.seeds, "rollouts": args.rollouts,
              "horizon": args.horizon, "overrides": [*DEFAULT_SET, *args.set]}
+    earlier = args.out / "mountain_car_optimism.json"
+    if args.resume and earlier.exists():
+        data = json.loads(earlier.read_text())
+        differing = [k for k in ("steps", "rollouts", "horizon", "overrides") if data.get(k) != saved[k]]
+        if differing:
+            raise SystemExit(f"error: cannot resume {earlier}: it was run with other settings ("
+                             + ", ".join(f"{k} {data.get(k)!r} vs {saved[k]!r}" for k in differing) + ")")
+        for algo, res in data.get("results", {}).items():
+            if algo in per_algo:
+                per_algo[algo].update({s: r for s, r in res["seeds"].items() if int(s) in args.seeds})
+    jobs = [(algo, seed, args.steps, args.set, args.out / "runs" / f"{algo}-seed{seed}", args.rollouts, args.horizon,
+             args.threads, args.resume, args.checkpoint_every)
+            for seed in args.seeds for algo in args.algos if str(seed) not in per_algo[algo]]  # seed-major: pairs first
+    if per_algo and any(per_algo.values()):
+        print(f"resuming: {sum(map(len, per_algo.values()))} finished runs kept, {len(jobs)} to go", flush=True)
+    saved["results"] = summarize(per_algo)
     with contextlib.ExitStack() as stack:
         if args.jobs > 1:
             done = stack.enter_context(mp.get_context("spawn").Pool(args.jobs)).imap_unordered(_job, jobs)

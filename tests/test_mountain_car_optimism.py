@@ -54,3 +54,26 @@ def test_mountain_car_optimism_runs(tmp_path, capsys):
     (tmp_path / "b.json").write_text(json.dumps(other))
     with pytest.raises(SystemExit, match="other settings.*horizon"):
         mc.main(["--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out", str(tmp_path / "m")])
+
+
+def test_mountain_car_optimism_resume(tmp_path, capsys):
+    """--resume keeps the finished (algorithm, seed) results and continues an interrupted
+    run from its checkpoint; the resumed run ends where an uninterrupted one does."""
+    mc = load_experiment("mountain_car_optimism")
+    args = ["--algos", "vmbpo", "--steps", "120", "--rollouts", "2", "--horizon", "10", "--checkpoint-every", "60",
+            "--set", *TINY]
+    whole = mc.main([*args, "--out", str(tmp_path / "whole")])
+    # an interrupted call: the run stopped at its 60-step checkpoint, no JSON written yet
+    mc.train_agent("vmbpo", 0, 60, TINY, tmp_path / "cut" / "runs" / "vmbpo-seed0", checkpoint_every=60)
+    resumed = mc.main([*args, "--out", str(tmp_path / "cut"), "--resume"])
+    a, b = whole["results"]["vmbpo"]["seeds"]["0"], resumed["results"]["vmbpo"]["seeds"]["0"]
+    assert a["real"]["mean_return"] == b["real"]["mean_return"]
+    assert a["variational"]["mean_position"] == b["variational"]["mean_position"]
+    # a second --resume keeps the finished result and trains nothing
+    capsys.readouterr()
+    again = mc.main([*args, "--out", str(tmp_path / "cut"), "--resume"])
+    assert again["results"]["vmbpo"]["seeds"]["0"] == b
+    assert "1 finished runs kept, 0 to go" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="other settings.*horizon"):
+        mc.main([*args[:-len(TINY) - 1], "--horizon", "11", "--set", *TINY, "--out", str(tmp_path / "cut"),
+                 "--resume"])
