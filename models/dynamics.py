@@ -251,19 +251,38 @@ class GaussianEnsemble(PyroModule):
         """Mean and log-variance ``[k, m, obs_dim + 1]`` of the members ``members`` (``[k]``) on
         their own normalised-input rows ``x`` (``[k, m, obs_dim + act_dim]``, row block ``j`` through
         member ``members[j]``): one batched matmul per layer over ``k`` members, not all ``E``."""
-        for layer, weights in zip(self.net, self._member_weights(members)):
-            x = layer(x) if weights is None else torch.baddbmm(weights[1], x, weights[0])
+        return self._forward_weights(x, self._member_weights(members))
+
+    def _forward_weights(self, x: torch.Tensor, weights: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward_members` with the members' gathered weights (:meth:`_member_weights`)."""
+        for layer, w in zip(self.net, weights):
+            x = layer(x) if w is None else torch.baddbmm(w[1], x, w[0])
         mean, raw_logvar = x.chunk(2, dim=-1)
         return mean, soft_clamp(raw_logvar, self.min_logvar, self.max_logvar)
 
     def _member_weights(self, members: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
         """``(weight[members], bias[members])`` of each EnsembleLinear of :attr:`net` (None for the
         activations), read straight from the modules' parameters (no Pyro param messages: for
-        predictions and densities, not for the SVI fit, which goes through :meth:`forward`). Not
-        cached: fused Adam updates parameters in place without bumping their versions, so a
-        cache could not tell that they changed."""
+        predictions and densities, not for the SVI fit, which goes through :meth:`forward`)."""
         return [tuple(layer._parameters[k].index_select(0, members) for k in ("weight", "bias"))
                 if isinstance(layer, EnsembleLinear) else None for layer in self.net]
+
+    @torch.no_grad()
+    def elite_weights(self) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        """:meth:`_member_weights` of the elites, without gradients, cached until a parameter or
+        :attr:`elite_idx` changes: the key holds every one's version counter and storage, which
+        any in-place write bumps (optimiser steps, ``load_state_dict``, :meth:`copy_from`;
+        :class:`pplrl.nets.FusedAdam` bumps them for the fused kernel, which does not) and a
+        copy of the module does not share. Between two model fits every prediction and
+        density reads the same elites, so the gather runs once per fit, not per batch."""
+        tensors = [self.elite_idx, *(layer._parameters[k] for layer in self.net if isinstance(layer, EnsembleLinear)
+                                     for k in ("weight", "bias"))]
+        key = tuple((t._version, t.data_ptr()) for t in tensors)
+        cache = self.__dict__.get("_elite_weight_cache")
+        if cache is None or cache[0] != key:
+            cache = (key, self._member_weights(self.elite_idx))
+            self.__dict__["_elite_weight_cache"] = cache
+        return cache[1]
 
     def elite_rows(self, obs: torch.Tensor, act: torch.Tensor, generator: torch.Generator | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -287,7 +306,9 @@ class GaussianEnsemble(PyroModule):
         x = self.normalizer(torch.cat([obs, act], dim=-1))
         padded = x.new_zeros(k * per, x.shape[-1])
         padded[slots] = x
-        mean, logvar = self.forward_members(padded.view(k, per, x.shape[-1]), self.elite_idx)
+        # the cached elite weights carry no gradient: with gradients on, gather them afresh
+        weights = self._member_weights(self.elite_idx) if torch.is_grad_enabled() else self.elite_weights()
+        mean, logvar = self._forward_weights(padded.view(k, per, x.shape[-1]), weights)
         mean, logvar = (t.reshape(k * per, self.target_dim)[slots] for t in (mean, logvar))
         return mean, logvar, self.elite_idx[torch.div(slots, per, rounding_mode="floor")]
 
@@ -605,8 +626,8 @@ class GaussianEnsemble(PyroModule):
         """:meth:`elite_log_density` at ``(obs, act)``, running the elite members only."""
         obs = torch.as_tensor(obs, dtype=self.max_logvar.dtype, device=self.max_logvar.device)
         x = self.normalizer(torch.cat([obs, torch.as_tensor(act, dtype=obs.dtype, device=obs.device)], dim=-1))
-        return self._mixture_log_density(obs, next_obs, *self.forward_members(x.expand(self.num_elites, *x.shape),
-                                                                             self.elite_idx))
+        return self._mixture_log_density(obs, next_obs, *self._forward_weights(x.expand(self.num_elites, *x.shape),
+                                                                              self.elite_weights()))
 
     @torch.no_grad()
     def elite_log_density(self, obs: torch.Tensor, next_obs: torch.Tensor, mean: torch.Tensor,

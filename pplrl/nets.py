@@ -18,15 +18,34 @@ from pyro.nn import PyroModule
 from torch import nn
 
 
+class FusedAdam(torch.optim.Adam):
+    """``torch.optim.Adam(fused=True)`` that marks its parameters as modified in place.
+
+    The fused kernel writes the parameters without bumping their version counters (the
+    foreach and for-loop kernels do), so neither autograd's check against stepping a
+    tensor that a pending backward saved, nor a cache keyed on versions
+    (:meth:`models.dynamics.GaussianEnsemble.elite_weights`), would see the step."""
+
+    def __init__(self, params, lr: float, **kwargs):
+        super().__init__(params, lr=lr, fused=True, **kwargs)
+
+    def step(self, closure=None):
+        loss = super().step(closure)
+        torch.autograd.graph.increment_version([p for g in self.param_groups for p in g["params"]])
+        return loss
+
+
 def adam(params, lr: float, **kwargs) -> torch.optim.Adam:
     """``torch.optim.Adam`` with PyTorch's fused kernel where the parameters allow it (floating
-    tensors on the CPU or a GPU): the same update up to float rounding (1 ulp), one kernel
-    over all tensors instead of a dozen passes per tensor. On this machine a dynamics fit's
-    Adam step fell from 6.6 to 1.7 ms (7 x 4 x 200 x 200 weights, one thread)."""
+    tensors on the CPU or a GPU; :class:`FusedAdam`): the same update up to float rounding
+    (1 ulp), one kernel over all tensors instead of a dozen passes per tensor. On this
+    machine a dynamics fit's Adam step fell from 6.6 to 1.7 ms (7 x 4 x 200 x 200 weights,
+    one thread)."""
     params = list(params)
     tensors = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
-    fused = bool(tensors) and all(p.dtype.is_floating_point and p.device.type in ("cpu", "cuda") for p in tensors)
-    return torch.optim.Adam(params, lr=lr, fused=True if fused else None, **kwargs)
+    if bool(tensors) and all(p.dtype.is_floating_point and p.device.type in ("cpu", "cuda") for p in tensors):
+        return FusedAdam(params, lr=lr, **kwargs)
+    return torch.optim.Adam(params, lr=lr, **kwargs)
 
 
 class MLP(PyroModule):

@@ -348,3 +348,41 @@ def test_fit_with_weighted_nll_elites_ranks_by_the_weighted_criterion():
     assert info["elites"] == torch.argsort(nll)[:2].tolist()
     with pytest.raises(ValueError, match="elite_score"):
         ens.fit(obs, act, next_obs, reward, epochs=1, elite_score="best")
+
+
+def test_elite_weight_cache_follows_every_change():
+    """The cached elite weights are rebuilt after an optimiser step (fused Adam included),
+    a load_state_dict, a change of elites; predictions always use the current weights."""
+    from pplrl.nets import adam
+
+    torch.manual_seed(0)
+    ens = GaussianEnsemble(3, 1, ensemble_size=4, num_elites=2, hidden=(8,))
+    obs, act = torch.randn(6, 3), torch.randn(6, 1)
+    x = ens.normalizer(torch.cat([obs, act], -1)).expand(2, 6, 4)
+
+    def fresh():
+        return ens.forward_members(x, ens.elite_idx)
+
+    def cached():
+        with torch.no_grad():
+            return ens._forward_weights(x, ens.elite_weights())
+
+    assert ens.elite_weights() is ens.elite_weights()  # nothing changed: the same gather
+    for change in ("adam", "load", "elites"):
+        before = ens.elite_weights()
+        if change == "adam":
+            opt = adam(ens.parameters(), lr=0.1)
+            ens(obs, act)[0].sum().backward()
+            opt.step()
+        elif change == "load":
+            other = GaussianEnsemble(3, 1, ensemble_size=4, num_elites=2, hidden=(8,))
+            ens.load_state_dict(other.state_dict())
+        else:
+            ens.elite_idx.copy_(torch.tensor([3, 1]))
+        assert ens.elite_weights() is not before, change
+        for a, b in zip(cached(), fresh()):
+            assert torch.equal(a, b), change
+    # with gradients on, elite_rows gathers the weights afresh, so gradients reach the parameters
+    mean, _, _ = ens.elite_rows(obs, act)
+    mean.sum().backward()
+    assert ens.net[0].weight.grad is not None and ens.net[0].weight.grad[ens.elite_idx].abs().sum() > 0
