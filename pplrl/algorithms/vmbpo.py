@@ -322,15 +322,17 @@ class VariationalAgent(SAC):
         return max(c.exploration_min, c.exploration_noise * c.exploration_decay ** t)
 
     # -- values -----------------------------------------------------------------------------
-    def policy_log_ratio(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """A sample a ~ q_c(.|x), log q_c(a|x) / pi(a|x) and log q_c(a|x). (Both densities are
+    def policy_log_ratio(self, obs: torch.Tensor, q=None,
+                         prior=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A sample a ~ q_c(.|x), log q_c(a|x) / pi(a|x) and log q_c(a|x); ``q`` and ``prior`` are
+        q_c's and pi's distributions on ``obs`` where the caller has them. (Both densities are
         functions of the action alone: :class:`pplrl.distributions.TanhNormal` keeps no
         pre-squash cache, which once made this ratio far from 0 with pi = q_c; docs/notes.md,
         'distributions: TanhNormal cache'.)"""
-        d = self.policy(obs)
+        d = self.policy(obs) if q is None else q
         a = d.sample()
         log_q = d.log_prob(a)
-        return a, log_q - self.prior_policy(obs).log_prob(a), log_q
+        return a, log_q - (self.prior_policy(obs) if prior is None else prior).log_prob(a), log_q
 
     def soft_value_target(self, obs: torch.Tensor) -> torch.Tensor:
         """V'(x) in reward units: the target V network, or E_{a~q_c}[Q'(x,a) - (1/scale) log q_c/pi]."""
@@ -499,23 +501,27 @@ class VariationalAgent(SAC):
         y = self.critic_td_target(batch, log_ratio)
         return F.mse_loss(q1, y) + F.mse_loss(q2, y)
 
-    def value_loss(self, obs: torch.Tensor) -> torch.Tensor:
+    def value_loss(self, obs: torch.Tensor, q=None, prior=None) -> torch.Tensor:
         """(V(x) - [Q(x,a) - (1/scale) log q_c(a|x)/pi(a|x)])^2, a ~ q_c (eqs. 24, 40); with the
-        entropy regulariser the target also has SAC's - alpha log q_c(a|x) (as the implicit V)."""
+        entropy regulariser the target also has SAC's - alpha log q_c(a|x) (as the implicit V).
+        ``q``, ``prior``: q_c's and pi's distributions on ``obs``, if already computed."""
         with torch.no_grad():
-            a, ratio, log_q = self.policy_log_ratio(obs)
+            a, ratio, log_q = self.policy_log_ratio(obs, q, prior)
             target = self.critic.min(obs, a) - ratio / self.scale
             if self.config.entropy_regularizer:
                 target = target - self.alpha * log_q
         return F.mse_loss(self.value(obs), target)
 
     # -- step 4: actor ----------------------------------------------------------------------
-    def actor_loss(self, obs: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        """-ELBO / (B scale) of actor_model (prior pi, factor scale * Q) vs q_c: eq. (25) / eq. (13)."""
+    def actor_loss(self, obs: torch.Tensor, q=None, prior=None) -> tuple[torch.Tensor, dict[str, float]]:
+        """-ELBO / (B scale) of actor_model (prior pi, factor scale * Q) vs q_c: eq. (25) / eq. (13).
+        ``q`` (differentiable) and ``prior``: q_c's and pi's distributions on ``obs``, if already
+        computed (:meth:`e_step_update` computes them once for the value step and this one)."""
         # q_c's distribution on the batch, computed once: the guide samples from it and the
         # entropy bonus takes its own sample from it (one policy forward and backward, not two)
-        d = self.policy(obs)
-        loss = self.actor_elbo.differentiable_loss(actor_model, actor_guide, obs, self.prior_policy, self.critic.min,
+        d = self.policy(obs) if q is None else q
+        prior_policy = self.prior_policy if prior is None else (lambda _obs: prior)
+        loss = self.actor_elbo.differentiable_loss(actor_model, actor_guide, obs, prior_policy, self.critic.min,
                                                    self.scale, policy=lambda _obs: d,
                                                    sticking_the_landing=self.config.sticking_the_landing)
         loss = loss / (obs.shape[0] * self.scale)
@@ -623,12 +629,17 @@ class VariationalAgent(SAC):
         critic_loss = self.critic_loss(batch, log_ratio, step)
         metrics.update(self.checked(step, critic_loss=critic_loss))
         self.gradient_step(self.critic_opt, critic_loss)
+        # q_c and pi on the batch's states, once for the value target and the actor (the value
+        # step changes neither policy)
+        q = self.policy(batch.obs)
+        with torch.no_grad():
+            prior = self.prior_policy(batch.obs)
         if c.value_network:
-            value_loss = self.value_loss(batch.obs)
+            value_loss = self.value_loss(batch.obs, q, prior)
             metrics.update(self.checked(step, value_loss=value_loss))
             self.gradient_step(self.value_opt, value_loss)
         # step 4: actor (Pyro ELBO)
-        actor_loss, terms = self.actor_loss(batch.obs)
+        actor_loss, terms = self.actor_loss(batch.obs, q, prior)
         metrics.update(self.checked(step, actor_loss=actor_loss))
         self.gradient_step(self.actor_opt, actor_loss)
         if c.entropy_regularizer and c.autotune_alpha:
