@@ -339,3 +339,31 @@ def test_linear_gaussian_optimum_closed_form():
     kl_exact = float(0.5 * (STD ** 2 + (SLOPE * X0) ** 2 - 1 - math.log(STD ** 2)).sum())
     assert abs(terms["kl_policy"] - kl_exact) < 0.1, (terms, kl_exact)
     assert abs(terms["elbo"] - OPTIMAL_ELBO) < 0.2, (terms, OPTIMAL_ELBO)
+
+
+def test_mlp_plain_path_outside_pyro_handlers():
+    """Outside Pyro's handlers an MLP runs as plain F.linear calls: the same output and
+    gradients as the PyroModule path; under a trace its parameters are still param sites;
+    a PyroSample prior on a weight still samples (the plain path is not taken)."""
+    import pyro.poutine as poutine
+    from pyro.nn import PyroSample
+
+    with pyro.settings.context(module_local_params=True):
+        torch.manual_seed(0)
+        net = MLP(3, 2, (8, 8))
+        x = torch.randn(5, 3)
+        assert net._plain_ok()
+        plain = net(x)
+        with poutine.trace() as tr:
+            traced = net(x)
+        torch.testing.assert_close(plain, traced, rtol=0, atol=0)
+        assert {n for n, s in tr.trace.nodes.items() if s["type"] == "param"} == {
+            n for n, _ in net.named_parameters()}
+        g_plain = torch.autograd.grad(net(x).sum(), list(net.parameters()))
+        with poutine.trace():
+            g_traced = torch.autograd.grad(net(x).sum(), list(net.parameters()))
+        for a, b in zip(g_plain, g_traced):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        net.layers[0].weight = PyroSample(dist.Normal(0.0, 1.0).expand([8, 3]).to_event(2))
+        assert not net._plain_ok()
+        assert not torch.equal(net(x), net(x))  # a fresh weight draw per call
