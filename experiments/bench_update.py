@@ -69,7 +69,8 @@ def make(algo: str, data: list[tuple], device: str = "cpu"):
     agent = make_agent(algo, config, env.observation_space.shape[0], env.action_space.shape[0])
     for obs, act, rew, nxt, term in data:
         agent.observe(obs, act / env.action_space.high, rew, nxt, term)
-    freq = getattr(config, "model_train_freq", None)
+    # no fit to amortise where the agent fits no model (VMBPO-MFE's Algorithm 2 by default)
+    freq = getattr(config, "model_train_freq", None) if getattr(config, "fit_dynamics", True) else None
     agent.update(freq or 1)  # first update: fits every model (steady state)
     return agent, freq
 

@@ -333,16 +333,37 @@ def test_bad_input(kw, match):
 def test_short_runs_log_every_term(algo, tmp_path):
     import json
 
-    cfg = default_config(algo, **TINY)
+    # VMBPO-MFE has no model samples in its E-step and fits no model by default (Algorithm 2);
+    # with fit_dynamics=True its KL is logged at the fits
+    cfg = default_config(algo, **TINY, **({"fit_dynamics": True} if algo == "vmbpo-mfe" else {}))
     train(algo, cfg, tmp_path, 300, eval_every=300, eval_episodes=1, checkpoint_every=300, progress=False)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if r["kind"] == "train"]
-    # VMBPO-MFE has no model samples in its E-step: its KL is logged at the fits
     kl = "kl_dynamics_ensembles" if algo == "vmbpo-mfe" else "kl_dynamics"
     assert train_rows and all(k in train_rows[-1] for k in ("elbo", "elbo_kl_policy", kl, "beta",
                                                              "critic_loss", "actor_loss"))
     assert all(np.isfinite(r[kl]) for r in train_rows if kl in r)
     assert any(r["kind"] == "eval" for r in rows)
+
+
+def test_vmbpo_mfe_fits_no_dynamics_by_default(tmp_path):
+    """Algorithm 2 has no model: VMBPO-MFE's updates leave both ensembles untouched and log no
+    model term; a model-based E-step refuses fit_dynamics=False."""
+    import json
+
+    train("vmbpo-mfe", default_config("vmbpo-mfe", **TINY), tmp_path, 300, eval_every=300, eval_episodes=1,
+          checkpoint_every=300, progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r["kind"] == "train"]
+    assert train_rows and all(np.isfinite(r["critic_loss"]) for r in train_rows)
+    assert not any(k.startswith(("kl_dynamics", "model_holdout", "q_d_")) for r in train_rows for k in r)
+    a = agent(VMBPOMFE)
+    before = [p.clone() for p in (*a.ensemble.parameters(), *a.q_dynamics.parameters())]
+    a.steps_seen = 10_000
+    a.update(a.config.model_train_freq)
+    assert all(torch.equal(p, q) for p, q in zip(before, (*a.ensemble.parameters(), *a.q_dynamics.parameters())))
+    with pytest.raises(ValueError, match="fit_dynamics=False needs e_step='model_free'"):
+        VMBPOConfig(fit_dynamics=False).validate()
 
 
 def test_sticking_the_landing_keeps_the_value_and_drops_the_score_noise():

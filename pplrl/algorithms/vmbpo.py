@@ -27,7 +27,8 @@ dynamics q_d; they differ in how the E-step estimates its pieces. The shared cod
   ``E_{a~q_c}[Q'(x', a) - (1/scale) log q_c/pi]`` (beta-VMBPO).
   VMBPO-MFE (``e_step="model_free"``) instead fits Q on real data with the
   exponential-TD loss (eq. 39), ``(exp(scale (Q - r - gamma V'(x'))) - 1)^2``, and V by
-  eq. (40); q_d is refitted by step 1 only at the end of each E-step.
+  eq. (40). Its Algorithm 2 has no dynamics model, so none is fitted by default
+  (``fit_dynamics=True`` refits p_theta and q_d every ``model_train_freq`` steps, for the log).
 * **step 4, actor**: the ELBO of :func:`models.actor.actor_model` with the prior
   policy pi and optimality factor ``scale * Q`` against the guide q_c (eq. 25 /
   eq. 13), computed by Pyro (:class:`pplrl.elbo.ReparamOptimalityELBO`).
@@ -139,6 +140,12 @@ class VMBPOConfig(EnsembleConfig, SACConfig):
     """fit V by eq. (24)/(40); False: implicit soft value from Q' (beta-VMBPO)"""
     e_step: str = "model_based"
     """'model_based' (VMBPO) or 'model_free' (VMBPO-MFE, exp-TD critic on real data)"""
+    fit_dynamics: bool = True
+    """fit p_theta (eq. 10) and q_d (step 1) every ``model_train_freq`` steps. Only a model-free
+    E-step may turn it off: VMBPO-MFE's Algorithm 2 (App. D) has no dynamics model, its q_d
+    is implied by the exp-TD critic, and nothing in its loop reads the fitted ones (the M-step
+    copies q_c or fits pi on replay states); with True they are fitted only for the logged
+    KL(q_d || p) and hold-out error"""
     m_step: str = "copy"
     """'copy' (pi <- q_c) or 'map' (eq. 27)"""
     m_step_every: int = 1
@@ -219,6 +226,8 @@ class VMBPOConfig(EnsembleConfig, SACConfig):
             raise ValueError(f"log_ratio must be 'nu' or 'ensembles', got {self.log_ratio!r}")
         if self.e_step not in ("model_based", "model_free"):
             raise ValueError(f"e_step must be 'model_based' or 'model_free', got {self.e_step!r}")
+        if not self.fit_dynamics and self.e_step == "model_based":
+            raise ValueError("fit_dynamics=False needs e_step='model_free': a model-based E-step samples the models")
         if self.m_step not in ("copy", "map"):
             raise ValueError(f"m_step must be 'copy' or 'map', got {self.m_step!r}")
         if self.exploration_noise < 0 or self.exploration_min < 0 or not 0 < self.exploration_decay <= 1:
@@ -580,7 +589,7 @@ class VariationalAgent(SAC):
         if self.steps_seen < max(c.learning_starts, c.batch_size):
             return {}
         out: dict[str, float] = {}
-        if step % c.model_train_freq == 0 or not self.q_dynamics_fitted:
+        if c.fit_dynamics and (step % c.model_train_freq == 0 or not self.q_dynamics_fitted):
             # every model_train_freq steps: p_theta by eq. (10), then q_d by step 1 (eq. 19/11);
             # for VMBPO-MFE this refit is "q_d computed at the end of the E-step"
             info = self.fit_model()
@@ -697,6 +706,9 @@ class VariationalAgent(SAC):
 @dataclass
 class VMBPOMFEConfig(VMBPOConfig):
     e_step: str = "model_free"
+    fit_dynamics: bool = False
+    """Algorithm 2 has no dynamics model (see VMBPOConfig.fit_dynamics); True fits p_theta and
+    q_d for the log only, at about 4 ms per update on Pendulum-v1 (experiments/bench_update.py)"""
     m_step_every: int = 250
     exp_td_temperature: float = 0.01
     """0.01, not eq. (39)'s tau = 1 (the temperature of VMBPO Sec. 6, footnote 3): at tau 1 a Q
@@ -727,7 +739,7 @@ class VMBPO(VariationalAgent):
 
 
 class VMBPOMFE(VariationalAgent):
-    """VMBPO-MFE (Algorithm 2): exp-TD critic on real data, q_d refitted at the end of each E-step."""
+    """VMBPO-MFE (Algorithm 2): exp-TD critic on real data, no dynamics model (``fit_dynamics``)."""
 
     algo = "vmbpo-mfe"
     Config = VMBPOMFEConfig
