@@ -101,6 +101,8 @@ class _SiteRecorder(Messenger):
     With ``replay`` (a guide's sites) it replays them as :class:`pyro.poutine.ReplayMessenger`
     does, and a latent site the guide lacks is the site-mismatch error."""
 
+    ignores_params = True  # param sites pass through untouched (pplrl.nets.params_unobserved)
+
     def __init__(self, replay: dict | None = None):
         super().__init__()
         self.replay, self.sites = replay, {}

@@ -342,11 +342,14 @@ def test_linear_gaussian_optimum_closed_form():
 
 
 def test_mlp_plain_path_outside_pyro_handlers():
-    """Outside Pyro's handlers an MLP runs as plain F.linear calls: the same output and
-    gradients as the PyroModule path; under a trace its parameters are still param sites;
-    a PyroSample prior on a weight still samples (the plain path is not taken)."""
+    """Where no handler reads params an MLP runs as plain F.linear calls: the same output and
+    gradients as the PyroModule path; under SVI's param_only trace, or a handler that may
+    change params (substitute), its parameters are param sites; a PyroSample prior on a
+    weight still samples (the plain path is not taken)."""
     import pyro.poutine as poutine
     from pyro.nn import PyroSample
+
+    from pplrl.nets import params_unobserved
 
     with pyro.settings.context(module_local_params=True):
         torch.manual_seed(0)
@@ -354,13 +357,18 @@ def test_mlp_plain_path_outside_pyro_handlers():
         x = torch.randn(5, 3)
         assert net._plain_ok()
         plain = net(x)
-        with poutine.trace() as tr:
+        with poutine.trace() as tr, pyro.plate("rows", 5), poutine.scale(scale=2.0):
+            assert params_unobserved()
+        with poutine.trace(param_only=True) as tr:
+            assert not params_unobserved()
             traced = net(x)
         torch.testing.assert_close(plain, traced, rtol=0, atol=0)
         assert {n for n, s in tr.trace.nodes.items() if s["type"] == "param"} == {
             n for n, _ in net.named_parameters()}
+        with poutine.substitute(data={}):
+            assert not params_unobserved()
         g_plain = torch.autograd.grad(net(x).sum(), list(net.parameters()))
-        with poutine.trace():
+        with poutine.trace(param_only=True):
             g_traced = torch.autograd.grad(net(x).sum(), list(net.parameters()))
         for a, b in zip(g_plain, g_traced):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
