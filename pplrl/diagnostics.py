@@ -562,7 +562,8 @@ def importance_weight_diagnostics(log_weights: Any) -> dict[str, float]:
       ``1 / sum_i w_i^2`` with ``sum_i w_i = 1``, and ``ess_frac`` = ess / n.
 
     Log-space throughout (the weights of exp(scale * TD) overflow long before k-hat says so). A
-    flat upper tail (many weights equal, e.g. at a clamp) is bounded: k-hat is reported as 0."""
+    flat upper tail (many weights equal, e.g. at a clamp) is bounded: k-hat is reported as 0.
+    Fewer than 25 weights leave PSIS a tail of under 5 to fit: k-hat is NaN (not estimated)."""
     from arviz_stats.base.array import array_stats
 
     lw = np.asarray(log_weights.detach().cpu() if hasattr(log_weights, "detach") else log_weights, dtype=float)
@@ -577,10 +578,13 @@ def importance_weight_diagnostics(log_weights: Any) -> dict[str, float]:
         warnings.simplefilter("ignore")
         try:
             _, khat = array_stats.psislw(lw)
-        except ValueError as e:  # "All tail values are the same": a flat tail, e.g. weights at the TD clamp
-            if "tail values are the same" not in str(e):
+        except ValueError as e:
+            if "tail values are the same" in str(e):  # a flat tail, e.g. weights at the TD clamp
+                khat = 0.0  # bounded weights: the tail's shape is <= 0, reported as 0
+            elif "n_draws_tail must be at least" in str(e):  # too few weights to fit a tail
+                khat = float("nan")
+            else:
                 raise
-            khat = 0.0  # bounded weights: the tail's shape is <= 0, reported as 0
     return {"khat": float(khat), "ess": ess, "ess_frac": ess / lw.size}
 
 

@@ -79,9 +79,19 @@ def test_every_tensor_an_agent_creates_lands_on_its_device(algo, monkeypatch):
         assert isinstance(agent.replay.obs, np.ndarray)
 
 
+POMDP_TINY = dict(z_dim=4, h_dim=8, hidden=8, window=3, batch_size=2, learning_starts=24, horizon=2, candidates=8,
+                  elites=2, particles=4, cem_iterations=1)
+
+
+def small_config(algo, **kw):
+    if algo in ("generative-agent", "discriminative-agent"):
+        return dataclasses.replace(default_config(algo), **POMDP_TINY, **kw)
+    return tiny_config(algo, **kw)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(),
                     reason="no CUDA GPU here: the device='cuda' training run needs one (see the meta-device test)")
-@pytest.mark.parametrize("algo", ["sac", "beta-vmbpo"])
+@pytest.mark.parametrize("algo", ["sac", "beta-vmbpo", "generative-agent"])
 def test_cuda_training_resumes_bit_for_bit(algo, tmp_path):
     """On a GPU: a short run on device=cuda trains (finite metrics, parameters on the GPU) and
     a run resumed from its checkpoint ends where the uninterrupted one ends."""
@@ -89,12 +99,45 @@ def test_cuda_training_resumes_bit_for_bit(algo, tmp_path):
 
     from pplrl.runner import train
 
-    cfg = tiny_config(algo, device="cuda", model_train_freq=40)
+    cfg = small_config(algo, device="cuda", **({} if algo == "generative-agent" else {"model_train_freq": 40}))
     full, half = tmp_path / "full", tmp_path / "half"
     train(algo, cfg, full, 120, eval_every=60, eval_episodes=1, checkpoint_every=60, progress=False)
     train(algo, cfg, half, 60, eval_every=60, eval_episodes=1, checkpoint_every=60, progress=False)
     train(algo, cfg, half, 120, eval_every=60, eval_episodes=1, checkpoint_every=60, progress=False, resume=True)
     rows = [[json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (full, half)]
-    evals = [[r["return_mean"] for r in rs if r["kind"] == "eval"] for rs in rows]
+    evals = [[r["mean_return"] for r in rs if r["kind"] == "eval"] for rs in rows]
     assert evals[0] == evals[1]
     assert all(np.isfinite(r.get("critic_loss", 0.0)) for r in rows[0])
+
+
+@pytest.mark.parametrize("algo", ["generative-agent", "discriminative-agent"])
+def test_pomdp_agents_create_their_tensors_on_their_device(algo, monkeypatch):
+    """The POMDP agents take the same field: with the stand-in accelerator every parameter
+    and buffer, and a sampled training window, are on it; the sequence replay stays numpy."""
+    import pplrl.algorithms.generative_agent as generative
+    import pplrl.device as device
+
+    meta = torch.device("meta")
+    monkeypatch.setattr(device, "resolve_device", lambda name: meta if name == "cuda" else torch.device(name))
+    monkeypatch.setattr(generative, "resolve_device", device.resolve_device)
+    for name, expected in (("cuda", meta), ("cpu", torch.device("cpu"))):
+        cfg = small_config(algo, device=name)
+        agent = make_agent(algo, cfg, 4, 1)  # PendulumNoVel: x = (cos, sin), the view adds 2
+        rng = np.random.default_rng(0)
+        for t in range(8):
+            agent.replay.add(x=rng.normal(size=2), r=0.0, first=float(t == 0), a_prev=np.zeros(1),
+                             act=rng.uniform(-1, 1, 1), qa_loc=np.zeros(1), qa_scale=np.ones(1))
+        tensors = {}
+        for attr, value in vars(agent).items():
+            if isinstance(value, torch.nn.Module):
+                tensors.update({f"{attr}.{k}": v for k, v in value.state_dict().items()})
+        assert len(tensors) > 10
+        wrong = {k: v.device for k, v in tensors.items() if v.device != expected}
+        assert not wrong, f"{algo} on {name}: not on {expected}: {wrong}"
+        with device.device_context(name):
+            window = agent.replay.sample(2, 3, rng)
+        assert window.x.device == expected and window.act.device == expected
+        assert isinstance(agent.replay.data["x"], np.ndarray)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="device must be one of"):
+        make_agent(algo, dataclasses.replace(default_config(algo), device="tpu"), 4, 1)

@@ -26,6 +26,14 @@ def test_khat_grows_with_the_tail_of_log_normal_weights():
     assert d["ess_frac"] == pytest.approx(np.exp(-0.25), rel=0.02)
 
 
+def test_too_few_weights_for_a_tail_give_nan_khat_and_an_ess():
+    """Under 25 weights PSIS has no tail to fit (a tiny replay's first q_d fit): k-hat is NaN,
+    the ESS is still computed."""
+    d = importance_weight_diagnostics(np.zeros(8))
+    assert np.isnan(d["khat"]) and d["ess"] == pytest.approx(8.0)
+    assert np.isfinite(importance_weight_diagnostics(np.random.default_rng(0).normal(size=25))["khat"])
+
+
 def test_bad_log_weights_are_refused():
     with pytest.raises(ValueError, match="2 finite log-weights.*1 not finite"):
         importance_weight_diagnostics([0.0, np.nan, 1.0])

@@ -56,6 +56,7 @@ from guides.pomdp import ActionPosterior, FilteringGuide, pomdp_guide
 from models.pomdp import POMDPModel, Window, check_samples, check_window, pomdp_model
 from models.sites import site
 from pplrl.algorithms.base import Agent
+from pplrl.device import resolve_device
 from pplrl.diagnostics import importance_weight_diagnostics
 from pplrl.elbo import POMDPELBO
 from pplrl.envs.continuous import make_continuous_env
@@ -178,8 +179,12 @@ class GenerativeAgentConfig:
     """learn every this many decisions (gradient_steps updates each time)"""
     buffer_size: int = 100_000
     generative: bool = True
+    device: str = "cpu"
+    """where the agent's networks and sampled windows live: 'cpu', 'cuda' (or 'cuda:N'), or 'auto'
+    (CUDA when a GPU is present); the sequence replay stays in host memory (pplrl.device)"""
 
     def validate(self) -> None:
+        resolve_device(self.device)
         check_window(self.window)
         check_samples(self.info_gain_samples)
         check_samples(self.plan_info_gain_samples)
@@ -397,7 +402,7 @@ class GenerativeAgent(Agent):
         if s.repeat_left > 0:  # within an action-repeat block: hold the action, add up the rewards
             s.repeat_left -= 1
             s.reward_sum += r
-            return s.a_prev.numpy().astype(np.float32)
+            return s.a_prev.cpu().numpy().astype(np.float32)
         if not deterministic and self.pending is not None:  # the last block was cut short by truncation
             self._store()
         r, s.reward_sum = s.reward_sum + r, 0.0
@@ -419,11 +424,11 @@ class GenerativeAgent(Agent):
         s.a_prev = a
         s.repeat_left = self.config.action_repeat - 1
         if not deterministic:
-            self.pending = dict(x=x, r=r, first=float(first), a_prev=a_prev.numpy(), act=a.numpy(),
-                                qa_loc=loc.numpy(), qa_scale=scale.numpy(), rew=0.0, done=0.0,
-                                s_prev=s_prev.numpy())
+            self.pending = dict(x=x, r=r, first=float(first), a_prev=a_prev.cpu().numpy(), act=a.cpu().numpy(),
+                                qa_loc=loc.cpu().numpy(), qa_scale=scale.cpu().numpy(), rew=0.0, done=0.0,
+                                s_prev=s_prev.cpu().numpy())
             self.pending_steps = 0
-        return a.numpy().astype(np.float32)
+        return a.cpu().numpy().astype(np.float32)
 
     def observe(self, obs, act, rew, next_obs, terminated: bool) -> None:
         """Adds the step's reward to the current decision's; the decision goes to the replay
@@ -546,12 +551,10 @@ class GenerativeAgent(Agent):
         n = min(windows, B)
         prev = self.elbo.last_latents[site("z", T - 2)][:n] if T > 1 else None
         x, r = window.x[:n, T - 1], window.r[:n, T - 1]
-        rng = torch.get_rng_state()
-        try:
+        # the CPU's RNG, and the GPU's where the window lives there
+        with torch.random.fork_rng(devices=[x.device.index or 0] if x.device.type == "cuda" else []):
             prior = self.model.z_prior(T - 1, prev, window.a_prev[:n, T - 1], x, r)
             log_w = self.model.emitter.log_prob(prior.sample((draws,)), x, r)  # [draws, n]
-        finally:
-            torch.set_rng_state(rng)
         stats = [importance_weight_diagnostics(log_w[:, i]) for i in range(n)]
         return {"marginal_weight_khat": max(d["khat"] for d in stats),
                 "marginal_weight_ess_frac": float(np.mean([d["ess_frac"] for d in stats]))}
