@@ -1,0 +1,188 @@
+"""Two of VMBPO's estimator choices, measured on trained agents (the papers' claims issue,
+point 2): the TD clamp in q_d's weights and the reference samples of nu's dual.
+
+Paper: /work/shared/papers/000_… (VMBPO) eqs. 19 and 21; 001_… (beta-VMBPO) App. C.1.
+pplrl applies beta-VMBPO's clamp of the scaled TD error, |scale * TD| <= 4 (App. C.1), to
+VMBPO's q_d weights exp(scale * TD) too (``td_clamp``; VMBPO's eq. 19 has none), and fits
+VMBPO's log-ratio network nu by eq. 21 with the p side sampled from the prior model p_theta
+(``nu_reference='model'``) where the paper uses the real next states of D (``'real'``).
+
+Per seed this script trains ``pplrl train vmbpo`` on ``--env`` (default Pendulum-v1) for
+``--steps`` env steps (``gradient_steps=2`` as the README's benchmark; run folder
+``OUT/runs/vmbpo-seedS``, resumed if an earlier call left it unfinished, read back if
+finished), then, at the trained agent's critic, models and replay:
+
+1. **TD clamp.** The q_d weights' log-weights scale * TD over the whole replay with and
+   without the clamp: the share of transitions beyond the clamp, PSIS k-hat and ESS
+   fraction of the weights (``pplrl.diagnostics.importance_weight_diagnostics``; k-hat >
+   0.7: the weighted fit rests on a few transitions), and, after a q_d fit with each (the
+   agent's own step-1 fit, warm-started from p_theta as in training), KL(q_d || p_theta)
+   by the two ensembles' elite mixtures on a batch of replay states with a ~ q_c.
+2. **nu's reference.** A fresh nu network (same architecture and seed for both) fitted by
+   eq. 21 for ``--nu-steps`` steps (batch 256, the agent's learning rate) with the p side
+   from p_theta ('model') or from D's real next states ('real'), then evaluated on a fresh
+   batch of (x ~ D, a ~ q_c, x' ~ q_d), the samples the critic's target uses it on: against
+   log q_d/p_theta from the two ensembles' mixture densities (exact for the models the
+   agent holds), the mean (the KL estimate), the RMSE, the correlation, and the share of
+   nu values within 5 % of the soft bound ``nu_clip``.
+
+Prints a table per seed and the mean over seeds; writes ``OUT/vmbpo_choices.json``.
+
+    python experiments/vmbpo_choices.py                         # 3 seeds x 2k steps, ~10 min on 1 core
+    python experiments/vmbpo_choices.py --seeds 0 --steps 1500 --out runs/vc_quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DEFAULT_SET = ["gradient_steps=2"]
+
+
+def train_agent(env_id: str, seed: int, steps: int, overrides: list[str], folder: Path):
+    """Train (or resume, or read back) one VMBPO run in ``folder``."""
+    from pplrl.algorithms import apply_overrides, default_config
+    from pplrl.runner import CONFIG, train
+
+    config = apply_overrides(default_config("vmbpo", env_id=env_id, seed=seed), [*DEFAULT_SET, *overrides])
+    resume = (folder / CONFIG).exists()
+    settings = {} if resume else dict(eval_every=steps, eval_episodes=5, checkpoint_every=min(steps, 500))
+    t0 = time.perf_counter()
+    agent = train("vmbpo", None if resume else config, folder, steps, progress=False, resume=resume, **settings)
+    return agent, time.perf_counter() - t0
+
+
+def td_clamp_effect(agent, step: int, clamp: float) -> dict:
+    """Weights, k-hat, ESS and the fitted q_d's KL to p_theta with and without the clamp."""
+    from pplrl.diagnostics import importance_weight_diagnostics
+    from pplrl.replay import Batch
+
+    base = agent.config
+    data = agent.replay.all()
+    rows = []
+    for i in range(0, len(data.obs), 4096):
+        part = Batch(*(t[i:i + 4096] for t in (data.obs, data.act, data.rew, data.next_obs, data.done)))
+        agent.config = dataclasses.replace(base, td_clamp=None)
+        try:
+            rows.append(agent.dynamics_log_weights(part))
+        finally:
+            agent.config = base
+    raw = torch.cat(rows)
+    saved = copy.deepcopy(agent.q_dynamics.state_dict())
+    out = {"beyond_clamp": float((raw.abs() > clamp).float().mean()), "raw_min": float(raw.min()),
+           "raw_max": float(raw.max())}
+    for name, value in (("clamped", clamp), ("unclamped", None)):
+        log_w = raw if value is None else raw.clamp(-value, value)
+        diag = importance_weight_diagnostics(log_w)
+        agent.config = dataclasses.replace(base, td_clamp=value)
+        try:
+            torch.manual_seed(step)
+            info = agent.fit_variational_dynamics(step)
+        finally:
+            agent.config = base
+            agent.q_dynamics.load_state_dict(saved)
+        out[name] = {"khat": diag["khat"], "ess_frac": diag["ess_frac"], "kl_q_d_p": info["kl_dynamics_ensembles"]}
+    return out
+
+
+def nu_reference_effect(agent, steps: int, seed: int) -> dict:
+    """A fresh nu fitted by eq. 21 against p_theta's samples or the real next states, scored
+    against the ensembles' log q_d/p_theta on the critic's samples."""
+    from pplrl.nets import adam, mlp
+
+    c = agent.config
+    saved_nu, saved_opt = agent.nu, agent.nu_opt
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        test = agent.replay.sample(1024, np.random.default_rng(seed + 1))
+        act = agent.policy(test.obs).sample()
+        x_next, _, _ = agent.q_dynamics.predict(test.obs, act, generator=g)
+        exact = (agent.q_dynamics.elite_mixture_log_density(test.obs, act, x_next)
+                 - agent.ensemble.elite_mixture_log_density(test.obs, act, x_next))
+    out = {"exact_kl": float(exact.mean())}
+    try:
+        for ref in ("model", "real"):
+            torch.manual_seed(seed)
+            agent.nu = mlp(2 * agent.obs_dim + agent.act_dim, 1, c.hidden)
+            agent.nu_opt = adam(agent.nu.parameters(), lr=c.lr)
+            rng = np.random.default_rng(seed)
+            for _ in range(steps):
+                real = agent.replay.sample(c.batch_size, rng)
+                with torch.no_grad():
+                    model_next, _, _ = agent.q_dynamics.predict(real.obs, real.act)
+                    prior_next = agent.ensemble.predict(real.obs, real.act)[0] if ref == "model" else None
+                loss = agent.nu_loss(real, model_next, 0, prior_next)
+                agent.gradient_step(agent.nu_opt, loss)
+            with torch.no_grad():
+                nu = agent.nu_value(test.obs, act, x_next)
+            err = nu - exact
+            out[ref] = {"kl_estimate": float(nu.mean()), "rmse": float(err.pow(2).mean().sqrt()),
+                        "corr": float(np.corrcoef(nu.numpy(), exact.numpy())[0, 1]),
+                        "at_bound": float((nu.abs() > 0.95 * c.nu_clip).float().mean()) if c.nu_clip else 0.0}
+    finally:
+        agent.nu, agent.nu_opt = saved_nu, saved_opt
+    return out
+
+
+def table(results: dict) -> str:
+    head = ("seed | return | beyond clamp | k-hat clamped / raw | ESS frac clamped / raw | KL(q_d||p) clamped / raw"
+            " | exact KL | nu 'model': KL, RMSE, corr, at bound | nu 'real': KL, RMSE, corr, at bound")
+    lines = [head]
+    for seed, r in results.items():
+        t, n = r["td_clamp"], r["nu_reference"]
+        lines.append(
+            f"{seed} | {r['return']:.1f} | {t['beyond_clamp']:.3f} | {t['clamped']['khat']:.2f} / "
+            f"{t['unclamped']['khat']:.2f} | {t['clamped']['ess_frac']:.3f} / {t['unclamped']['ess_frac']:.3f} | "
+            f"{t['clamped']['kl_q_d_p']:.3f} / {t['unclamped']['kl_q_d_p']:.3f} | {n['exact_kl']:.3f} | "
+            + " | ".join(f"{n[ref]['kl_estimate']:.3f}, {n[ref]['rmse']:.3f}, {n[ref]['corr']:.2f}, "
+                         f"{n[ref]['at_bound']:.3f}" for ref in ("model", "real")))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--env", default="Pendulum-v1")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=2000, help="env steps of training per seed")
+    p.add_argument("--nu-steps", type=int, default=2000, help="SVI-free gradient steps of each fresh nu")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help=f"vmbpo overrides after the script's own ({' '.join(DEFAULT_SET)})")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", type=Path, default=Path("runs/vmbpo_choices"))
+    args = p.parse_args(argv)
+    if min(args.steps, args.nu_steps) <= 0:
+        raise SystemExit("error: --steps and --nu-steps must be > 0")
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    saved = {"env": args.env, "steps": args.steps, "nu_steps": args.nu_steps, "overrides": [*DEFAULT_SET, *args.set],
+             "results": {}}
+    from pplrl.runfiles import read_records
+
+    for seed in args.seeds:
+        folder = args.out / "runs" / f"vmbpo-seed{seed}"
+        agent, wall = train_agent(args.env, seed, args.steps, args.set, folder)
+        evals = [r for r in read_records(folder / "metrics.jsonl") if r.get("kind") == "eval"]
+        clamp = agent.config.td_clamp or 4.0
+        r = {"return": float(evals[-1]["mean_return"]) if evals else float("nan"), "train_wall_s": wall,
+             "td_clamp": td_clamp_effect(agent, args.steps, clamp),
+             "nu_reference": nu_reference_effect(agent, args.nu_steps, seed)}
+        saved["results"][str(seed)] = r
+        (args.out / "vmbpo_choices.json").write_text(json.dumps(saved, indent=1))
+        print(f"seed {seed} done ({wall:.0f} s training)", flush=True)
+    print(f"\n{args.env}, VMBPO after {args.steps} steps ({' '.join(saved['overrides'])}); q_d weights over the "
+          f"replay, nu fitted {args.nu_steps} steps and scored on (x ~ D, a ~ q_c, x' ~ q_d)")
+    print(table(saved["results"]))
+    print(f"wrote {args.out / 'vmbpo_choices.json'}")
+    return saved
+
+
+if __name__ == "__main__":
+    main()
