@@ -16,7 +16,6 @@ lines. One torch thread by default (``--threads``). Prints a table, writes JSON
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -24,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from pplrl.runfiles import write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -140,10 +141,7 @@ def main(argv=None) -> dict:
         print("  stable-baselines3 not installed: no SB3 row")
     u = result["user_code"]
     print(f"user code: {u['file']} {u['lines']} lines ({u['non_blank_lines']} non-blank)   (target <= 60)")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {args.out}")
-    return result
+    return write_result(args.out, result)
 
 
 if __name__ == "__main__":

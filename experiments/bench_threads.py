@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from pplrl.runfiles import write_result
+
 
 def run_round(n: int, threads: int, steps: int, root: Path) -> dict:
     """``n`` runs started together; the round's wall time and each run's logged training time."""
@@ -76,10 +78,7 @@ def main(argv=None) -> dict:
         print(f"two at once / one alone, {k}: wall {v['wall']:.2f}x, training {v['train']:.2f}x   (target <= 1.2x "
               f"with the default, threads=1)")
     result = {"steps": args.steps, "cores": cores, "repeats": args.repeats, "rows": rows, "ratios": ratios}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {args.out}")
-    return result
+    return write_result(args.out, result)
 
 
 if __name__ == "__main__":

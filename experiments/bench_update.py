@@ -25,13 +25,14 @@ runs/bench_update.json).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from pplrl.runfiles import write_result
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_objective_api import sb3_step  # noqa: E402
@@ -163,10 +164,7 @@ def main(argv=None) -> dict:
               f"pplrl SAC / SB3 = {result['sac_over_sb3']:.2f} (target <= 1.0)")
     else:
         print("stable-baselines3 not installed: no SB3 row (pip install stable-baselines3)")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {args.out}")
-    return result
+    return write_result(args.out, result)
 
 
 if __name__ == "__main__":

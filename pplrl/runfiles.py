@@ -137,6 +137,16 @@ def atomic_write_json(path: Path | str, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1) + "\n")
 
 
+def write_result(path: Path | str, result: dict) -> dict:
+    """A benchmark's or experiment's JSON result: folders made, written atomically, its path
+    printed; returns ``result``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, result)
+    print(f"wrote {path}")
+    return result
+
+
 def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
