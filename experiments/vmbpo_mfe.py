@@ -107,17 +107,20 @@ def exp_td_loss_minimiser(m: float, s: float, k: float, clip: float | None) -> f
                                  options={"xatol": 1e-10 * max(1.0, s * s)}).x)
 
 
-def linex_minimiser(m: float, s: float, k: float) -> float:
-    """Q minimising E[exp(k (y - Q)) - k (y - Q) - 1] / k^2 over y ~ N(m, s^2) (quadrature):
-    the linex loss, whose minimiser is exp(k Q) = E exp(k y), i.e. (1/k) log E exp(k y) =
-    m + k s^2 / 2 -- the soft value at tau = 1 -- and which is (y - Q)^2 / 2 to second order."""
+def linex_minimiser(m: float, s: float, k: float, clip: float | None = None) -> float:
+    """Q minimising E[linex_td_loss(k (Q - y), clip)] over y ~ N(m, s^2) (quadrature), pplrl's
+    ``exp_td_form='linex'``: E[exp(k (y - Q)) - k (y - Q) - 1], whose minimiser is
+    exp(k Q) = E exp(k y), i.e. (1/k) log E exp(k y) = m + k s^2 / 2 -- the soft value at
+    tau = 1 -- and which is (y - Q)^2 / 2 to second order."""
     from scipy.optimize import minimize_scalar
 
+    from pplrl.algorithms.vmbpo import linex_td_loss
+
     y, w = gauss_hermite(m, s)
+    y_t, w_t = torch.as_tensor(y, dtype=torch.float64), torch.as_tensor(w, dtype=torch.float64)
 
     def loss(q: float) -> float:
-        u = k * (y - q)
-        return float((w * (np.expm1(u) - u)).sum() / k ** 2)
+        return float((w_t * linex_td_loss(k * (q - y_t), clip)).sum() / k ** 2)
 
     return float(minimize_scalar(loss, bounds=(m - 10 * s - 1, m + 10 * s + 1), method="bounded",
                                  options={"xatol": 1e-10 * max(1.0, s * s)}).x)

@@ -155,6 +155,13 @@ def test_mfe_exponential_td_critic_by_hand():
     s = agent(VMBPOMFE, eta=0.5, td_clamp=None, exp_td_temperature=1e-4)
     mse = sum(((0.5 * (q - y)) ** 2).mean() for q in s.critic(b.obs, b.act))
     torch.testing.assert_close(s.critic_loss(b, None, 0), mse, rtol=1e-3, atol=1e-6)
+    # exp_td_form='linex': (exp(-tau u) + tau u - 1) / tau^2 per head
+    lx = agent(VMBPOMFE, eta=0.5, td_clamp=None, exp_td_temperature=1.0, exp_td_form="linex")
+    y = b.rew + 0.99 * (1 - b.done) * lx.value_target(b.next_obs)
+    expected = sum((torch.expm1(-0.5 * (q - y)) + 0.5 * (q - y)).mean() for q in lx.critic(b.obs, b.act))
+    torch.testing.assert_close(lx.critic_loss(b, None, 0), expected)
+    with pytest.raises(ValueError, match="exp_td_form must be 'eq39' or 'linex'"):
+        VMBPOMFE.Config(exp_td_form="huber").validate()
     assert VMBPOMFE.Config().exp_td_temperature == 0.01 and VMBPO.Config().exp_td_temperature == 1.0
     for bad in (0.0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="exp_td_temperature"):

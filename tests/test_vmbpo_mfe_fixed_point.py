@@ -45,6 +45,30 @@ def test_stable_loss_keeps_the_fixed_point_for_small_spread_and_moves_it_for_lar
 
 @pytest.mark.parametrize("s, k", [(1.0, 1.0), (0.5, 0.3)])
 def test_linex_loss_has_the_soft_value_as_its_minimiser(s, k):
-    """The proposed replacement: E[exp(k(y - Q)) - k(y - Q) - 1] is minimised at m + k s^2 / 2
-    (the soft value (1/k) log E exp(k y)), where eq. (39)'s loss gives m - 1.5 k s^2."""
+    """pplrl's exp_td_form='linex' (linex_td_loss): E[exp(k(y - Q)) - k(y - Q) - 1] is minimised
+    at m + k s^2 / 2 (the soft value (1/k) log E exp(k y)), where eq. (39)'s loss gives
+    m - 1.5 k s^2; the tangent continuation at 4 leaves it while k s is small."""
     assert mfe.linex_minimiser(1.0, s, k) == pytest.approx(1.0 + k * s * s / 2, abs=1e-6)
+    assert mfe.linex_minimiser(1.0, s, k, clip=4.0) == pytest.approx(1.0 + k * s * s / 2, abs=1e-4)
+
+
+def test_linex_continuation_is_c1_and_its_gradient_matches_finite_differences():
+    """The clipped linex loss equals the plain one inside |u| <= c, is continuous with a
+    continuous slope at +-c, linear beyond (slope 1 - exp(-u) frozen at the boundary), and its
+    autograd gradient matches central differences everywhere."""
+    import torch
+
+    from pplrl.algorithms.vmbpo import linex_td_loss
+
+    u = torch.linspace(-9, 9, 721, dtype=torch.float64, requires_grad=True)
+    plain, clipped = linex_td_loss(u), linex_td_loss(u, 4.0)
+    inside = u.detach().abs() <= 4
+    torch.testing.assert_close(clipped[inside], plain[inside])
+    (grad,) = torch.autograd.grad(clipped.sum(), u)
+    h = 1e-6
+    with torch.no_grad():
+        fd = (linex_td_loss(u + h, 4.0) - linex_td_loss(u - h, 4.0)) / (2 * h)
+    torch.testing.assert_close(grad, fd, rtol=1e-5, atol=1e-6)
+    beyond = u.detach() < -4
+    torch.testing.assert_close(grad[beyond], torch.full_like(grad[beyond], 1 - float(np.exp(4.0))))
+    assert float(grad[u.detach() > 4].max()) == pytest.approx(1 - float(np.exp(-4.0)))

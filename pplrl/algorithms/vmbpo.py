@@ -123,6 +123,10 @@ class VMBPOConfig(EnsembleConfig, SACConfig):
     Borkar 2002) names this temperature as the remedy for the exp-TD instability. For a
     deterministic transition every tau has the same minimiser Q = y; for a stochastic one
     the minimiser depends on tau (tau -> 0: the mean of y). The clamp applies to tau u"""
+    exp_td_form: str = "eq39"
+    """the exp-TD critic loss of a model-free E-step: 'eq39', ``(exp(u) - 1)^2`` as printed
+    (:func:`exp_td_loss`; its fixed point for stochastic targets is risk-averse), or 'linex',
+    ``exp(-u) + u - 1`` (:func:`linex_td_loss`; fixed point the soft value, not in the paper)"""
     nu_clip: float | None = 8.0
     """soft bound c of the log-ratio network: nu = c tanh(raw / c). With the TD clamp c_td the
     target log q_d/p = clamped TD - log E_p[exp(clamped TD)] lies in (-2 c_td, 2 c_td), so
@@ -220,6 +224,8 @@ class VMBPOConfig(EnsembleConfig, SACConfig):
             raise ValueError(f"exp_td_temperature must be > 0, got {self.exp_td_temperature}")
         if self.nu_clip is not None and self.nu_clip <= 0:
             raise ValueError("nu_clip must be > 0 or None")
+        if self.exp_td_form not in ("eq39", "linex"):
+            raise ValueError(f"exp_td_form must be 'eq39' or 'linex', got {self.exp_td_form!r}")
         if self.nu_reference not in ("real", "model"):
             raise ValueError(f"nu_reference must be 'real' or 'model', got {self.nu_reference!r}")
         if self.log_ratio not in ("nu", "ensembles"):
@@ -255,6 +261,21 @@ def exp_td_loss(u: torch.Tensor, clip: float | None = None) -> torch.Tensor:
     f = torch.expm1(inside).square()
     slope = 2 * torch.expm1(inside) * inside.exp()
     return f + slope * (u - inside)
+
+
+def linex_td_loss(u: torch.Tensor, clip: float | None = None) -> torch.Tensor:
+    """Per-sample linex loss ``exp(-u) + u - 1`` of u = k (Q - y), k = tau * scale: the
+    exp-TD loss whose minimiser is the soft value. ``E[exp(k (y - Q)) - k (y - Q) - 1]`` is
+    minimised where ``E exp(k (y - Q)) = 1``, i.e. ``Q = (1/k) log E exp(k y)`` (VMBPO eq. 9's
+    log-expectation at tau = 1, m + k s^2 / 2 for y ~ N(m, s^2)), where eq. (39)'s
+    ``(exp(u) - 1)^2`` has the risk-averse ``m - 1.5 k s^2`` (docs/notes.md, 'vmbpo-mfe:
+    eq. 39's fixed point'); to second order it is ``u^2 / 2``, so tau -> 0 is again the
+    squared TD. Not in the paper. ``clip = c`` continues it beyond ``|u| > c`` by its tangent
+    (``f'(u) = 1 - exp(-u)``), as :func:`exp_td_loss`."""
+    if clip is None:
+        return torch.expm1(-u) + u
+    inside = u.clamp(-clip, clip)
+    return torch.expm1(-inside) + inside + (1 - torch.exp(-inside)) * (u - inside)
 
 
 class VariationalAgent(SAC):
@@ -498,14 +519,17 @@ class VariationalAgent(SAC):
         if self.config.e_step == "model_free":
             # eq. (39): (exp(tau scale (Q - r - gamma V'(x'))) - 1)^2 / tau^2 on real transitions,
             # continued linearly beyond the TD clamp when td_clamp is set (exp_td_loss)
+            # (or the linex loss, exp_td_form='linex', whose exponent is -logit)
             y = self.critic_td_target(batch, None)
             tau = self.config.exp_td_temperature
+            linex = self.config.exp_td_form == "linex"
             loss = torch.zeros(())
             for q in (q1, q2):
                 logit = tau * self.scale * (q - y)
                 if self.config.td_clamp is None:
-                    self._check_exponent(logit, "exp-TD critic", step)
-                loss = loss + exp_td_loss(logit, self.config.td_clamp).mean() / tau ** 2
+                    self._check_exponent(-logit if linex else logit, "exp-TD critic", step)
+                per_sample = (linex_td_loss if linex else exp_td_loss)(logit, self.config.td_clamp)
+                loss = loss + per_sample.mean() / tau ** 2
             return loss
         y = self.critic_td_target(batch, log_ratio)
         return F.mse_loss(q1, y) + F.mse_loss(q2, y)
