@@ -18,7 +18,7 @@ finished), then, at the trained agent's critic, models and replay:
    0.7: the weighted fit rests on a few transitions), and, after a q_d fit with each (the
    agent's own step-1 fit, warm-started from p_theta as in training), KL(q_d || p_theta)
    by the two ensembles' elite mixtures on a batch of replay states with a ~ q_c.
-2. **nu's reference.** A fresh nu network (same architecture and seed for both) fitted by
+2. **nu's reference.** The nu network the run trained, and a fresh one (same architecture and seed for both) fitted by
    eq. 21 for ``--nu-steps`` steps (batch 256, the agent's learning rate) with the p side
    from p_theta ('model') or from D's real next states ('real'), then evaluated on a fresh
    batch of (x ~ D, a ~ q_c, x' ~ q_d), the samples the critic's target uses it on: against
@@ -108,7 +108,18 @@ def nu_reference_effect(agent, steps: int, seed: int) -> dict:
         exact = (agent.q_dynamics.elite_mixture_log_density(test.obs, act, x_next)
                  - agent.ensemble.elite_mixture_log_density(test.obs, act, x_next))
     out = {"exact_kl": float(exact.mean())}
+
+    def score(nu_net) -> dict:
+        agent.nu = nu_net
+        with torch.no_grad():
+            nu = agent.nu_value(test.obs, act, x_next)
+        err = nu - exact
+        return {"kl_estimate": float(nu.mean()), "rmse": float(err.pow(2).mean().sqrt()),
+                "corr": float(np.corrcoef(nu.numpy(), exact.numpy())[0, 1]),
+                "at_bound": float((nu.abs() > 0.95 * c.nu_clip).float().mean()) if c.nu_clip else 0.0}
+
     try:
+        out["agent"] = score(saved_nu)  # the nu the run trained (nu_reference as configured)
         for ref in ("model", "real"):
             torch.manual_seed(seed)
             agent.nu = mlp(2 * agent.obs_dim + agent.act_dim, 1, c.hidden)
@@ -121,29 +132,46 @@ def nu_reference_effect(agent, steps: int, seed: int) -> dict:
                     prior_next = agent.ensemble.predict(real.obs, real.act)[0] if ref == "model" else None
                 loss = agent.nu_loss(real, model_next, 0, prior_next)
                 agent.gradient_step(agent.nu_opt, loss)
-            with torch.no_grad():
-                nu = agent.nu_value(test.obs, act, x_next)
-            err = nu - exact
-            out[ref] = {"kl_estimate": float(nu.mean()), "rmse": float(err.pow(2).mean().sqrt()),
-                        "corr": float(np.corrcoef(nu.numpy(), exact.numpy())[0, 1]),
-                        "at_bound": float((nu.abs() > 0.95 * c.nu_clip).float().mean()) if c.nu_clip else 0.0}
+            out[ref] = score(agent.nu)
     finally:
         agent.nu, agent.nu_opt = saved_nu, saved_opt
     return out
 
 
+def _mean(results: dict) -> dict:
+    """The per-seed results averaged key by key (nested dicts of numbers)."""
+    first = next(iter(results.values()))
+
+    def avg(path):
+        vals = []
+        for r in results.values():
+            v = r
+            for k in path:
+                v = v[k]
+            vals.append(v)
+        return float(np.mean(vals))
+
+    def walk(node, path):
+        return {k: walk(v, (*path, k)) if isinstance(v, dict) else avg((*path, k)) for k, v in node.items()}
+
+    return walk(first, ())
+
+
 def table(results: dict) -> str:
     head = ("seed | return | beyond clamp | k-hat clamped / raw | ESS frac clamped / raw | KL(q_d||p) clamped / raw"
-            " | exact KL | nu 'model': KL, RMSE, corr, at bound | nu 'real': KL, RMSE, corr, at bound")
+            " | exact KL | nu: KL, RMSE, corr, at bound: the run's | fresh, 'model' | fresh, 'real'")
     lines = [head]
-    for seed, r in results.items():
+    rows = dict(results)
+    if len(results) > 1:
+        rows["mean"] = _mean(results)
+    for seed, r in rows.items():
         t, n = r["td_clamp"], r["nu_reference"]
         lines.append(
             f"{seed} | {r['return']:.1f} | {t['beyond_clamp']:.3f} | {t['clamped']['khat']:.2f} / "
             f"{t['unclamped']['khat']:.2f} | {t['clamped']['ess_frac']:.3f} / {t['unclamped']['ess_frac']:.3f} | "
             f"{t['clamped']['kl_q_d_p']:.3f} / {t['unclamped']['kl_q_d_p']:.3f} | {n['exact_kl']:.3f} | "
             + " | ".join(f"{n[ref]['kl_estimate']:.3f}, {n[ref]['rmse']:.3f}, {n[ref]['corr']:.2f}, "
-                         f"{n[ref]['at_bound']:.3f}" for ref in ("model", "real")))
+                         f"{n[ref]['at_bound']:.3f}" for ref in ("agent", "model", "real")))
     return "\n".join(lines)
 
 
