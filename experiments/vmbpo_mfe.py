@@ -185,7 +185,10 @@ def main(argv=None) -> dict:
     steps = dict(zip(args.taus, args.steps * len(args.taus) if len(args.steps) == 1 else args.steps))
     budget = (", ".join(f"{steps[t]} env steps at tau {t:g}" for t in args.taus)
               + f" (1000 uniform random first), gradient_steps {args.gradient_steps} "
-              "(E-step updates per env step), model fit every 250 steps, td_clamp 4 (stable loss)")
+              "(E-step updates per env step), td_clamp 4 (stable loss), "
+              + ("dynamics models fitted every 250 steps (for the log)" if "fit_dynamics=true" in
+                 [o.lower().replace(" ", "") for o in args.set] else "no dynamics model (Algorithm 2)")
+              + ("" if not args.set else f", overrides {' '.join(args.set)}"))
     results: list[dict] = []
     t0 = time.time()
 
