@@ -16,7 +16,8 @@ finished), then, at the trained agent's critic, models and replay:
    without the clamp: the share of transitions beyond the clamp, PSIS k-hat and ESS
    fraction of the weights (``pplrl.diagnostics.importance_weight_diagnostics``; k-hat >
    0.7: the weighted fit rests on a few transitions), and, after a q_d fit with each (the
-   agent's own step-1 fit, warm-started from p_theta as in training), KL(q_d || p_theta)
+   agent's own step-1 fit, warm-started from p_theta refitted just before, as a training
+   update does), KL(q_d || p_theta)
    by the two ensembles' elite mixtures on a batch of replay states with a ~ q_c.
 2. **nu's reference.** The nu network the run trained, and a fresh one (same architecture and seed for both) fitted by
    eq. 21 for ``--nu-steps`` steps (batch 256, the agent's learning rate) with the p side
@@ -66,6 +67,7 @@ def td_clamp_effect(agent, step: int, clamp: float) -> dict:
     from pplrl.replay import Batch
 
     base = agent.config
+    agent.fit_model()  # as a training update does before q_d's fit: q_d starts from this p_theta
     data = agent.replay.all()
     rows = []
     for i in range(0, len(data.obs), 4096):
@@ -199,9 +201,10 @@ def main(argv=None) -> dict:
         agent, wall = train_agent(args.env, seed, args.steps, args.set, folder)
         evals = [r for r in read_records(folder / "metrics.jsonl") if r.get("kind") == "eval"]
         clamp = agent.config.td_clamp or 4.0
+        # nu first, on the models the run trained it against; then p_theta is refitted for q_d's fits
+        nu = nu_reference_effect(agent, args.nu_steps, seed)
         r = {"return": float(evals[-1]["mean_return"]) if evals else float("nan"), "train_wall_s": wall,
-             "td_clamp": td_clamp_effect(agent, args.steps, clamp),
-             "nu_reference": nu_reference_effect(agent, args.nu_steps, seed)}
+             "td_clamp": td_clamp_effect(agent, args.steps, clamp), "nu_reference": nu}
         saved["results"][str(seed)] = r
         (args.out / "vmbpo_choices.json").write_text(json.dumps(saved, indent=1))
         print(f"seed {seed} done ({wall:.0f} s training)", flush=True)
