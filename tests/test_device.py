@@ -85,7 +85,8 @@ POMDP_TINY = dict(z_dim=4, h_dim=8, hidden=8, window=3, batch_size=2, learning_s
 
 def small_config(algo, **kw):
     if algo in ("generative-agent", "discriminative-agent"):
-        return dataclasses.replace(default_config(algo), **POMDP_TINY, **kw)
+        tiny = {k: v for k, v in POMDP_TINY.items() if algo == "generative-agent" or k != "horizon"}
+        return dataclasses.replace(default_config(algo), **tiny, **kw)
     return tiny_config(algo, **kw)
 
 
