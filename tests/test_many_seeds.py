@@ -69,7 +69,10 @@ def test_ctrl_c_stops_every_seed_at_its_checkpoint(tmp_path):
     out = tmp_path / "set"
     cmd = [sys.executable, "-m", "pplrl.cli", "train", "sac", "--seeds", "0-1", "--jobs", "2", "--steps", "20000",
            "--out", str(out), *TINY]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    # SIGINT's default disposition restored in the child: a test run started in the background
+    # (`cmd &`, nohup) inherits SIGINT ignored, and Python then installs no KeyboardInterrupt
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while time.time() < deadline and not all((out / f"seed{s}" / "checkpoint.pt").exists() for s in (0, 1)):
         time.sleep(0.5)
