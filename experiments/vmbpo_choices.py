@@ -64,20 +64,13 @@ def train_agent(env_id: str, seed: int, steps: int, overrides: list[str], folder
 def td_clamp_effect(agent, step: int, clamp: float) -> dict:
     """Weights, k-hat, ESS and the fitted q_d's KL to p_theta with and without the clamp."""
     from pplrl.diagnostics import importance_weight_diagnostics
-    from pplrl.replay import Batch
-
     base = agent.config
     agent.fit_model()  # as a training update does before q_d's fit: q_d starts from this p_theta
-    data = agent.replay.all()
-    rows = []
-    for i in range(0, len(data.obs), 4096):
-        part = Batch(*(t[i:i + 4096] for t in (data.obs, data.act, data.rew, data.next_obs, data.done)))
-        agent.config = dataclasses.replace(base, td_clamp=None)
-        try:
-            rows.append(agent.dynamics_log_weights(part))
-        finally:
-            agent.config = base
-    raw = torch.cat(rows)
+    agent.config = dataclasses.replace(base, td_clamp=None)
+    try:
+        raw = agent.replay_log_weights()
+    finally:
+        agent.config = base
     saved = copy.deepcopy(agent.q_dynamics.state_dict())
     out = {"beyond_clamp": float((raw.abs() > clamp).float().mean()), "raw_min": float(raw.min()),
            "raw_max": float(raw.max())}
@@ -128,12 +121,7 @@ def nu_reference_effect(agent, steps: int, seed: int) -> dict:
             agent.nu_opt = adam(agent.nu.parameters(), lr=c.lr)
             rng = np.random.default_rng(seed)
             for _ in range(steps):
-                real = agent.replay.sample(c.batch_size, rng)
-                with torch.no_grad():
-                    model_next, _, _ = agent.q_dynamics.predict(real.obs, real.act)
-                    prior_next = agent.ensemble.predict(real.obs, real.act)[0] if ref == "model" else None
-                loss = agent.nu_loss(real, model_next, 0, prior_next)
-                agent.gradient_step(agent.nu_opt, loss)
+                agent.nu_update(agent.replay.sample(c.batch_size, rng), 0, reference=ref)
             out[ref] = score(agent.nu)
     finally:
         agent.nu, agent.nu_opt = saved_nu, saved_opt

@@ -398,10 +398,15 @@ class VariationalAgent(SAC):
         """exp(scale (r + gamma (1 - d) V'(x') - Q'(x, a))), VMBPO eq. (19) / beta eq. (11)."""
         return self._exp_weight(self.dynamics_log_weights(batch), "q_d weight exp(TD)", step)
 
+    def replay_log_weights(self, data: Batch | None = None) -> torch.Tensor:
+        """:meth:`dynamics_log_weights` over the whole replay (or ``data``), in chunks of 4,096."""
+        data = self.replay.all() if data is None else data
+        return torch.cat([self.dynamics_log_weights(Batch(*(t[i:i + 4096] for t in (
+            data.obs, data.act, data.rew, data.next_obs, data.done)))) for i in range(0, len(data.obs), 4096)])
+
     def fit_variational_dynamics(self, step: int) -> dict:
         data = self.replay.all()
-        log_w = torch.cat([self.dynamics_log_weights(Batch(*(t[i:i + 4096] for t in (
-            data.obs, data.act, data.rew, data.next_obs, data.done)))) for i in range(0, len(data.obs), 4096)])
+        log_w = self.replay_log_weights(data)
         if not torch.all(torch.isfinite(log_w)):
             raise NonFiniteError(f"q_d weight exp(TD) is not finite at step {step}")
         # the fit only needs weights up to a constant: exp(log_w - max) never overflows
@@ -453,6 +458,18 @@ class VariationalAgent(SAC):
         nu_q = self.nu_value(real.obs, real.act, model_next_obs)
         nu_p = self.nu_value(real.obs, real.act, real.next_obs if prior_next_obs is None else prior_next_obs)
         return -(nu_q.mean() - self._exp_weight(nu_p, "exp(nu)", step).mean())
+
+    def nu_update(self, real: Batch, step: int, reference: str | None = None) -> dict[str, float]:
+        """One gradient step of nu on eq. 21 at the real batch's (x, a): x' ~ q_d against x' ~
+        p_theta or the real x' (``reference``, default ``nu_reference``); returns the loss."""
+        reference = self.config.nu_reference if reference is None else reference
+        with torch.no_grad():
+            model_next, _, _ = self.q_dynamics.predict(real.obs, real.act)
+            prior_next = self.ensemble.predict(real.obs, real.act)[0] if reference == "model" else None
+        loss = self.nu_loss(real, model_next, step, prior_next)
+        metrics = self.checked(step, nu_loss=loss)
+        self.gradient_step(self.nu_opt, loss)
+        return metrics
 
     # -- model samples ----------------------------------------------------------------------
     def model_batch(self, real: Batch) -> tuple[Batch, torch.Tensor | None]:
@@ -615,7 +632,7 @@ class VariationalAgent(SAC):
         out: dict[str, float] = {}
         if c.fit_dynamics and (step % c.model_train_freq == 0 or not self.q_dynamics_fitted):
             # every model_train_freq steps: p_theta by eq. (10), then q_d by step 1 (eq. 19/11);
-            # for VMBPO-MFE this refit is "q_d computed at the end of the E-step"
+            # VMBPO-MFE only with fit_dynamics=True (its Algorithm 2 has no model; for the log)
             info = self.fit_model()
             out["model_holdout_mse"] = elite_holdout_mse(info)
             out.update(self.fit_variational_dynamics(step))
@@ -648,12 +665,7 @@ class VariationalAgent(SAC):
         metrics: dict[str, float] = {}
         # step 2 (VMBPO): nu by the f-divergence dual
         if c.log_ratio == "nu" and c.e_step == "model_based":
-            with torch.no_grad():
-                model_next, _, _ = self.q_dynamics.predict(real.obs, real.act)
-                prior_next = self.ensemble.predict(real.obs, real.act)[0] if c.nu_reference == "model" else None
-            nu_loss = self.nu_loss(real, model_next, step, prior_next)
-            metrics.update(self.checked(step, nu_loss=nu_loss))
-            self.gradient_step(self.nu_opt, nu_loss)
+            metrics.update(self.nu_update(real, step))
         # step 3: critic on model samples (model-based) or real data (model-free)
         if c.e_step == "model_based":
             batch, log_ratio = self.model_batch(real)
