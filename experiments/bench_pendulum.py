@@ -48,14 +48,17 @@ class _TimeUp(Exception):
 
 def run_pplrl(algo: str, env_id: str, seed: int, steps: int, eval_every: int, eval_episodes: int,
               overrides: list[str], time_limit: float | None = None, run_dir: str | None = None,
-              plugins: tuple[str, ...] = ()) -> dict:
+              plugins: tuple[str, ...] = (), checkpoint_every: int | None = None, resume: bool = False) -> dict:
+    """One pplrl run, checkpointed every ``checkpoint_every`` steps (default: at its end).
+    ``resume`` with ``run_dir``: a run an earlier call left there (same config) continues from
+    its last checkpoint."""
     import torch
 
     torch.set_num_threads(1)
     from pplrl.algorithms import apply_overrides, default_config
     from pplrl.plugins import load_plugin
     from pplrl.runfiles import read_records
-    from pplrl.runner import train
+    from pplrl.runner import CONFIG, train, train_or_resume
 
     for plugin in plugins:  # each worker is a fresh process: load the user's algorithms there
         load_plugin(plugin)
@@ -67,17 +70,22 @@ def run_pplrl(algo: str, env_id: str, seed: int, steps: int, eval_every: int, ev
             raise _TimeUp(step)
 
     truncated = None
+    resumed = resume and bool(run_dir) and (Path(run_dir) / CONFIG).exists()
     with contextlib.nullcontext(run_dir) if run_dir else tempfile.TemporaryDirectory() as out:
         try:
-            train(algo, config, out, steps, eval_every=eval_every, eval_episodes=eval_episodes,
-                  checkpoint_every=steps, progress=False, callback=stop_when_time_is_up)
+            (train_or_resume if resume else train)(
+                algo, config, out, steps, eval_every=eval_every, eval_episodes=eval_episodes,
+                checkpoint_every=checkpoint_every or steps, progress=False, callback=stop_when_time_is_up)
         except _TimeUp as e:
             truncated = int(e.args[0])
         wall = time.perf_counter() - t0
-        evals = read_records(Path(out) / "metrics.jsonl")
-    evals = [r for r in evals if r["kind"] == "eval"]
+        records = read_records(Path(out) / "metrics.jsonl")
+    evals = [r for r in records if r["kind"] == "eval"]
     out = {"algo": algo, "seed": seed, "steps": [r["step"] for r in evals],
            "returns": [r["mean_return"] for r in evals], "wall_s": wall}
+    if resumed:  # this call's wall-clock is only the rest: take the run's training time over all its calls
+        out["resumed"] = True
+        out["wall_s"] = next(r["wall_s"] for r in reversed(records) if "wall_s" in r)
     if truncated is not None:
         out["stopped_at_step"] = truncated  # --time-limit: the curve ends early
     return out
@@ -258,6 +266,11 @@ def main(argv=None) -> dict:
     p.add_argument("--keep-runs", type=Path, default=None, metavar="DIR",
                    help="train each pplrl run in DIR/ALGO_seedN and keep it (metrics.jsonl grows while it "
                         "runs; checkpoint and logs for `pplrl diagnose`); default: a temporary directory")
+    p.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
+                   help="with --keep-runs: checkpoint each pplrl run every N env steps (default: at its end)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the runs already finished in --out (same settings) and, with --keep-runs, continue "
+                        "the pplrl runs an interrupted call left there from their last checkpoint")
     p.add_argument("--plugin", action="append", default=[], metavar="FILE_OR_MODULE",
                    help="a plugin that registers algorithms named in --algos (as `pplrl train --plugin`); repeatable")
     p.add_argument("--out", type=Path, default=Path("runs/bench_pendulum.json"))
@@ -279,36 +292,57 @@ def main(argv=None) -> dict:
     if args.paired and not set(args.paired) <= set(args.algos):
         p.error(f"--paired {' '.join(args.paired)}: both must be among --algos {args.algos}")
     algo_steps = {k: int(v) for k, v in (item.split("=", 1) for item in args.algo_steps)}
+    if args.checkpoint_every is not None and args.checkpoint_every <= 0:
+        p.error("--checkpoint-every must be > 0")
+    algos = list(args.algos)
+    if "sb3-sac" in algos:
+        try:
+            import stable_baselines3  # noqa: F401
+        except ImportError:
+            print("stable-baselines3 is not installed: skipping sb3-sac (pip install stable-baselines3)")
+            algos.remove("sb3-sac")
+    settings = {"env": args.env, "steps": args.steps, "algo_steps": algo_steps, "eval_every": args.eval_every,
+                "eval_episodes": args.eval_episodes, "overrides": args.set, "plugins": args.plugin}
+    results = []
+    if args.resume and args.out.exists():
+        earlier = json.loads(args.out.read_text())
+        differing = [k for k in settings if earlier.get(k) != settings[k]]
+        if differing:
+            p.error(f"cannot resume {args.out}: it was run with other settings ("
+                    + ", ".join(f"{k} {earlier.get(k)!r} vs {settings[k]!r}" for k in differing) + ")")
+        results = [r for r in earlier["results"] if r["algo"] in algos and r["seed"] in args.seeds
+                   and "error" not in r and "stopped_at_step" not in r]
+    finished = {(r["algo"], r["seed"]) for r in results}
     jobs = []
-    for algo in args.algos:
-        for seed in args.seeds:
+    for seed in args.seeds:  # seed-major: an interrupted call leaves whole pairs for --paired
+        for algo in algos:
+            if (algo, seed) in finished:
+                continue
             common = dict(env_id=args.env, seed=seed, steps=algo_steps.get(algo, args.steps),
                           eval_every=args.eval_every, eval_episodes=args.eval_episodes)
             if algo == "sb3-sac":
-                try:
-                    import stable_baselines3  # noqa: F401
-                except ImportError:
-                    print("stable-baselines3 is not installed: skipping sb3-sac (pip install stable-baselines3)")
-                    break
                 jobs.append(("sb3", common))
             else:
                 jobs.append(("pplrl", dict(algo=algo, overrides=overrides_for(algo, args.set),
                                            time_limit=args.time_limit, plugins=tuple(args.plugin), **common,
                                            run_dir=None if args.keep_runs is None
-                                           else str(args.keep_runs / f"{algo}_seed{seed}"))))
+                                           else str(args.keep_runs / f"{algo}_seed{seed}"),
+                                           checkpoint_every=args.checkpoint_every, resume=args.resume)))
+    if results:
+        print(f"resuming: {len(results)} finished runs kept, {len(jobs)} to go", flush=True)
     t0 = time.time()
     args.out.parent.mkdir(parents=True, exist_ok=True)
 
     def save(results):
-        out = {"env": args.env, "steps": args.steps, "algo_steps": algo_steps, "seeds": args.seeds,
-               "jobs": args.jobs, "overrides": args.set, "plugins": args.plugin, "results": results,
+        out = {**settings, "seeds": args.seeds, "jobs": args.jobs, "results": results,
                "total_wall_s": time.time() - t0}
         args.out.write_text(json.dumps(out, indent=1))
         return out
 
-    results = []
-    with mp.get_context("spawn").Pool(args.jobs) as pool:
-        for r in pool.imap_unordered(_job, jobs):
+    with contextlib.ExitStack() as stack:  # one job at a time runs here; more go to worker processes
+        done = (stack.enter_context(mp.get_context("spawn").Pool(args.jobs)).imap_unordered(_job, jobs)
+                if args.jobs > 1 else map(_job, jobs))
+        for r in done:
             results.append(r)
             status = r.get("error") or (f"final {r['returns'][-1]:.1f}, {r['wall_s']:.0f} s" if r["returns"]
                                         else f"no evaluation, {r['wall_s']:.0f} s")

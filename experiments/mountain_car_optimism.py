@@ -170,16 +170,14 @@ def train_agent(algo: str, seed: int, steps: int, overrides: list[str], folder: 
     """Train one agent into ``folder``; ``resume=True`` continues a run left there by an
     interrupted call (from its last checkpoint, every ``checkpoint_every`` steps)."""
     from pplrl.algorithms import apply_overrides, default_config
-    from pplrl.runner import CONFIG, train
+    from pplrl.runner import train_or_resume
 
     config = apply_overrides(default_config(algo, env_id=ENV_ID, seed=seed), [*DEFAULT_SET, *overrides])
-    resume = resume and (folder / CONFIG).exists()
     if folder.exists() and not resume:
         shutil.rmtree(folder)  # this script's own output from an earlier call
     t0 = time.perf_counter()
-    # a resumed run keeps the run settings it was started with
-    settings = {} if resume else dict(eval_every=steps, eval_episodes=1, checkpoint_every=checkpoint_every or steps)
-    agent = train(algo, None if resume else config, folder, steps, progress=False, resume=resume, **settings)
+    agent = train_or_resume(algo, config, folder, steps, eval_every=steps, eval_episodes=1,
+                            checkpoint_every=checkpoint_every or steps, progress=False)
     return agent, time.perf_counter() - t0
 
 

@@ -51,13 +51,12 @@ DEFAULT_SET = ["gradient_steps=2"]
 def train_agent(env_id: str, seed: int, steps: int, overrides: list[str], folder: Path):
     """Train (or resume, or read back) one VMBPO run in ``folder``."""
     from pplrl.algorithms import apply_overrides, default_config
-    from pplrl.runner import CONFIG, train
+    from pplrl.runner import train_or_resume
 
     config = apply_overrides(default_config("vmbpo", env_id=env_id, seed=seed), [*DEFAULT_SET, *overrides])
-    resume = (folder / CONFIG).exists()
-    settings = {} if resume else dict(eval_every=steps, eval_episodes=5, checkpoint_every=min(steps, 500))
     t0 = time.perf_counter()
-    agent = train("vmbpo", None if resume else config, folder, steps, progress=False, resume=resume, **settings)
+    agent = train_or_resume("vmbpo", config, folder, steps, eval_every=steps, eval_episodes=5,
+                            checkpoint_every=min(steps, 500), progress=False)
     return agent, time.perf_counter() - t0
 
 

@@ -91,7 +91,7 @@ LOG_EVERY = 100  # env steps per "train" record (the mean over the updates since
 
 __all__ = ["CHECKPOINT", "CONFIG", "LOCK", "METRICS", "RunError", "agent_from_checkpoint", "config_from_dict",
            "check_config", "evaluate", "load_checkpoint", "read_config", "save_checkpoint", "train",
-           "write_checkpoint"]
+           "train_or_resume", "write_checkpoint"]
 
 
 class RunError(RunFileError):
@@ -556,6 +556,23 @@ def train(algo: str | type[Agent], config, out: Path | str, total_steps: int | N
     finally:
         if lock is not None:
             lock.release()
+
+
+def train_or_resume(algo: str | type[Agent], config, out: Path | str, total_steps: int | None, *,
+                    eval_every: int | None = None, eval_episodes: int | None = None,
+                    checkpoint_every: int | None = None, threads: int | None = None, **kwargs) -> Agent:
+    """:func:`train` for scripts that are run again after an interruption: continue the run
+    in ``out`` if it holds one, else start it there.
+
+    A run found in ``out`` must have ``config`` (a ValueError names what differs) and keeps
+    the run settings it was started with: ``eval_every``, ``eval_episodes``,
+    ``checkpoint_every`` and ``threads`` apply to a new run only. ``kwargs`` (``progress``,
+    ``callback``, ...) go to :func:`train` either way."""
+    out = Path(out)
+    if (out / CONFIG).exists():
+        return train(algo, config, out, total_steps, resume=True, **kwargs)
+    return train(algo, config, out, total_steps, eval_every=eval_every, eval_episodes=eval_episodes,
+                 checkpoint_every=checkpoint_every, threads=threads, **kwargs)
 
 
 def _replay_episode(env, episode_state: dict, seed: int, out: Path):

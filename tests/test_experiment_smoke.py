@@ -112,3 +112,47 @@ def test_bench_update_table_and_json(tmp_path, capsys):
     assert rows["sac"]["update_ms"] == rows["sac"]["env_step_ms"] > 0 and rows["sac"]["fit_ms"] is None
     assert json.loads(out.read_text())["rows"][1]["algo"] == "virel"
     assert "| sac | 1 |" in capsys.readouterr().out
+
+
+def test_bench_resumed_run_matches_an_uninterrupted_one(tmp_path):
+    bench = load_experiment("bench_pendulum")
+    tiny = ["hidden=(8,8)", "batch_size=8", "learning_starts=10"]
+    full = bench.run_pplrl("sac", "Pendulum-v1", 0, 40, 10, 1, tiny)
+    folder = str(tmp_path / "sac_seed0")
+    bench.run_pplrl("sac", "Pendulum-v1", 0, 20, 10, 1, tiny, run_dir=folder, checkpoint_every=10)
+    rest = bench.run_pplrl("sac", "Pendulum-v1", 0, 40, 10, 1, tiny, run_dir=folder, checkpoint_every=10,
+                           resume=True)
+    assert rest["steps"] == full["steps"] and rest["returns"] == full["returns"]
+    assert rest["resumed"] and rest["wall_s"] > 0
+    with pytest.raises(Exception, match="already holds a run"):  # without resume a kept run is not overwritten
+        bench.run_pplrl("sac", "Pendulum-v1", 0, 40, 10, 1, tiny, run_dir=folder)
+
+
+def test_bench_resume_keeps_finished_runs_and_reruns_the_rest(tmp_path, monkeypatch, capsys):
+    bench = load_experiment("bench_pendulum")
+    calls = []
+
+    def fake_job(job):
+        kind, kw = job
+        calls.append((kw.get("algo", "sb3-sac"), kw["seed"], kw.get("resume")))
+        return {"algo": kw["algo"], "seed": kw["seed"], "steps": [10], "returns": [-float(len(calls))], "wall_s": 1.0}
+
+    monkeypatch.setattr(bench, "_job", fake_job)
+    out = tmp_path / "b.json"
+    argv = ["--algos", "sac", "mbpo", "--seeds", "0", "1", "--steps", "10", "--eval-every", "10", "--jobs", "1",
+            "--out", str(out)]
+    bench.main(argv)
+    assert [c[:2] for c in calls] == [("sac", 0), ("mbpo", 0), ("sac", 1), ("mbpo", 1)]  # seed-major
+    data = json.loads(out.read_text())
+    data["results"][1] = {"algo": "mbpo", "seed": 0, "error": "killed"}  # a failed run is run again
+    data["results"][2]["stopped_at_step"] = 5  # so is one cut by --time-limit
+    out.write_text(json.dumps(data))
+    calls.clear()
+    res = bench.main([*argv, "--resume"])
+    assert calls == [("mbpo", 0, True), ("sac", 1, True)]
+    assert "2 finished runs kept, 2 to go" in capsys.readouterr().out
+    kept = {(r["algo"], r["seed"]): r["returns"] for r in res["results"]}
+    assert kept[("sac", 0)] == [-1.0] and kept[("mbpo", 1)] == [-4.0] and len(kept) == 4
+    with pytest.raises(SystemExit):  # other settings: refused, the file untouched
+        bench.main([*argv[:-2], "--set", "batch_size=8", "--out", str(out), "--resume"])
+    assert json.loads(out.read_text())["results"] == res["results"]
