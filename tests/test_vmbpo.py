@@ -27,8 +27,9 @@ def agent(cls=VMBPO, **kw):
         o = rng.normal(size=3).astype(np.float32)
         act = rng.uniform(-1, 1, 1).astype(np.float32)
         a.observe(o, act, float(-o @ o), o + 0.1 * act.sum(), False)
-    a.fit_model()
-    a.fit_variational_dynamics(0)
+    if a.ensemble is not None:  # VMBPO-MFE holds no models by default
+        a.fit_model()
+        a.fit_variational_dynamics(0)
     return a
 
 
@@ -354,9 +355,12 @@ def test_short_runs_log_every_term(algo, tmp_path):
 
 
 def test_vmbpo_mfe_fits_no_dynamics_by_default(tmp_path):
-    """Algorithm 2 has no model: VMBPO-MFE's updates leave both ensembles untouched and log no
-    model term; a model-based E-step refuses fit_dynamics=False."""
+    """Algorithm 2 has no model: VMBPO-MFE holds no ensembles, logs no model term and
+    checkpoints none; with fit_dynamics=True it holds and fits both; a model-based E-step
+    refuses fit_dynamics=False."""
     import json
+
+    from pplrl.runner import agent_from_checkpoint
 
     train("vmbpo-mfe", default_config("vmbpo-mfe", **TINY), tmp_path, 300, eval_every=300, eval_episodes=1,
           checkpoint_every=300, progress=False)
@@ -364,11 +368,16 @@ def test_vmbpo_mfe_fits_no_dynamics_by_default(tmp_path):
     train_rows = [r for r in rows if r["kind"] == "train"]
     assert train_rows and all(np.isfinite(r["critic_loss"]) for r in train_rows)
     assert not any(k.startswith(("kl_dynamics", "model_holdout", "q_d_")) for r in train_rows for k in r)
+    restored, ckpt = agent_from_checkpoint(tmp_path)
+    assert restored.ensemble is None and restored.q_dynamics is None
+    assert not {"ensemble", "q_dynamics"} & set(ckpt["agent"])
     a = agent(VMBPOMFE)
-    before = [p.clone() for p in (*a.ensemble.parameters(), *a.q_dynamics.parameters())]
-    a.steps_seen = 10_000
-    a.update(a.config.model_train_freq)
-    assert all(torch.equal(p, q) for p, q in zip(before, (*a.ensemble.parameters(), *a.q_dynamics.parameters())))
+    assert a.ensemble is None and a.q_dynamics is None
+    fitted = agent(VMBPOMFE, fit_dynamics=True)
+    before = [p.clone() for p in fitted.q_dynamics.parameters()]
+    fitted.steps_seen = 10_000
+    fitted.update(fitted.config.model_train_freq)
+    assert not all(torch.equal(p, q) for p, q in zip(before, fitted.q_dynamics.parameters()))
     with pytest.raises(ValueError, match="fit_dynamics=False needs e_step='model_free'"):
         VMBPOConfig(fit_dynamics=False).validate()
 
@@ -490,5 +499,6 @@ def test_paper_preset_sets_the_papers_schedule_and_other_overrides_win(algo):
     assert default_config(algo, preset="paper", learning_starts=10).learning_starts == 10
     with pytest.raises(ValueError, match="unknown preset 'fast'.*known: default, paper"):
         apply_overrides(base, ["preset=fast"])
-    a = agent({"vmbpo": VMBPO, "beta-vmbpo": BetaVMBPO, "vmbpo-mfe": VMBPOMFE}[algo], model_lr=3e-4)
+    a = agent({"vmbpo": VMBPO, "beta-vmbpo": BetaVMBPO, "vmbpo-mfe": VMBPOMFE}[algo], model_lr=3e-4,
+              fit_dynamics=True)  # VMBPO-MFE holds models only with fit_dynamics
     assert a.ensemble.optimizer_state()[0][1] == 3e-4  # (local, lr, weight decay) of p_theta's fit

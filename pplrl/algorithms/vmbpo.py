@@ -289,7 +289,8 @@ class VariationalAgent(SAC):
     def __init__(self, config: VMBPOConfig, obs_dim: int, act_dim: int):
         super().__init__(config, obs_dim, act_dim)
         c = config
-        self.ensemble = c.make_ensemble(obs_dim, act_dim, "vmbpo.p_theta")
+        # p_theta and q_d exist only where they are fitted (VMBPO-MFE's Algorithm 2 holds none)
+        self.ensemble = c.make_ensemble(obs_dim, act_dim, "vmbpo.p_theta") if c.fit_dynamics else None
         self.termination_fn = termination_fn_for(c.env_id)
         self.last_model_fit: dict = {}
         self.last_model_seed: int | None = None
@@ -297,7 +298,7 @@ class VariationalAgent(SAC):
         self.prior_policy = copy.deepcopy(self.policy)
         for p in self.prior_policy.parameters():
             p.requires_grad_(False)
-        self.q_dynamics = c.make_ensemble(obs_dim, act_dim, "vmbpo.q_d")
+        self.q_dynamics = c.make_ensemble(obs_dim, act_dim, "vmbpo.q_d") if c.fit_dynamics else None
         self.q_dynamics_fitted = False
         self.nu = mlp(2 * obs_dim + act_dim, 1, c.hidden)
         self.nu_opt = adam(self.nu.parameters(), lr=c.lr)
@@ -708,10 +709,12 @@ class VariationalAgent(SAC):
     # -- checkpoints ---------------------------------------------------------------------
     def state_dict(self) -> dict:
         state = super().state_dict()
+        if self.ensemble is not None:
+            state.update({"ensemble": self.ensemble.state_dict(), "ensemble_optim": self.ensemble.optimizer_state(),
+                          "q_dynamics": self.q_dynamics.state_dict(),
+                          "q_dynamics_optim": self.q_dynamics.optimizer_state()})
         state.update({
-            "ensemble": self.ensemble.state_dict(), "ensemble_optim": self.ensemble.optimizer_state(),
-            "prior_policy": self.prior_policy.state_dict(), "q_dynamics": self.q_dynamics.state_dict(),
-            "q_dynamics_optim": self.q_dynamics.optimizer_state(),
+            "prior_policy": self.prior_policy.state_dict(),
             "q_dynamics_fitted": self.q_dynamics_fitted, "nu": self.nu.state_dict(),
             "nu_opt": self.nu_opt.state_dict(), "value": self.value.state_dict(),
             "value_target": self.value_target.state_dict(), "value_opt": self.value_opt.state_dict(),
@@ -721,11 +724,12 @@ class VariationalAgent(SAC):
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        self.ensemble.load_state_dict(state["ensemble"])
-        self.ensemble.load_optimizer_state(state["ensemble_optim"])
+        if self.ensemble is not None:
+            self.ensemble.load_state_dict(state["ensemble"])
+            self.ensemble.load_optimizer_state(state["ensemble_optim"])
+            self.q_dynamics.load_state_dict(state["q_dynamics"])
+            self.q_dynamics.load_optimizer_state(state["q_dynamics_optim"])
         self.prior_policy.load_state_dict(state["prior_policy"])
-        self.q_dynamics.load_state_dict(state["q_dynamics"])
-        self.q_dynamics.load_optimizer_state(state["q_dynamics_optim"])
         self.q_dynamics_fitted = state["q_dynamics_fitted"]
         self.nu.load_state_dict(state["nu"])
         self.nu_opt.load_state_dict(state["nu_opt"])
