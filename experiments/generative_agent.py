@@ -197,10 +197,36 @@ def interval(v: list[float], d: int = 1, n_boot: int = 2000) -> str:
     return f"{np.mean(v):.{d}f} [{lo:.{d}f}, {hi:.{d}f}]"
 
 
+def light_from_the_dark(paths: list) -> float | None:
+    """The share of the episodes that start in the dark (x < LIGHT_X) and reach the light: the
+    detours (an episode starting in the light is there without one); None if none starts dark."""
+    dark = [path for path in paths if path[0][0] < LIGHT_X]
+    return float(np.mean([max(q[0] for q in path) >= LIGHT_X for path in dark])) if dark else None
+
+
+def paired_rows(results: list[dict], a: str = "generative", b: str = "generative-no-ig",
+                n_boot: int = 2000) -> list[dict]:
+    """Per env, the per-seed difference a − b of the final planning return (seeds with both
+    runs finished at the same step): mean, 95% percentile-bootstrap interval, seeds with a ≥ b."""
+    rows = []
+    for env in dict.fromkeys(r.get("env", "") for r in results):
+        last = {(r["variant"], r["seed"]): r["curve"][-1] for r in results
+                if r.get("env", "") == env and "error" not in r and r.get("curve")}
+        seeds = sorted(s for (v, s) in last
+                       if v == a and (b, s) in last and last[(a, s)]["step"] == last[(b, s)]["step"])
+        if not seeds:
+            continue
+        d = np.array([last[(a, s)]["plan"] - last[(b, s)]["plan"] for s in seeds])
+        boot = np.random.default_rng(0).choice(d, size=(n_boot, len(d))).mean(1) if len(d) > 1 else d
+        rows.append({"env": env, "a": a, "b": b, "seeds": seeds, "diffs": d.tolist(), "mean": float(d.mean()),
+                     "ci95": [float(x) for x in np.percentile(boot, [2.5, 97.5])], "a_at_least_b": int((d >= 0).sum())})
+    return rows
+
+
 def table(results: list[dict]) -> str:
     lines = ["| env | variant | seeds | steps | return, planning | return, prior alone | reaches the light "
-             "(planning) | info gain (bound, last) | last training episode |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "(planning) | of the starts in the dark | info gain (bound, last) | last training episode |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     envs = list(dict.fromkeys(r.get("env", "") for r in results))
     for env in envs:
         for name in VARIANTS:
@@ -210,12 +236,18 @@ def table(results: list[dict]) -> str:
             plan = [r["curve"][-1]["plan"] for r in rs]
             prior = [r["curve"][-1]["prior"] for r in rs]
             light = [r["curve"][-1].get("plan_light") for r in rs]
+            dark = [light_from_the_dark(r["curve"][-1]["paths"]) if r["curve"][-1].get("paths") else None for r in rs]
             ig = [r["info_gain"][-1]["elbo_info_gain"] for r in rs if r["info_gain"]]
             ep = [r["train_episode_returns"][-1] for r in rs if r["train_episode_returns"]]
             steps = sorted({r["curve"][-1]["step"] for r in rs})
             steps = str(steps[0]) if len(steps) == 1 else "–".join(map(str, (steps[0], steps[-1])))
             lines.append(f"| {env.split('/')[-1]} | {name} | {len(rs)} | {steps} | {interval(plan)} | "
-                         f"{interval(prior)} | {interval(light, 2)} | {interval(ig, 3)} | {interval(ep)} |")
+                         f"{interval(prior)} | {interval(light, 2)} | {interval(dark, 2)} | {interval(ig, 3)} | "
+                         f"{interval(ep)} |")
+    for row in paired_rows(results):
+        lines.append(f"\n{row['env'].split('/')[-1]}: {row['a']} − {row['b']}, final planning return, paired by seed: "
+                     f"{row['mean']:+.1f} [{row['ci95'][0]:+.1f}, {row['ci95'][1]:+.1f}] (95% bootstrap), "
+                     f"{row['a']} ≥ {row['b']} on {row['a_at_least_b']} of {len(row['seeds'])} seeds")
     return "\n".join(lines)
 
 
@@ -308,7 +340,8 @@ def main(argv: list[str] | None = None) -> dict:
         md = table(results)
         summary = {"env": envs[0], "envs": envs, "steps": args.steps, "seeds": args.seeds, "jobs": args.jobs,
                    "wall_s": time.time() - args.t_start,  # this invocation's (a --resume reuses finished runs)
-                   "run_seconds": sum(r.get("seconds", 0.0) for r in results), "results": results, "table": md}
+                   "run_seconds": sum(r.get("seconds", 0.0) for r in results), "results": results, "table": md,
+                   "paired": paired_rows(results)}
         (out / "results.json").write_text(json.dumps(summary, indent=1))
         return summary
 

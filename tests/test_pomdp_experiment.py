@@ -54,3 +54,22 @@ def test_generative_agent_experiment_in_parallel_workers_with_a_budget(tmp_path)
     assert len(saved["results"]) == 4 and not any("error" in r for r in saved["results"])
     assert all(r["stopped_early"] and r["curve"][-1]["step"] == 200 for r in saved["results"])
     assert (out / "generative_agent.png").stat().st_size > 0 and "| 200 |" in saved["table"]
+
+
+def test_detours_and_paired_difference_by_hand():
+    exp = load_experiment("generative_agent")
+    lit, dark_stays, dark_detours = [[4.0, 1.0], [3.0, 0.0]], [[1.0, 1.0], [0.5, 0.5]], [[1.0, 1.0], [3.5, 1.0]]
+    assert exp.light_from_the_dark([lit, dark_stays, dark_detours]) == 0.5  # the start in the light is not counted
+    assert exp.light_from_the_dark([lit]) is None
+
+    def run(variant, seed, plan, step=100):
+        return {"env": "pplrl/LightDark-v0", "variant": variant, "seed": seed, "curve": [{"step": step, "plan": plan}]}
+
+    results = [run("generative", 0, -1.0), run("generative-no-ig", 0, -3.0), run("generative", 1, -5.0),
+               run("generative-no-ig", 1, -4.0), run("generative", 2, 0.0), run("generative-no-ig", 2, 9.0, step=50),
+               {"env": "pplrl/LightDark-v0", "variant": "generative-no-ig", "seed": 3, "error": "boom"},
+               run("generative", 3, 7.0)]
+    (row,) = exp.paired_rows(results)
+    assert row["seeds"] == [0, 1] and row["diffs"] == [2.0, -1.0]  # seed 2 stopped at other steps, seed 3 failed
+    assert row["mean"] == 0.5 and row["a_at_least_b"] == 1
+    assert -1.0 <= row["ci95"][0] <= row["ci95"][1] <= 2.0
