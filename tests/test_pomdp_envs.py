@@ -97,3 +97,29 @@ def test_bad_input():
         pomdp_spec(AgentView(PartialObservation(gym.make("Pendulum-v1"))))
     with pytest.raises(ValueError):
         TigerPOMDP().belief_update([0.5, 0.6], LISTEN, HEAR_LEFT)
+
+
+class _GridObservation(gym.Env):
+    """Continuous actions, a 2-D (image-like) Box observation: not a flat vector."""
+    observation_space = gym.spaces.Box(-1.0, 1.0, (2, 2), dtype=np.float32)
+    action_space = gym.spaces.Box(-1.0, 1.0, (1,), dtype=np.float32)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return np.zeros((2, 2), np.float32), {}
+
+    def step(self, action):
+        return np.zeros((2, 2), np.float32), 0.0, False, False, {}
+
+
+def test_a_pomdp_without_a_flat_box_observation_gets_one_clear_line(tmp_path, capsys):
+    from pplrl.cli import main
+
+    gym.register("pplrl-test/GridObservation-v0", entry_point=_GridObservation, max_episode_steps=5)
+    with pytest.raises(ValueError, match="needs a 1-D Box observation space"):
+        make_continuous_env("pplrl-test/GridObservation-v0")
+    rc = main(["train", "generative-agent", "--env", "pplrl-test/GridObservation-v0", "--steps", "10",
+               "--out", str(tmp_path / "g"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "1-D Box observation space" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "g").exists()  # nothing written for a run that cannot start
