@@ -1,9 +1,11 @@
 """experiments/generative_agent.py, shrunk: it runs every variant and writes its files."""
 
 import json
+import math
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from experiments_loader import ROOT, load_experiment
 
@@ -73,3 +75,27 @@ def test_detours_and_paired_difference_by_hand():
     assert row["seeds"] == [0, 1] and row["diffs"] == [2.0, -1.0]  # seed 2 stopped at other steps, seed 3 failed
     assert row["mean"] == 0.5 and row["a_at_least_b"] == 1
     assert -1.0 <= row["ci95"][0] <= row["ci95"][1] <= 2.0
+
+
+def test_light_dark_model_probe_on_a_trained_agent(tmp_path):
+    """The probe script reads a finished LightDark run: learned vs true noise along sweeps,
+    and both plans scored by the agent's model and the true one (the true model's gain is
+    larger for the plan to the light); the plans by hand."""
+    exp = load_experiment("generative_agent")
+    exp.main(["--out", str(tmp_path), "--env", "pplrl/LightDark-v0", "--steps", "60", "--seeds", "0",
+              "--eval-every", "60", "--eval-episodes", "1", "--variants", "generative", "--set", *TINY,
+              "learning_starts=30"])
+    probe = load_experiment("light_dark_model_probe")
+    (row,) = probe.main(["--runs", str(tmp_path), "--sweeps", "2", "--horizon", "8", "--particles", "16"])
+    n, plans = row["noise"], row["plans"]
+    assert n["steps"] == 60 and n["light_steps"] > 0 and n["dark_steps"] > 0
+    assert 0.0 < n["true_std_light"] < 0.25 < 1.0 < n["true_std_dark"]
+    assert len(plans["agent"]["info_gain"]) == 2 and all(math.isfinite(v) for v in plans["agent"]["info_gain"])
+    assert plans["true"]["info_gain"][0] > plans["true"]["info_gain"][1]  # the light informs, the direct path not
+    assert json.loads((tmp_path / "model_probe.json").read_text())["rows"][0]["run"] == row["run"]
+    acts = probe.plans(np.array([2.0, 2.0]), 4).numpy()
+    np.testing.assert_allclose(acts[0], [[1, 0]] * 4 + [[0, 0]])  # x 2 -> 4 in four full steps, then stay
+    np.testing.assert_allclose(acts[1][:4], [[-0.5 ** 0.5, -0.5 ** 0.5]] * 4, rtol=1e-6)
+    assert probe.spearman([1, 2, 3], [10, 30, 20]) == 0.5
+    with pytest.raises(SystemExit):
+        probe.main(["--runs", str(tmp_path / "none")])
