@@ -11,8 +11,13 @@ At every evaluation point each agent is evaluated twice, deterministically, on t
 seeds: acting by **planning** (its E-step) and by the **consolidated prior** p_a(a_t | z_t)
 alone. On LightDark the evaluation episodes' positions are kept: the share of episodes
 that reach the light (``light``: max x >= 3.4, where the noise std is < 0.25) and, for the
-final agents, a figure of the trajectories (``trajectories.png``: does the agent detour to
-the light?). The table gives means over seeds with 95% percentile-bootstrap intervals.
+final agents, the share of the episodes starting in the dark that reach it (the detours) and
+a figure of the trajectories (``trajectories.png``: does the agent detour to the light?).
+The table gives means over seeds with 95% percentile-bootstrap intervals, and per env the
+paired per-seed difference of the final planning return, generative − generative-no-ig
+(``paired`` in the JSON). ``experiments/light_dark_model_probe.py`` reads the trained
+LightDark agents: does their model know where the light is, and which plan does its
+information gain prefer?
 
 Writes under ``--out``: one run folder per env, variant and seed (``curve.json`` rewritten at
 every evaluation point, ``result.json`` when the run is done), ``results.json`` (rewritten
