@@ -19,6 +19,9 @@ learned model, against the true light-dark model:
   (``light_dark_known_model.TrueModel``, belief N(start, I)) scores the same plans. The
   belief-level gain is at most log(particles) per step, so it saturates where every
   observation separates the particles.
+* **acting** (``--temperatures``): the agent plans (its own gain setting) at other planning
+  temperatures on the held-out episodes: mean return and the share of the dark starts that
+  reach the light.
 
 Prints a table and writes JSON (``--out``).
 """
@@ -141,14 +144,37 @@ def plan_probe(agent, episodes: int, seed: int, horizon: int | None = None, part
             for model, ts in terms.items()}
 
 
-def probe_run(folder: Path, sweeps: int, seed: int, horizon: int | None = None, particles: int | None = None
-              ) -> dict:
+def acting_probe(agent, temperatures: list[float], episodes: int, seed: int) -> dict:
+    """The agent planning at other temperatures (its own gain setting): mean return and the
+    share of the dark starts that reach the light, on held-out episodes."""
+    from generative_agent import light_from_the_dark, rollouts
+
+    from pplrl.pomdp_planning import CEMPlanner
+
+    saved, saved_planner, out = agent.config, agent.planner, {}
+    try:
+        for temperature in temperatures:
+            agent.config = dataclasses.replace(saved, temperature=temperature)
+            agent.planner = CEMPlanner(agent.config.planner_config())
+            torch.manual_seed(seed)
+            returns, paths = rollouts(agent, ENV_ID, episodes, seed)
+            out[str(temperature)] = {"return": float(np.mean(returns)), "detours": light_from_the_dark(paths)}
+    finally:
+        agent.config, agent.planner = saved, saved_planner
+    return out
+
+
+def probe_run(folder: Path, sweeps: int, seed: int, horizon: int | None = None, particles: int | None = None,
+              temperatures: list[float] = ()) -> dict:
     from pplrl.runner import agent_from_checkpoint
 
     agent, _ = agent_from_checkpoint(folder)
     torch.manual_seed(seed)
-    return {"run": folder.name, "noise": noise_probe(agent, sweeps, seed),
-            "plans": plan_probe(agent, sweeps, seed, horizon, particles)}
+    row = {"run": folder.name, "noise": noise_probe(agent, sweeps, seed),
+           "plans": plan_probe(agent, sweeps, seed, horizon, particles)}
+    if temperatures:
+        row["acting"] = acting_probe(agent, list(temperatures), sweeps, seed)
+    return row
 
 
 def fmt(v, d=2) -> str:
@@ -166,6 +192,14 @@ def table(rows: list[dict]) -> str:
                      f"{fmt(n['spearman'])} | {fmt(pa['info_gain'][0])} / "
                      f"{fmt(pa['info_gain'][1])} | {fmt(pa['reward'][0])} / {fmt(pa['reward'][1])} | "
                      f"{fmt(pt['info_gain'][0])} / {fmt(pt['info_gain'][1])} |")
+    temps = list(dict.fromkeys(t for row in rows for t in row.get("acting", {})))
+    if temps:
+        lines += ["", "| run | " + " | ".join(f"temperature {t}: return (detours)" for t in temps) + " |",
+                  "|---|" + "---|" * len(temps)]
+        for row in rows:
+            cells = [row["acting"].get(t) for t in temps]
+            lines.append(f"| {row['run']} | " + " | ".join(
+                "-" if c is None else f"{c['return']:.1f} ({fmt(c['detours'])})" for c in cells) + " |")
     return "\n".join(lines)
 
 
@@ -178,10 +212,12 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--seed", type=int, default=1000, help="first episode seed (held out from training and evaluation)")
     p.add_argument("--horizon", type=int, default=None, help="steps of the two plans (default: the agent's horizon)")
     p.add_argument("--particles", type=int, default=None, help="belief samples (default: the agent's particles)")
+    p.add_argument("--temperatures", type=float, nargs="*", default=[],
+                   help="also act (plan) at these temperatures on --sweeps held-out episodes: return, detours")
     p.add_argument("--out", type=Path, default=None, help="JSON (default RUNS/model_probe.json)")
     args = p.parse_args(argv)
-    if args.sweeps <= 0 or (args.horizon or 1) <= 0 or (args.particles or 1) <= 0:
-        p.error("--sweeps, --horizon and --particles must be > 0")
+    if min(args.sweeps, args.horizon or 1, args.particles or 1, *args.temperatures) <= 0:
+        p.error("--sweeps, --horizon, --particles and --temperatures must be > 0")
     torch.set_num_threads(1)
     folders = sorted(f for v in args.variants for f in args.runs.glob(f"LightDark-v0-{v}-seed*")
                      if (f / "result.json").exists() and (f / "checkpoint.pt").exists())
@@ -189,13 +225,14 @@ def main(argv=None) -> list[dict]:
         p.error(f"no finished LightDark runs of {args.variants} under {args.runs}")
     rows = []
     for folder in folders:
-        rows.append(probe_run(folder, args.sweeps, args.seed, args.horizon, args.particles))
+        rows.append(probe_run(folder, args.sweeps, args.seed, args.horizon, args.particles, args.temperatures))
         print(f"  probed {folder.name}", flush=True)
     md = table(rows)
     print(md)
     out = args.out or args.runs / "model_probe.json"
     out.write_text(json.dumps({"sweeps": args.sweeps, "seed": args.seed, "horizon": args.horizon,
-                               "particles": args.particles, "rows": rows, "table": md}, indent=1))
+                               "particles": args.particles, "temperatures": args.temperatures, "rows": rows,
+                               "table": md}, indent=1))
     print(f"wrote {out}")
     return rows
 

@@ -86,7 +86,10 @@ def test_light_dark_model_probe_on_a_trained_agent(tmp_path):
               "--eval-every", "60", "--eval-episodes", "1", "--variants", "generative", "--set", *TINY,
               "learning_starts=30"])
     probe = load_experiment("light_dark_model_probe")
-    (row,) = probe.main(["--runs", str(tmp_path), "--sweeps", "2", "--horizon", "8", "--particles", "16"])
+    (row,) = probe.main(["--runs", str(tmp_path), "--sweeps", "2", "--horizon", "8", "--particles", "16",
+                         "--temperatures", "0.3"])
+    acting = row["acting"]["0.3"]
+    assert math.isfinite(acting["return"]) and (acting["detours"] is None or 0.0 <= acting["detours"] <= 1.0)
     n, plans = row["noise"], row["plans"]
     assert n["steps"] == 60 and n["light_steps"] > 0 and n["dark_steps"] > 0
     assert 0.0 < n["true_std_light"] < 0.25 < 1.0 < n["true_std_dark"]
