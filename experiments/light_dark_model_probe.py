@@ -134,10 +134,10 @@ def plan_probe(agent, episodes: int, seed: int, horizon: int | None = None, part
         with torch.no_grad():
             qz, _ = agent.filter_step(stream, x, r, deterministic=True)
             eps = torch.randn((P, *qz.batch_shape, *qz.event_shape), generator=gen)
-            particles = qz.mean + qz.stddev * eps  # the filter's belief (a diagonal Gaussian)
+            z0 = qz.mean + qz.stddev * eps  # samples of the filter's belief (a diagonal Gaussian)
             belief = (torch.as_tensor(true_env.start, dtype=torch.float32)
                       + true_env.start_std * torch.randn(P, 2, generator=gen))
-            terms["agent"].append(planner.score(agent.model, particles, acts, None, CommonNoise())[1])
+            terms["agent"].append(planner.score(agent.model, z0, acts, None, CommonNoise())[1])
             terms["true"].append(planner.score(truth, belief, acts, None, CommonNoise())[1])
     env.close()
     return {model: {key: torch.stack([t[key] for t in ts]).mean(0).tolist() for key in ("info_gain", "reward")}
