@@ -9,6 +9,10 @@ Objectives:
 * the dynamics-ensemble likelihood through SVI with an empty guide vs the same
   Gaussian negative log-likelihood in plain torch (if models.dynamics is available).
 
+Each pair runs twice: with Pyro's validation on (Pyro's default; it also turns on torch's
+distribution argument checks, for the plain-torch side too) and off (how pplrl's agents
+run every update after their first, config ``pyro_validation='first'``).
+
 Prints a table and writes JSON (default runs/bench_overhead.json).
 """
 
@@ -35,15 +39,21 @@ def timed(fn, repeats: int, inner: int) -> list[float]:
     return out
 
 
-def bench_pair(name: str, pyro_fn, torch_fn, repeats: int, inner: int) -> dict:
-    for _ in range(5):  # warm-up
-        pyro_fn(), torch_fn()
-    py, pt = [], []
-    for _ in range(repeats):  # interleave so load changes hit both alike
-        py += timed(pyro_fn, 1, inner)
-        pt += timed(torch_fn, 1, inner)
-    mp, mt = statistics.median(py), statistics.median(pt)
-    return {"objective": name, "pyro_ms": mp, "torch_ms": mt, "ratio": mp / mt, "repeats": repeats, "inner": inner}
+def bench_pair(name: str, pyro_fn, torch_fn, repeats: int, inner: int) -> list[dict]:
+    """One row per validation setting, both sides under the same setting."""
+    rows = []
+    for validation in (True, False):
+        with pyro.validation_enabled(validation):
+            for _ in range(5):  # warm-up
+                pyro_fn(), torch_fn()
+            py, pt = [], []
+            for _ in range(repeats):  # interleave so load changes hit both alike
+                py += timed(pyro_fn, 1, inner)
+                pt += timed(torch_fn, 1, inner)
+        mp, mt = statistics.median(py), statistics.median(pt)
+        rows.append({"objective": name, "validation": validation, "pyro_ms": mp, "torch_ms": mt,
+                     "ratio": mp / mt, "repeats": repeats, "inner": inner})
+    return rows
 
 
 def sac_rows(repeats: int, inner: int, batch_size: int) -> list[dict]:
@@ -68,8 +78,8 @@ def sac_rows(repeats: int, inner: int, batch_size: int) -> list[dict]:
         loss.backward()
         agent.actor_opt.step()
 
-    rows = [bench_pair("SAC actor ELBO (fwd+bwd+step)", lambda: step(agent.actor_loss(batch.obs)[0]),
-                       lambda: step(plain_actor_loss(batch.obs)[0]), repeats, inner)]
+    rows = bench_pair("SAC actor ELBO (fwd+bwd+step)", lambda: step(agent.actor_loss(batch.obs)[0]),
+                      lambda: step(plain_actor_loss(batch.obs)[0]), repeats, inner)
 
     original = SAC.actor_loss
 
@@ -86,8 +96,8 @@ def sac_rows(repeats: int, inner: int, batch_size: int) -> list[dict]:
         finally:
             SAC.actor_loss = original
 
-    rows.append(bench_pair("full SAC update (critic+actor+alpha)", lambda: agent.train_step(batch, 0), plain_update,
-                           repeats, max(1, inner // 2)))
+    rows += bench_pair("full SAC update (critic+actor+alpha)", lambda: agent.train_step(batch, 0), plain_update,
+                       repeats, max(1, inner // 2))
     return rows
 
 
@@ -113,8 +123,8 @@ def ensemble_rows(repeats: int, inner: int, batch_size: int) -> list[dict]:
         loss.backward()
         opt.step()
 
-    return [bench_pair("dynamics ensemble likelihood (SVI step)", lambda: svi.step(obs, act, nxt, rew), plain,
-                       repeats, inner)]
+    return bench_pair("dynamics ensemble likelihood (SVI step)", lambda: svi.step(obs, act, nxt, rew), plain,
+                      repeats, inner)
 
 
 def main(argv=None) -> list[dict]:
@@ -132,9 +142,10 @@ def main(argv=None) -> list[dict]:
             + ensemble_rows(args.repeats, args.inner, args.batch_size))
     print(f"Pyro overhead per update, batch {args.batch_size}, median of {args.repeats} x {args.inner}, "
           f"{torch.get_num_threads()} torch threads")
-    print(f"{'objective':42s} {'pyro ms':>9s} {'torch ms':>9s} {'ratio':>7s}")
+    print(f"{'objective':42s} {'validation':>10s} {'pyro ms':>9s} {'torch ms':>9s} {'ratio':>7s}")
     for r in rows:
-        print(f"{r['objective']:42s} {r['pyro_ms']:9.3f} {r['torch_ms']:9.3f} {r['ratio']:7.2f}")
+        print(f"{r['objective']:42s} {'on' if r['validation'] else 'off':>10s} {r['pyro_ms']:9.3f} "
+              f"{r['torch_ms']:9.3f} {r['ratio']:7.2f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"threads": torch.get_num_threads(), "rows": rows}, indent=1))
     return rows

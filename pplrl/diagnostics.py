@@ -613,6 +613,10 @@ def check_finite(name: str, value: Any, step: int) -> None:
     ``value`` may be a Python/NumPy number, a NumPy array, or a torch tensor
     (any device; gradients are ignored). Finite values pass silently.
     """
+    if type(value) is float:  # the common case (a loss as a float): no array round trip
+        if math.isfinite(value):
+            return
+        value = np.float64(value)
     torch = sys.modules.get("torch")  # a tensor implies torch is already imported
     if torch is not None and isinstance(value, torch.Tensor):
         values = value.detach()

@@ -63,10 +63,19 @@ class TanhNormal(dist.TorchDistribution):
             raise ValueError("TanhNormal needs at least one event dimension (the action vector)")
         low = torch.as_tensor(low, dtype=loc.dtype, device=loc.device)
         high = torch.as_tensor(high, dtype=loc.dtype, device=loc.device)
-        if torch.any(high <= low):
+        # an argument check, so skipped like torch's own when validation is off (a sync per build)
+        validate = torch.distributions.Distribution._validate_args if validate_args is None else validate_args
+        if validate and torch.any(high <= low):
             raise ValueError("TanhNormal needs low < high in every dimension")
         self.loc, self.scale, self.low, self.high = loc, scale, low, high
+        self._mid = self._half = None
         super().__init__(loc.shape[:-1], loc.shape[-1:], validate_args=validate_args)
+
+    def _mid_half(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(high + low) / 2`` and ``(high - low) / 2``, computed once per instance."""
+        if self._mid is None:
+            self._mid, self._half = (self.high + self.low) / 2, (self.high - self.low) / 2
+        return self._mid, self._half
 
     @property
     def support(self):
@@ -78,23 +87,24 @@ class TanhNormal(dist.TorchDistribution):
         new.loc = self.loc.expand(batch_shape + self.event_shape)
         new.scale = self.scale.expand(batch_shape + self.event_shape)
         new.low, new.high = self.low, self.high
+        new._mid = new._half = None
         super(TanhNormal, new).__init__(batch_shape, self.event_shape, validate_args=False)
         new._validate_args = self._validate_args
         return new
 
     def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
         eps = _standard_normal(self._extended_shape(sample_shape), dtype=self.loc.dtype, device=self.loc.device)
-        half = (self.high - self.low) / 2
-        return (self.high + self.low) / 2 + half * torch.tanh(self.loc + eps * self.scale)
+        mid, half = self._mid_half()
+        return mid + half * torch.tanh(self.loc + eps * self.scale)
 
     def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
         with torch.no_grad():
             return self.rsample(sample_shape)
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        half = (self.high - self.low) / 2
+        mid, half = self._mid_half()
         eps = torch.finfo(value.dtype).eps
-        u = torch.atanh(((value - (self.high + self.low) / 2) / half).clamp(-1.0 + eps, 1.0 - eps))
+        u = torch.atanh(((value - mid) / half).clamp(-1.0 + eps, 1.0 - eps))
         normal = -((u - self.loc) ** 2) / (2 * self.scale ** 2) - self.scale.log() - _LOG_SQRT_2PI
         log_dtanh = 2.0 * (math.log(2.0) - u - F.softplus(-2.0 * u))
         return (normal - log_dtanh - half.log()).sum(-1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import threading
 import types
 import typing
 from typing import Any
@@ -32,12 +33,63 @@ def module_local(method):
     parameters by name through the global param store, and optimisers are plain
     torch optimisers whose state checkpoints by module. An agent whose config's
     ``device`` is not the CPU also runs it under ``with torch.device(device)``
-    (:mod:`pplrl.device`): every tensor it creates lands there."""
+    (:mod:`pplrl.device`): every tensor it creates lands there.
+
+    A method called from inside another agent method of the same device runs directly:
+    the context is already set (an SAC update makes ~19 such nested calls, and entering
+    the two contexts each time cost ~0.3 ms of a ~14 ms update)."""
 
     @functools.wraps(method)
     def wrapper(*args, **kwargs):
-        with pyro.settings.context(module_local_params=True), device_context(_config_device(args)):
+        device = _config_device(args)
+        outer = getattr(_ACTIVE, "device", _OUTSIDE)
+        if outer == device and pyro.settings.get("module_local_params"):
             return method(*args, **kwargs)
+        _ACTIVE.device = device
+        try:
+            with pyro.settings.context(module_local_params=True), device_context(device):
+                return method(*args, **kwargs)
+        finally:
+            _ACTIVE.device = outer
+
+    return wrapper
+
+
+#: the device of the agent method running on this thread (:func:`module_local`)
+_ACTIVE = threading.local()
+_OUTSIDE = object()
+
+
+#: values of the ``pyro_validation`` config field
+PYRO_VALIDATION = ("first", "always", "never")
+
+
+def check_pyro_validation(value) -> None:
+    """ValueError unless ``value`` is one of :data:`PYRO_VALIDATION`."""
+    if value not in PYRO_VALIDATION:
+        raise ValueError(f"pyro_validation must be one of {', '.join(PYRO_VALIDATION)}; got {value!r}")
+
+
+def validated_update(method):
+    """Run an agent's ``update`` under Pyro's validation as its config's ``pyro_validation``
+    says: ``'always'``, ``'never'``, or ``'first'`` (on until an update has trained, i.e.
+    returned metrics, then off). Pyro's validation (``pyro.validation_enabled``) also
+    switches torch's distribution argument checks; Pyro's docs recommend turning it off for
+    mature models "to speed up inference". pplrl's own checks (model/guide site match,
+    finite losses) do not depend on it. A config without the field keeps Pyro's global
+    setting."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        mode = getattr(getattr(self, "config", None), "pyro_validation", None)
+        if mode is None:
+            return method(self, *args, **kwargs)
+        on = mode == "always" or (mode == "first" and not getattr(self, "_pyro_validated", False))
+        with pyro.validation_enabled(on):
+            out = method(self, *args, **kwargs)
+        if out:
+            self._pyro_validated = True
+        return out
 
     return wrapper
 
@@ -63,7 +115,7 @@ class Agent:
         for name, value in list(vars(cls).items()):
             if callable(value) and not isinstance(value, (staticmethod, classmethod, type)) and (
                     not name.startswith("_") or name == "__init__"):
-                setattr(cls, name, module_local(value))
+                setattr(cls, name, module_local(validated_update(value) if name == "update" else value))
 
     def act(self, obs: np.ndarray, deterministic: bool = False) -> np.ndarray:
         raise NotImplementedError

@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from guides.pomdp import ActionPosterior, FilteringGuide, pomdp_guide
 from models.pomdp import POMDPModel, Window, check_samples, check_window, pomdp_model
 from models.sites import site
-from pplrl.algorithms.base import Agent
+from pplrl.algorithms.base import Agent, check_pyro_validation
 from pplrl.device import resolve_device
 from pplrl.diagnostics import importance_weight_diagnostics
 from pplrl.elbo import POMDPELBO
@@ -182,9 +182,13 @@ class GenerativeAgentConfig:
     device: str = "cpu"
     """where the agent's networks and sampled windows live: 'cpu', 'cuda' (or 'cuda:N'), or 'auto'
     (CUDA when a GPU is present); the sequence replay stays in host memory (pplrl.device)"""
+    pyro_validation: str = "first"
+    """Pyro's and torch's checks in ``update``: 'first' (the first update that trains, then
+    off), 'always', 'never' (pplrl.algorithms.base.validated_update)"""
 
     def validate(self) -> None:
         resolve_device(self.device)
+        check_pyro_validation(self.pyro_validation)
         check_window(self.window)
         check_samples(self.info_gain_samples)
         check_samples(self.plan_info_gain_samples)

@@ -49,7 +49,7 @@ from guides.actor import actor_guide
 from guides.continuous import GaussianPolicy
 from models.actor import actor_model, flat_prior
 from models.sites import inverse_temperature, temperature_value
-from pplrl.algorithms.base import Agent
+from pplrl.algorithms.base import Agent, check_pyro_validation
 from pplrl.device import resolve_device
 from pplrl.elbo import ReparamOptimalityELBO, soft_value
 from pplrl.nets import TwinQ, VNetwork, adam, polyak_update, target_copy
@@ -79,6 +79,11 @@ class OffPolicyConfig:
     device: str = "cpu"
     """where the agent's networks and batches live: 'cpu', 'cuda' (or 'cuda:N'), or 'auto'
     (CUDA when a GPU is present); the replay stays in host memory (pplrl.device)"""
+    pyro_validation: str = "first"
+    """Pyro's and torch's checks (distribution arguments and supports, NaN warnings) in
+    ``update``: 'first' (on for the first update that trains, then off: Pyro's advice for
+    mature models; about 0.3 ms of a 14 ms SAC update), 'always', 'never'. pplrl's own site-match and
+    finite-loss checks always run (pplrl.algorithms.base.validated_update)"""
 
     #: further fields that must be > 0 (subclasses extend)
     positive: ClassVar[tuple[str, ...]] = ()
@@ -96,6 +101,7 @@ class OffPolicyConfig:
         if isinstance(self.warmup_hold, bool) or not isinstance(self.warmup_hold, int) or self.warmup_hold < 1:
             raise ValueError(f"warmup_hold must be an integer >= 1, got {self.warmup_hold!r}")
         resolve_device(self.device)
+        check_pyro_validation(self.pyro_validation)
 
 
 class OffPolicyActorCritic(Agent):
