@@ -113,6 +113,26 @@ def test_resume_with_a_different_config_names_the_keys(tmp_path):
     train("sac", tiny(), tmp_path, 300, resume=True, eval_every=200, eval_episodes=1, progress=False)
 
 
+def test_a_run_from_before_a_config_field_existed_resumes(tmp_path):
+    """A run folder whose config (config.json and checkpoint) lacks a field added since resumes
+    with the current defaults (a new field defaults to the behaviour before it); a given config
+    that sets the field otherwise is still refused, naming it."""
+    from pplrl.runner import write_checkpoint
+
+    train("sac", tiny(), tmp_path, 200, eval_every=200, eval_episodes=1, checkpoint_every=200, progress=False)
+    recorded = json.loads((tmp_path / "config.json").read_text())
+    del recorded["config"]["pyro_validation"]  # as written by pplrl before the field
+    (tmp_path / "config.json").write_text(json.dumps(recorded))
+    state = load_checkpoint(tmp_path, "sac")
+    del state["config"]["pyro_validation"]
+    write_checkpoint(tmp_path, state)
+    with pytest.raises(ValueError, match=r"pyro_validation: saved 'first', given 'always'"):
+        train("sac", tiny(pyro_validation="always"), tmp_path, 300, resume=True, eval_every=200, eval_episodes=1,
+              progress=False)
+    agent = train("sac", tiny(), tmp_path, 300, resume=True, eval_every=200, eval_episodes=1, progress=False)
+    assert agent.config == tiny() and load_checkpoint(tmp_path, "sac")["step"] == 300
+
+
 def test_nan_loss_stops_with_step_and_name_and_keeps_checkpoint(tmp_path, monkeypatch):
     original = SAC.critic_target_value
 
