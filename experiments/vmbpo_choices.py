@@ -19,9 +19,11 @@ finished), then, at the trained agent's critic, models and replay:
    agent's own step-1 fit, warm-started from p_theta refitted just before, as a training
    update does), KL(q_d || p_theta)
    by the two ensembles' elite mixtures on a batch of replay states with a ~ q_c.
-2. **nu's reference.** The nu network the run trained, and a fresh one (same architecture and seed for both) fitted by
-   eq. 21 for ``--nu-steps`` steps (batch 256, the agent's learning rate) with the p side
-   from p_theta ('model') or from D's real next states ('real'), then evaluated on a fresh
+2. **nu's reference and actions.** The nu network the run trained, and a fresh one (same
+   architecture and seed for each) fitted by eq. 21 for ``--nu-steps`` steps (batch 256, the
+   agent's learning rate) with the p side from p_theta ('model') or from D's real next states
+   ('real'), each at the real batch's actions (``nu_actions='replay'``) or at the critic's
+   model samples, a ~ q_c (``'policy'``, eq. 21's E), then evaluated on a fresh
    batch of (x ~ D, a ~ q_c, x' ~ q_d), the samples the critic's target uses it on: against
    log q_d/p_theta from the two ensembles' mixture densities (exact for the models the
    agent holds), the mean (the KL estimate), the RMSE, the correlation, and the share of
@@ -112,19 +114,26 @@ def nu_reference_effect(agent, steps: int, seed: int) -> dict:
                 "corr": float(np.corrcoef(nu.numpy(), exact.numpy())[0, 1]),
                 "at_bound": float((nu.abs() > 0.95 * c.nu_clip).float().mean()) if c.nu_clip else 0.0}
 
+    saved_actions = c.nu_actions
     try:
         out["agent"] = score(saved_nu)  # the nu the run trained (nu_reference as configured)
-        for ref in ("model", "real"):
+        for actions, ref in NU_VARIANTS:
             torch.manual_seed(seed)
+            c.nu_actions = actions
             agent.nu = mlp(2 * agent.obs_dim + agent.act_dim, 1, c.hidden)
             agent.nu_opt = adam(agent.nu.parameters(), lr=c.lr)
             rng = np.random.default_rng(seed)
             for _ in range(steps):
                 agent.nu_update(agent.replay.sample(c.batch_size, rng), 0, reference=ref)
-            out[ref] = score(agent.nu)
+            out[ref if actions == "replay" else f"{ref}_policy"] = score(agent.nu)
     finally:
-        agent.nu, agent.nu_opt = saved_nu, saved_opt
+        agent.nu, agent.nu_opt, c.nu_actions = saved_nu, saved_opt, saved_actions
     return out
+
+
+#: the fresh nu fits: (nu_actions, nu_reference); keys 'model', 'real', 'model_policy', 'real_policy'
+NU_VARIANTS = (("replay", "model"), ("replay", "real"), ("policy", "model"), ("policy", "real"))
+NU_KEYS = ("agent", "model", "real", "model_policy", "real_policy")
 
 
 def _mean(results: dict) -> dict:
@@ -148,7 +157,8 @@ def _mean(results: dict) -> dict:
 
 def table(results: dict) -> str:
     head = ("seed | return | beyond clamp | k-hat clamped / raw | ESS frac clamped / raw | KL(q_d||p) clamped / raw"
-            " | exact KL | nu: KL, RMSE, corr, at bound: the run's | fresh, 'model' | fresh, 'real'")
+            " | exact KL | nu: KL, RMSE, corr, at bound: the run's | fresh, 'model' | fresh, 'real'"
+            " | fresh, 'model', a ~ q_c | fresh, 'real', a ~ q_c")
     lines = [head]
     rows = dict(results)
     if len(results) > 1:
@@ -160,7 +170,7 @@ def table(results: dict) -> str:
             f"{t['unclamped']['khat']:.2f} | {t['clamped']['ess_frac']:.3f} / {t['unclamped']['ess_frac']:.3f} | "
             f"{t['clamped']['kl_q_d_p']:.3f} / {t['unclamped']['kl_q_d_p']:.3f} | {n['exact_kl']:.3f} | "
             + " | ".join(f"{n[ref]['kl_estimate']:.3f}, {n[ref]['rmse']:.3f}, {n[ref]['corr']:.2f}, "
-                         f"{n[ref]['at_bound']:.3f}" for ref in ("agent", "model", "real")))
+                         f"{n[ref]['at_bound']:.3f}" for ref in NU_KEYS if ref in n))
     return "\n".join(lines)
 
 

@@ -63,15 +63,46 @@ def test_step2_nu_loss_by_hand():
     model_next = b.next_obs + 0.3
     nu_q = a.nu(torch.cat([b.obs, b.act, model_next], -1)).squeeze(-1)
     nu_p = a.nu(torch.cat([b.obs, b.act, b.next_obs], -1)).squeeze(-1)
-    torch.testing.assert_close(a.nu_loss(b, model_next, 0), -(nu_q.mean() - nu_p.exp().mean()))
+    torch.testing.assert_close(a.nu_loss((b.obs, b.act, model_next), (b.obs, b.act, b.next_obs), 0),
+                               -(nu_q.mean() - nu_p.exp().mean()))
     # the p side from the prior model's samples (nu_reference='model'), nu softly bounded by 0.5
     c = agent(VMBPO, nu_clip=0.5)
     prior_next = b.next_obs - 0.2
     raw_q = c.nu(torch.cat([b.obs, b.act, model_next], -1)).squeeze(-1)
     raw_p = c.nu(torch.cat([b.obs, b.act, prior_next], -1)).squeeze(-1)
     nu_q, nu_p = 0.5 * torch.tanh(raw_q / 0.5), 0.5 * torch.tanh(raw_p / 0.5)
-    torch.testing.assert_close(c.nu_loss(b, model_next, 0, prior_next), -(nu_q.mean() - nu_p.exp().mean()))
+    torch.testing.assert_close(c.nu_loss((b.obs, b.act, model_next), (b.obs, b.act, prior_next), 0),
+                               -(nu_q.mean() - nu_p.exp().mean()))
     torch.testing.assert_close(c.log_ratio(b.obs, b.act, model_next), nu_q)
+
+
+def test_nu_actions_policy_fits_nu_on_the_critics_model_samples(monkeypatch):
+    """nu_actions='policy' (eq. 21's E): nu's q side is the critic's own model rows (x, a ~ q_c,
+    x' ~ q_d), its p side p_theta's x' from the same pass as the critic's reward, and the update
+    runs no model pass beyond the critic's two; 'replay' runs two more, at the real (x, a)."""
+    calls = []
+    for nu_actions, extra in (("policy", 0), ("replay", 2)):
+        a = agent(VMBPO, nu_actions=nu_actions, real_ratio=0.25)
+        for ens in (a.q_dynamics, a.ensemble):
+            original = ens.predict
+            monkeypatch.setattr(ens, "predict", lambda *args, _f=original, **kw: calls.append(1) or _f(*args, **kw))
+        calls.clear()
+        a.e_step_update(0)
+        assert len(calls) == 2 + extra, nu_actions
+    c, b = agent(VMBPO, nu_actions="policy", real_ratio=0.25), batch(8)
+    mb, prior_next = c.model_samples(b)
+    (qx, qa, qn), (px, pa, pn) = c.nu_samples(b, "model", (mb, prior_next))
+    for t, ref in ((qx, mb.obs[2:]), (qa, mb.act[2:]), (qn, mb.next_obs[2:]), (px, mb.obs[2:]), (pa, mb.act[2:]),
+                   (pn, prior_next)):
+        torch.testing.assert_close(t, ref)
+    assert prior_next.shape == (6, b.obs.shape[1]) and not torch.equal(prior_next, mb.next_obs[2:])
+    _, (px, pa, pn) = c.nu_samples(b, "real", (mb, prior_next))  # the paper's D on the p side
+    for t, ref in ((px, b.obs), (pa, b.act), (pn, b.next_obs)):
+        torch.testing.assert_close(t, ref)
+    with pytest.raises(ValueError, match="nu_actions must be 'replay' or 'policy'"):
+        agent(VMBPO, nu_actions="both")
+    with pytest.raises(ValueError, match="real_ratio=1 leaves none"):
+        agent(VMBPO, nu_actions="policy", real_ratio=1.0)
 
 
 def test_nu_clip_bounds_the_log_ratio():

@@ -24,8 +24,8 @@ def test_vmbpo_choices_runs_and_resumes(tmp_path, capsys):
     if t["beyond_clamp"] == 0.0:  # nothing clamped: the same weights
         assert t["clamped"]["ess_frac"] == t["unclamped"]["ess_frac"]
     assert math.isfinite(n["exact_kl"]) and n["exact_kl"] > -0.05  # a KL, up to Monte Carlo error
-    for ref in ("agent", "model", "real"):
+    for ref in ("agent", "model", "real", "model_policy", "real_policy"):
         assert n[ref]["rmse"] >= 0 and -1 <= n[ref]["corr"] <= 1 and 0 <= n[ref]["at_bound"] <= 1
-    assert "fresh, 'model'" in capsys.readouterr().out
+    assert "fresh, 'model', a ~ q_c" in capsys.readouterr().out
     again = vc.main(args)  # the finished run is read back, not retrained
     assert again["results"]["0"]["return"] == r["return"]

@@ -135,6 +135,13 @@ class VMBPOConfig(EnsembleConfig, SACConfig):
     """samples of p in nu's dual (eq. 21): 'real' next states from D (the paper), or 'model'
     x' ~ p_theta(.|x, a) (the prior model of beta eq. 10; on deterministic tasks log q_d/p_real
     is unbounded)"""
+    nu_actions: str = "replay"
+    """the (x, a) at which nu's dual (eq. 21) is fitted: 'replay', the real batch's (x, a), with
+    x' ~ q_d and (reference 'model') x' ~ p_theta drawn for them (two model passes of their own
+    per update); 'policy', eq. 21's E as written: the critic's own model samples of the same
+    update (x ~ D, a ~ q_c, x' ~ q_d), the 'model' reference's x' ~ p_theta from the same pass
+    as the critic's reward, so nu is fitted where the critic's target reads it and costs no
+    model pass"""
     max_log_weight: float = 30.0
     """unclamped exponent above this stops training with a clear error"""
     log_ratio: str = "nu"
@@ -233,6 +240,10 @@ class VMBPOConfig(EnsembleConfig, SACConfig):
             raise ValueError(f"exp_td_form must be 'eq39' or 'linex', got {self.exp_td_form!r}")
         if self.nu_reference not in ("real", "model"):
             raise ValueError(f"nu_reference must be 'real' or 'model', got {self.nu_reference!r}")
+        if self.nu_actions not in ("replay", "policy"):
+            raise ValueError(f"nu_actions must be 'replay' or 'policy', got {self.nu_actions!r}")
+        if self.nu_actions == "policy" and self.real_ratio >= 1.0 and self.log_ratio == "nu":
+            raise ValueError("nu_actions='policy' fits nu on the critic's model samples; real_ratio=1 leaves none")
         if self.log_ratio not in ("nu", "ensembles"):
             raise ValueError(f"log_ratio must be 'nu' or 'ensembles', got {self.log_ratio!r}")
         if self.e_step not in ("model_based", "model_free"):
@@ -455,45 +466,58 @@ class VariationalAgent(SAC):
             return self.ensemble_log_density(self.q_dynamics, obs, act, next_obs) \
                 - self.ensemble_log_density(self.ensemble, obs, act, next_obs)
 
-    def nu_loss(self, real: Batch, model_next_obs: torch.Tensor, step: int,
-                prior_next_obs: torch.Tensor | None = None) -> torch.Tensor:
-        """-(E_{x'~q_d}[nu] - E_{x'~p}[exp nu]), the f-divergence dual (VMBPO eq. 21).
-
-        The p side uses ``prior_next_obs`` (x' ~ p_theta for the same (x, a), config
-        ``nu_reference='model'``) or, by default, the real next states of the batch."""
-        nu_q = self.nu_value(real.obs, real.act, model_next_obs)
-        nu_p = self.nu_value(real.obs, real.act, real.next_obs if prior_next_obs is None else prior_next_obs)
+    def nu_loss(self, q_side: tuple, p_side: tuple, step: int) -> torch.Tensor:
+        """-(E_{x'~q_d}[nu] - E_{x'~p}[exp nu]), the f-divergence dual (VMBPO eq. 21), on
+        ``q_side`` = (x, a, x' ~ q_d) and ``p_side`` = (x, a, x' ~ p): p_theta's samples
+        (``nu_reference='model'``) or real transitions ('real')."""
+        nu_q = self.nu_value(*q_side)
+        nu_p = self.nu_value(*p_side)
         return -(nu_q.mean() - self._exp_weight(nu_p, "exp(nu)", step).mean())
 
-    def nu_update(self, real: Batch, step: int, reference: str | None = None) -> dict[str, float]:
-        """One gradient step of nu on eq. 21 at the real batch's (x, a): x' ~ q_d against x' ~
-        p_theta or the real x' (``reference``, default ``nu_reference``); returns the loss."""
-        reference = self.config.nu_reference if reference is None else reference
+    def nu_samples(self, real: Batch, reference: str, model: tuple | None = None) -> tuple[tuple, tuple]:
+        """The two sides of eq. 21 for one update (``nu_actions``): at the critic's model samples
+        ``model`` = (its Batch, p_theta's x' for it) when 'policy' (drawn here when not given),
+        else at the real batch's (x, a) with fresh draws of q_d and p_theta."""
+        if self.config.nu_actions == "policy":
+            batch, prior_next = self.model_samples(real) if model is None else model
+            m = round(self.config.real_ratio * batch.obs.shape[0])  # the model rows
+            x, a = batch.obs[m:], batch.act[m:]
+            q_side = (x, a, batch.next_obs[m:])
+            p_side = (x, a, prior_next) if reference == "model" else (real.obs, real.act, real.next_obs)
+            return q_side, p_side
         with torch.no_grad():
             model_next, _, _ = self.q_dynamics.predict(real.obs, real.act)
-            prior_next = self.ensemble.predict(real.obs, real.act)[0] if reference == "model" else None
-        loss = self.nu_loss(real, model_next, step, prior_next)
+            prior_next = self.ensemble.predict(real.obs, real.act)[0] if reference == "model" else real.next_obs
+        return (real.obs, real.act, model_next), (real.obs, real.act, prior_next)
+
+    def nu_update(self, real: Batch, step: int, reference: str | None = None,
+                  model: tuple | None = None) -> dict[str, float]:
+        """One gradient step of nu on eq. 21 (:meth:`nu_samples`; ``reference`` defaults to
+        ``nu_reference``); returns the loss."""
+        reference = self.config.nu_reference if reference is None else reference
+        loss = self.nu_loss(*self.nu_samples(real, reference, model), step)
         metrics = self.checked(step, nu_loss=loss)
         self.gradient_step(self.nu_opt, loss)
         return metrics
 
     # -- model samples ----------------------------------------------------------------------
-    def model_batch(self, real: Batch) -> tuple[Batch, torch.Tensor | None]:
-        """x from D_env, a ~ q_c, x' ~ q_d, r ~ p_theta (beta Algorithm 1), and log q_d/p where
-        the critic uses it (:attr:`critic_needs_log_ratio`; None otherwise); the first
-        ``real_ratio`` of the rows keep the real (a, r, x', done) of ``real`` instead.
+    def model_samples(self, real: Batch) -> tuple[Batch, torch.Tensor]:
+        """x from D_env, a ~ q_c, x' ~ q_d, r ~ p_theta (beta Algorithm 1); the first
+        ``real_ratio`` of the rows keep the real (a, r, x', done) of ``real`` instead. Also
+        returns p_theta's own x' for the model rows (the same pass as r), which nu's dual reads
+        (``nu_actions='policy'``).
 
         Each model row runs through one sampled elite of each ensemble
         (:meth:`~models.dynamics.GaussianEnsemble.elite_rows`, the batch split over the
         elites), the same per-row distribution as a full pass with a per-row draw at 1 / E of
-        its cost; the elite mixtures' densities are computed only for the ensembles' log-ratio."""
+        its cost."""
         obs = real.obs
         with torch.no_grad():
             act = self.policy(obs).sample()
             n_real = round(self.config.real_ratio * obs.shape[0])
             m_obs, m_act = obs[n_real:], act[n_real:]
             next_obs, _, _ = self.q_dynamics.predict(m_obs, m_act)
-            _, rew, _ = self.ensemble.predict(m_obs, m_act)
+            prior_next, rew, _ = self.ensemble.predict(m_obs, m_act)
             done = torch.zeros_like(rew)
             if self.termination_fn is not None:
                 done = torch.as_tensor(self.termination_fn(*(t.cpu().numpy() for t in (m_obs, m_act, next_obs))),
@@ -502,8 +526,20 @@ class VariationalAgent(SAC):
                 act = torch.cat([real.act[:n_real], m_act])
                 rew, next_obs, done = (torch.cat([r[:n_real], m]) for r, m in (
                     (real.rew, rew), (real.next_obs, next_obs), (real.done, done)))
-            log_ratio = self.log_ratio(obs, act, next_obs) if self.critic_needs_log_ratio else None
-        return Batch(obs, act, rew, next_obs, done), log_ratio
+        return Batch(obs, act, rew, next_obs, done), prior_next
+
+    def batch_log_ratio(self, batch: Batch) -> torch.Tensor | None:
+        """log q_d/p on a model batch where the critic uses it (:attr:`critic_needs_log_ratio`;
+        None otherwise); the elite mixtures' densities are computed only for the ensembles'."""
+        if not self.critic_needs_log_ratio:
+            return None
+        with torch.no_grad():
+            return self.log_ratio(batch.obs, batch.act, batch.next_obs)
+
+    def model_batch(self, real: Batch) -> tuple[Batch, torch.Tensor | None]:
+        """:meth:`model_samples`' batch and its :meth:`batch_log_ratio`."""
+        batch, _ = self.model_samples(real)
+        return batch, self.batch_log_ratio(batch)
 
     @property
     def critic_needs_log_ratio(self) -> bool:
@@ -669,14 +705,21 @@ class VariationalAgent(SAC):
         c = self.config
         real = self.replay.sample(c.batch_size, self.rng)
         metrics: dict[str, float] = {}
-        # step 2 (VMBPO): nu by the f-divergence dual
-        if c.log_ratio == "nu" and c.e_step == "model_based":
-            metrics.update(self.nu_update(real, step))
-        # step 3: critic on model samples (model-based) or real data (model-free)
+        # the critic's samples: model samples (model-based) or real data (model-free)
         if c.e_step == "model_based":
-            batch, log_ratio = self.model_batch(real)
+            # step 2 (VMBPO): nu by the f-divergence dual, before the critic's target reads it;
+            # at the real batch's (x, a) before the model samples are drawn (the random streams
+            # of 'replay' are those of pplrl before nu_actions existed), or on those samples
+            nu = c.log_ratio == "nu"
+            if nu and c.nu_actions == "replay":
+                metrics.update(self.nu_update(real, step))
+            batch, prior_next = self.model_samples(real)
+            if nu and c.nu_actions == "policy":
+                metrics.update(self.nu_update(real, step, model=(batch, prior_next)))
+            log_ratio = self.batch_log_ratio(batch)
         else:
             batch, log_ratio = real, None
+        # step 3: critic
         critic_loss = self.critic_loss(batch, log_ratio, step)
         metrics.update(self.checked(step, critic_loss=critic_loss))
         self.gradient_step(self.critic_opt, critic_loss)
