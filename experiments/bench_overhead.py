@@ -101,6 +101,51 @@ def sac_rows(repeats: int, inner: int, batch_size: int) -> list[dict]:
     return rows
 
 
+def actor_breakdown(repeats: int, batch_size: int) -> dict:
+    """Where the actor ELBO's forward spends its extra time, validation off, medians over
+    ``repeats`` interleaved calls (microseconds): Pyro's steps of ``get_importance_trace``
+    (the guide's trace, the model's trace replayed against it, pruning the plates' subsample
+    sites, the model's log-probs, the guide's score parts) beside the plain loss's steps
+    (policy forward and sample, critic forward, log q)."""
+    from pyro import poutine
+    from pyro.poutine.util import prune_subsample_sites
+
+    from pplrl.algorithms import SAC, default_config
+
+    agent = SAC(default_config("sac", batch_size=batch_size), 3, 1)
+    obs = torch.randn(batch_size, 3)
+    args, kwargs = agent.actor_args(obs, agent.critic.min, agent.alpha)
+    times: dict[str, list[float]] = {}
+
+    def lap(marks):
+        for (name, t0), (_, t1) in zip(marks[:-1], marks[1:]):
+            times.setdefault(name, []).append((t1 - t0) * 1e6)
+
+    with pyro.validation_enabled(False), pyro.settings.context(module_local_params=True):
+        for i in range(repeats + 20):
+            m = [("pyro: guide trace", time.perf_counter())]
+            g = poutine.trace(agent.guide).get_trace(*args, **kwargs)
+            m.append(("pyro: model trace (replayed)", time.perf_counter()))
+            mt = poutine.trace(poutine.replay(agent.model, trace=g)).get_trace(*args, **kwargs)
+            m.append(("pyro: prune subsample sites", time.perf_counter()))
+            g, mt = prune_subsample_sites(g), prune_subsample_sites(mt)
+            m.append(("pyro: model log-probs", time.perf_counter()))
+            mt.compute_log_prob()
+            m.append(("pyro: guide score parts", time.perf_counter()))
+            g.compute_score_parts()
+            m.append(("plain: policy forward + sample", time.perf_counter()))
+            d = agent.policy(obs)
+            a = d.rsample()
+            m.append(("plain: critic forward", time.perf_counter()))
+            agent.critic.min(obs, a)
+            m.append(("plain: log q", time.perf_counter()))
+            d.log_prob(a)
+            m.append(("end", time.perf_counter()))
+            if i >= 20:  # warm-up
+                lap(m)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def ensemble_rows(repeats: int, inner: int, batch_size: int) -> list[dict]:
     try:
         from models.dynamics import GaussianEnsemble
@@ -146,8 +191,13 @@ def main(argv=None) -> list[dict]:
     for r in rows:
         print(f"{r['objective']:42s} {'on' if r['validation'] else 'off':>10s} {r['pyro_ms']:9.3f} "
               f"{r['torch_ms']:9.3f} {r['ratio']:7.2f}")
+    breakdown = actor_breakdown(20 * args.repeats, args.batch_size)
+    print("actor ELBO forward, piece by piece (validation off; microseconds, median):")
+    for k, v in breakdown.items():
+        print(f"  {k:36s} {v:8.1f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"threads": torch.get_num_threads(), "rows": rows}, indent=1))
+    args.out.write_text(json.dumps({"threads": torch.get_num_threads(), "rows": rows, "actor_breakdown": breakdown},
+                                   indent=1))
     return rows
 
 
