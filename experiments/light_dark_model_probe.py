@@ -58,11 +58,9 @@ def learned_x_std(agent, state: torch.Tensor) -> float:
 def fresh_stream(agent):
     """A filter stream at an episode's start (no state yet, a zero previous action), as the
     agent's own acting stream begins one."""
-    from pplrl.algorithms.generative_agent import _Stream
+    from pplrl.algorithms.generative_agent import FilterStream
 
-    stream = _Stream()
-    stream.a_prev = torch.zeros(agent.act_dim)
-    return stream
+    return FilterStream().begin_episode(agent.act_dim)
 
 
 def noise_probe(agent, episodes: int, seed: int) -> dict:

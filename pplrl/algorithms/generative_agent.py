@@ -305,7 +305,7 @@ class QNetwork(torch.nn.Module):
         return self.net(torch.cat([z, a], -1)).squeeze(-1)
 
 
-class _Stream:
+class FilterStream:
     """One stream of interaction (training or evaluation): the filter's state s_{t-1} of
     the current episode (carried step by step from the episode start), the last executed
     action, and, within an action-repeat block, the environment steps left to repeat it
@@ -324,6 +324,12 @@ class _Stream:
     def load_state_dict(self, d: dict) -> None:
         self.state, self.a_prev, self.repeat_left, self.reward_sum = (d["state"], d["a_prev"], d["repeat_left"],
                                                                        d["reward_sum"])
+
+    def begin_episode(self, act_dim: int) -> FilterStream:
+        """Reset to an episode's start: no filter state yet, a zero previous action (what
+        :meth:`GenerativeAgent.act` does on an episode's first observation); returns self."""
+        self.state, self.a_prev, self.repeat_left, self.reward_sum = None, torch.zeros(act_dim), 0, 0.0
+        return self
 
 
 class GenerativeAgent(Agent):
@@ -360,7 +366,7 @@ class GenerativeAgent(Agent):
         self.elbo = POMDPELBO(generative=c.generative, marginal_weight=c.marginal_weight, free_nats=c.free_nats)
         self.planner = CEMPlanner(c.planner_config())
         self.replay = SequenceReplay(self.x_dim, act_dim, c.buffer_size, s_dim=self.model.s_dim)
-        self.streams = {"train": _Stream(), "eval": _Stream()}
+        self.streams = {"train": FilterStream(), "eval": FilterStream()}
         self.pending: dict | None = None
         self.pending_steps = 0
         self.steps_seen = 0
@@ -388,7 +394,7 @@ class GenerativeAgent(Agent):
         p = self.model.action_prior(z_particles.mean(0))
         return p.mean, p.stddev
 
-    def filter_step(self, stream: _Stream, x, r, deterministic: bool):
+    def filter_step(self, stream: FilterStream, x, r, deterministic: bool):
         """q(s_t) from the stream's s_{t-1} (the whole episode so far, one update per
         decision; zeros at the episode start), a_{t-1} and (x_t, r_t); the stream's state
         becomes a sample of it (its mean when deterministic). Training windows start from
@@ -402,7 +408,7 @@ class GenerativeAgent(Agent):
         x, r, first = split_view(obs)
         s = self.streams["eval" if deterministic else "train"]
         if first or s.a_prev is None:
-            s.state, s.a_prev, s.repeat_left, s.reward_sum = None, torch.zeros(self.act_dim), 0, 0.0
+            s.begin_episode(self.act_dim)
         if s.repeat_left > 0:  # within an action-repeat block: hold the action, add up the rewards
             s.repeat_left -= 1
             s.reward_sum += r
@@ -600,7 +606,7 @@ class GenerativeAgent(Agent):
             self.critic.load_state_dict(state["critic"])
             self.critic_target.load_state_dict(state["critic_target"])
             self.critic_opt.load_state_dict(state["critic_opt"])
-        self.streams = {"train": _Stream(), "eval": _Stream()}
+        self.streams = {"train": FilterStream(), "eval": FilterStream()}
         if state.get("train_stream") is not None:  # the episode's filter state: a resumed episode continues it
             self.streams["train"].load_state_dict(state["train_stream"])
         # a block cut short by the end of a run is stored at the next (episode-start) act
@@ -613,4 +619,4 @@ class DiscriminativeAgent(GenerativeAgent):
 
 
 __all__ = ["DiscriminativeAgent", "DiscriminativeAgentConfig", "GenerativeAgent", "GenerativeAgentConfig",
-           "SequenceReplay"]
+           "FilterStream", "SequenceReplay"]
