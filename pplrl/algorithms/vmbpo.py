@@ -141,7 +141,8 @@ class VMBPOConfig(EnsembleConfig, SACConfig):
     per update); 'policy', eq. 21's E as written: the critic's own model samples of the same
     update (x ~ D, a ~ q_c, x' ~ q_d), the 'model' reference's x' ~ p_theta from the same pass
     as the critic's reward, so nu is fitted where the critic's target reads it and costs no
-    model pass"""
+    model pass (9 % of an update; the same ratio estimate and returns on 3 seeds; measurements:
+    docs/notes.md, 'vmbpo: nu_actions')"""
     max_log_weight: float = 30.0
     """unclamped exponent above this stops training with a clear error"""
     log_ratio: str = "nu"
