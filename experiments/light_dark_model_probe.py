@@ -55,16 +55,9 @@ def learned_x_std(agent, state: torch.Tensor) -> float:
     return float(px.base_dist.scale.mean()) if hasattr(px, "base_dist") else float(px.stddev.mean())
 
 
-def fresh_stream(agent):
-    """A filter stream at an episode's start (no state yet, a zero previous action), as the
-    agent's own acting stream begins one."""
-    from pplrl.algorithms.generative_agent import FilterStream
-
-    return FilterStream().begin_episode(agent.act_dim)
-
-
 def noise_probe(agent, episodes: int, seed: int) -> dict:
     """Learned x std at the filter's state against the true noise std, along sweeps."""
+    from pplrl.algorithms.generative_agent import FilterStream
     from pplrl.envs import make_continuous_env
     from pplrl.envs.pomdp import split_view
 
@@ -73,7 +66,7 @@ def noise_probe(agent, episodes: int, seed: int) -> dict:
     learned, true = [], []
     for i in range(episodes):
         obs, info = env.reset(seed=seed + i)
-        stream, done, t = fresh_stream(agent), False, 0
+        stream, done, t = FilterStream().begin_episode(agent.act_dim), False, 0
         while not done:
             x, r, _ = split_view(obs)
             with torch.no_grad():
@@ -118,6 +111,7 @@ def plans(mean_xy: np.ndarray, horizon: int, goal=(0.0, 0.0), light_x: float = 4
 def plan_probe(agent, episodes: int, seed: int, horizon: int | None = None, particles: int | None = None) -> dict:
     """Information-gain and reward terms of the two plans (to the light, to the goal), by the
     agent's model from its filter's belief and by the true model from N(start, start_std^2 I)."""
+    from pplrl.algorithms.generative_agent import FilterStream
     from pplrl.envs import make_continuous_env
     from pplrl.envs.pomdp import split_view
     from pplrl.pomdp_planning import CEMPlanner, CommonNoise
@@ -132,7 +126,7 @@ def plan_probe(agent, episodes: int, seed: int, horizon: int | None = None, part
     terms = {"agent": [], "true": []}
     for i in range(episodes):
         obs, _ = env.reset(seed=seed + i)
-        stream = fresh_stream(agent)
+        stream = FilterStream().begin_episode(agent.act_dim)
         x, r, _ = split_view(obs)
         gen = torch.Generator().manual_seed(seed + i)
         with torch.no_grad():

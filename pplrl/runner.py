@@ -339,23 +339,6 @@ def _as_json(obj):
     return json.loads(json.dumps(obj))
 
 
-def with_new_fields(cls: type[Agent], saved: dict) -> dict:
-    """A saved config (JSON) with the defaults of the fields ``cls.Config`` gained after the
-    run was made: a run folder from an older pplrl resumes with the config it was trained
-    with, since a field added later defaults to the behaviour before it (the rule for new
-    config fields)."""
-    if not dataclasses.is_dataclass(cls.Config):
-        return saved
-    added = {}
-    for f in dataclasses.fields(cls.Config):
-        if f.name not in saved and f.init:
-            if f.default is not dataclasses.MISSING:
-                added[f.name] = f.default
-            elif f.default_factory is not dataclasses.MISSING:
-                added[f.name] = f.default_factory()
-    return {**saved, **_as_json(added)} if added else saved
-
-
 def _differences(a: dict, b: dict, a_name: str, b_name: str) -> str | None:
     """``"key: A value, B value, ..."`` for the keys whose values differ, or None."""
     keys = sorted(k for k in a.keys() | b.keys() if a.get(k, "<absent>") != b.get(k, "<absent>"))
@@ -495,13 +478,16 @@ def train(algo: str | type[Agent], config, out: Path | str, total_steps: int | N
                 if details:
                     raise RunError(f"{out / CONFIG} differs from the checkpoint's config ({details}); a run's "
                                    f"config cannot change (restore {CONFIG}, or train into a new folder)")
+            # loaded through the class, so fields added since the run was made take their defaults
+            # (a new field defaults to the behaviour before it: older run folders resume)
+            recorded_config = config_from_dict(cls, saved, where)
             if config is not None:
-                details = _differences(with_new_fields(cls, saved), _as_json(dataclasses.asdict(config)),
-                                       "saved", "given")
+                details = _differences(_as_json(dataclasses.asdict(recorded_config)),
+                                       _as_json(dataclasses.asdict(config)), "saved", "given")
                 if details:
                     raise ValueError(f"cannot resume {out} with a different config ({details}); pass the saved "
                                      f"config (or None) to resume, or train into a new folder")
-            config = config_from_dict(cls, saved, where)
+            config = recorded_config
             check_config(config)
             settings = {**DEFAULT_SETTINGS, **(recorded.get("run") or {})}
             if state is not None and state.get("run") is not None:

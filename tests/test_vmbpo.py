@@ -462,14 +462,15 @@ def test_q_d_fit_logs_psis_khat_and_ess_of_its_weights():
 
 
 def test_model_batch_log_ratio_and_real_ratio():
-    """model_batch's log q_d/p (the elites-only pass) equals the mixture densities of the full
+    """The model batch's log q_d/p (the elites-only pass) equals the mixture densities of the full
     pass computed by hand, and real_ratio keeps that share of real transitions (real a, r, x',
     done) at the front. beta-VMBPO's own critic has no log term: no log-ratio is computed."""
     a, b = agent(BetaVMBPO, real_ratio=0.25), batch(8)
-    assert a.model_batch(b)[1] is None
+    assert a.batch_log_ratio(a.model_samples(b)[0]) is None
     a.config.critic_log_ratio = True
     torch.manual_seed(5)
-    mb, log_ratio = a.model_batch(b)
+    mb = a.model_samples(b)[0]
+    log_ratio = a.batch_log_ratio(mb)
     for k in ("act", "rew", "next_obs", "done"):
         torch.testing.assert_close(getattr(mb, k)[:2], getattr(b, k)[:2])
     assert not torch.equal(mb.next_obs[2:], b.next_obs[2:])

@@ -481,7 +481,7 @@ class VariationalAgent(SAC):
         else at the real batch's (x, a) with fresh draws of q_d and p_theta."""
         if self.config.nu_actions == "policy":
             batch, prior_next = self.model_samples(real) if model is None else model
-            m = round(self.config.real_ratio * batch.obs.shape[0])  # the model rows
+            m = self.real_rows(batch.obs.shape[0])  # the rows after these are model samples
             x, a = batch.obs[m:], batch.act[m:]
             q_side = (x, a, batch.next_obs[m:])
             p_side = (x, a, prior_next) if reference == "model" else (real.obs, real.act, real.next_obs)
@@ -502,6 +502,10 @@ class VariationalAgent(SAC):
         return metrics
 
     # -- model samples ----------------------------------------------------------------------
+    def real_rows(self, batch_size: int) -> int:
+        """How many leading rows of a critic batch keep their real transition (``real_ratio``)."""
+        return round(self.config.real_ratio * batch_size)
+
     def model_samples(self, real: Batch) -> tuple[Batch, torch.Tensor]:
         """x from D_env, a ~ q_c, x' ~ q_d, r ~ p_theta (beta Algorithm 1); the first
         ``real_ratio`` of the rows keep the real (a, r, x', done) of ``real`` instead. Also
@@ -515,7 +519,7 @@ class VariationalAgent(SAC):
         obs = real.obs
         with torch.no_grad():
             act = self.policy(obs).sample()
-            n_real = round(self.config.real_ratio * obs.shape[0])
+            n_real = self.real_rows(obs.shape[0])
             m_obs, m_act = obs[n_real:], act[n_real:]
             next_obs, _, _ = self.q_dynamics.predict(m_obs, m_act)
             prior_next, rew, _ = self.ensemble.predict(m_obs, m_act)
@@ -536,11 +540,6 @@ class VariationalAgent(SAC):
             return None
         with torch.no_grad():
             return self.log_ratio(batch.obs, batch.act, batch.next_obs)
-
-    def model_batch(self, real: Batch) -> tuple[Batch, torch.Tensor | None]:
-        """:meth:`model_samples`' batch and its :meth:`batch_log_ratio`."""
-        batch, _ = self.model_samples(real)
-        return batch, self.batch_log_ratio(batch)
 
     @property
     def critic_needs_log_ratio(self) -> bool:
