@@ -177,7 +177,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--inner", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (one, as bench_update; 0: torch's choice)")
     p.add_argument("--out", type=Path, default=Path("runs/bench_overhead.json"))
     args = p.parse_args(argv)
     if args.threads:
