@@ -12,7 +12,11 @@ median over ``--repeats`` rounds:
   ``--fit-repeats`` times;
 * ``env_step_ms = step_ms + fit_ms / model_train_freq`` (the fit amortised over the steps
   between fits), ``update_ms = env_step_ms / updates_per_step`` and ``vs_sac`` =
-  ``update_ms`` over SAC's.
+  ``update_ms`` over SAC's;
+* ``update_gflop`` and ``flops_vs_sac``: the matrix-multiply FLOPs of an update (forward and
+  backward, torch's FlopCounterMode; elementwise ops not counted), the fit amortised the
+  same way, counted after the timings (``--no-flops`` skips it). Where ``vs_sac`` is close
+  to ``flops_vs_sac``, an agent costs what its arithmetic costs, not framework overhead.
 
 stable-baselines3's SAC gradient step (``SAC.train(1, 256)``) is timed in the same rounds
 when it is installed. Targets (the speed issue): VMBPO and beta-VMBPO <= 1.5x a SAC update,
@@ -86,6 +90,25 @@ def times_ms(fn, repeats: int) -> list[float]:
     return out
 
 
+def count_flops(fn) -> int:
+    """Matrix-multiply FLOPs of one call of ``fn`` (forward and backward; torch's
+    FlopCounterMode counts mm, addmm, bmm, baddbmm and the like, not elementwise ops)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def update_flops(agent, freq: int | None) -> dict[str, int]:
+    """``step``: FLOPs of one env step's updates at a step that fits no model; ``fit``: the
+    extra FLOPs of a model-fit step (0 where the agent fits no model)."""
+    step = count_flops(lambda: agent.update(7 * (freq or 1) + 1))
+    fit = max(count_flops(lambda: agent.update(freq * 5000)) - step, 0) if freq else 0
+    return {"step": step, "fit": fit}
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--algos", nargs="+", default=list(ALGOS), choices=ALGOS)
@@ -96,6 +119,7 @@ def main(argv=None) -> dict:
     p.add_argument("--device", default="cpu", help="the agents' device config field (cpu, cuda, auto)")
     p.add_argument("--variant", nargs="*", default=[], metavar="ALGO:KEY=VALUE[,KEY=VALUE]",
                    help="extra rows: ALGO with these overrides, timed in the same rounds (vmbpo:nu_actions=policy)")
+    p.add_argument("--no-flops", action="store_true", help="skip counting each update's matmul FLOPs")
     p.add_argument("--out", type=Path, default=Path("runs/bench_update.json"))
     args = p.parse_args(argv)
     variants = {}
@@ -144,34 +168,51 @@ def main(argv=None) -> dict:
             costs += times_ms(lambda: agent.update(s), 1)
         fit_ms[a] = max(statistics.median(costs) - step_ms[a], 0.0)
 
+    # after the timings (counting runs updates through a dispatch mode, which is slow)
+    flops = {} if args.no_flops else {a: update_flops(agent, freq) for a, (agent, freq) in agents.items()}
+    if flops and sb3 is not None:
+        flops["sb3"] = {"step": count_flops(sb3), "fit": 0}
+
     rows = []
     for a, (agent, freq) in agents.items():
         n = agent.updates_per_step()
         env_step = step_ms[a] + (fit_ms[a] / freq if a in fit_ms else 0.0)
-        rows.append({"algo": a, "updates_per_step": n, "step_ms": step_ms[a], "fit_ms": fit_ms.get(a),
-                     "model_train_freq": freq, "env_step_ms": env_step, "update_ms": env_step / n})
+        row = {"algo": a, "updates_per_step": n, "step_ms": step_ms[a], "fit_ms": fit_ms.get(a),
+               "model_train_freq": freq, "env_step_ms": env_step, "update_ms": env_step / n}
+        if a in flops:  # matmul GFLOP per update, the fit amortised as its time is
+            f = flops[a]
+            row.update(step_gflop=f["step"] / 1e9, fit_gflop=f["fit"] / 1e9,
+                       update_gflop=(f["step"] + (f["fit"] / freq if freq else 0)) / n / 1e9)
+        rows.append(row)
     sac = next((r["update_ms"] for r in rows if r["algo"] == "sac"), None)
+    sac_gflop = next((r.get("update_gflop") for r in rows if r["algo"] == "sac"), None)
     for r in rows:
         r["vs_sac"] = r["update_ms"] / sac if sac else None
+        r["flops_vs_sac"] = r["update_gflop"] / sac_gflop if sac_gflop and "update_gflop" in r else None
         r["target_vs_sac"] = TARGETS.get(r["algo"].split(" (")[0])
     result = {"threads": args.threads, "device": args.device, "transitions": args.transitions,
               "repeats": args.repeats, "fit_repeats": args.fit_repeats, "rows": rows,
               "sb3_update_ms": step_ms.get("sb3"),
-              "sac_over_sb3": sac / step_ms["sb3"] if sac and "sb3" in step_ms else None}
+              "sac_over_sb3": sac / step_ms["sb3"] if sac and "sb3" in step_ms else None,
+              "sb3_update_gflop": flops["sb3"]["step"] / 1e9 if "sb3" in flops else None}
 
     print(f"ms per update, {args.threads} thread(s), device {args.device}, {args.transitions} Pendulum-v1 "
           f"transitions, median of {args.repeats} interleaved rounds ({args.fit_repeats} per fit):")
-    print("| algorithm | updates / step | ms / env step | fit ms (every N steps) | ms / update | vs SAC | target |")
-    print("|---|---|---|---|---|---|---|")
+    print("| algorithm | updates / step | ms / env step | fit ms (every N steps) | ms / update | vs SAC | target "
+          "| GFLOP / update | FLOPs vs SAC |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         fit = f"{r['fit_ms']:.0f} ({r['model_train_freq']})" if r["fit_ms"] is not None else "-"
         vs = f"{r['vs_sac']:.2f}" if r["vs_sac"] is not None else "-"
         target = f"<= {r['target_vs_sac']}" if r["target_vs_sac"] else "-"
+        gflop = f"{r['update_gflop']:.3f}" if "update_gflop" in r else "-"
+        fvs = f"{r['flops_vs_sac']:.2f}" if r["flops_vs_sac"] is not None else "-"
         print(f"| {r['algo']} | {r['updates_per_step']} | {r['env_step_ms']:.1f} | {fit} | {r['update_ms']:.1f} "
-              f"| {vs} | {target} |")
+              f"| {vs} | {target} | {gflop} | {fvs} |")
     if result["sb3_update_ms"] is not None:
         print(f"stable-baselines3 SAC gradient step: {result['sb3_update_ms']:.1f} ms; "
-              f"pplrl SAC / SB3 = {result['sac_over_sb3']:.2f} (target <= 1.0)")
+              f"pplrl SAC / SB3 = {result['sac_over_sb3']:.2f} (target <= 1.0)"
+              + (f"; matmul GFLOP {result['sb3_update_gflop']:.3f}" if result["sb3_update_gflop"] else ""))
     else:
         print("stable-baselines3 not installed: no SB3 row (pip install stable-baselines3)")
     return write_result(args.out, result)
