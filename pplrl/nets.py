@@ -9,8 +9,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import pyro
 import torch
@@ -168,6 +169,25 @@ class VNetwork(nn.Module):
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         return self.v(obs).squeeze(-1)
+
+
+@contextlib.contextmanager
+def frozen(*modules: nn.Module) -> Iterator[None]:
+    """Inside the block, the parameters of ``modules`` do not require gradients, so a graph
+    built there has no gradient for them; they require them again after (the graph keeps
+    what it recorded). For a loss that trains other parameters through these modules: the
+    actor's loss through the critic. Without it the actor's backward also computes the
+    critic's weight gradients, which the critic's next ``zero_grad`` throws away: 11 % of an
+    SAC update's matmul FLOPs (``experiments/bench_update.py``), which stable-baselines3's
+    SAC computes too."""
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 def target_copy(net: nn.Module) -> nn.Module:

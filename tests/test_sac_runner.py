@@ -40,6 +40,40 @@ def test_actor_elbo_equals_hand_computed_sac_loss():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in agent.policy.parameters())
 
 
+@pytest.mark.parametrize("algo", ["sac", "vmbpo", "memb"])
+def test_actor_loss_computes_no_gradient_for_the_critic_and_the_same_for_the_actor(algo):
+    """The actor's loss reads the critic (and MEMB's model) frozen (pplrl.nets.frozen): its
+    backward leaves their parameters without gradient, gives the policy the gradient it gets
+    when they are not frozen, and they require gradients again afterwards."""
+    from pplrl.algorithms import make_agent
+
+    agent = make_agent(algo, default_config(algo, **TINY), 3, 1)
+    frozen_modules = agent.actor_frozen_modules()
+    assert agent.critic in frozen_modules and (algo != "memb" or agent.world_model in frozen_modules)
+    obs = torch.randn(16, 3)
+
+    def policy_grads(freeze: bool):
+        for m in (agent.policy, *frozen_modules):
+            m.zero_grad(set_to_none=True)
+        original = agent.actor_frozen_modules
+        if not freeze:
+            agent.actor_frozen_modules = lambda: []
+        try:
+            pyro.set_rng_seed(3)
+            agent.actor_loss(obs)[0].backward()
+        finally:
+            agent.actor_frozen_modules = original
+        return [p.grad.clone() for p in agent.policy.parameters()]
+
+    unfrozen = policy_grads(False)
+    assert any(p.grad is not None for m in frozen_modules for p in m.parameters())  # the check can fail
+    frozen = policy_grads(True)
+    assert all(p.grad is None and p.requires_grad for m in frozen_modules for p in m.parameters())
+    for a, b in zip(frozen, unfrozen):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert any(g.abs().sum() > 0 for g in frozen)
+
+
 def test_polyak_update():
     net = TwinQ(2, 1, (8,))
     tgt = target_copy(net)

@@ -171,6 +171,11 @@ class MEMB(ActorCritic):
         return ((obs, self.prior, dynamics, reward, self.value_target, c.gamma, temperature),
                 {"termination_fn": self.termination_fn, "policy": self.policy})
 
+    def actor_frozen_modules(self) -> list:
+        """The critic and the learned model: the actor's value goes through the model, which
+        its own loss trains (eq. 8 fits the model on real transitions only)."""
+        return [self.critic, self.world_model]
+
     def train_step(self, batch: Batch, step: int) -> dict[str, float]:
         self._batch = batch
         try:

@@ -52,7 +52,7 @@ from models.sites import inverse_temperature, temperature_value
 from pplrl.algorithms.base import Agent, check_pyro_validation
 from pplrl.device import resolve_device
 from pplrl.elbo import ReparamOptimalityELBO, soft_value
-from pplrl.nets import TwinQ, VNetwork, adam, polyak_update, target_copy
+from pplrl.nets import TwinQ, VNetwork, adam, frozen, polyak_update, target_copy
 from pplrl.replay import Batch, ReplayBuffer
 
 
@@ -361,9 +361,16 @@ class ActorCritic(OffPolicyActorCritic):
                    ) -> tuple[torch.Tensor, dict[str, float]]:
         """-temperature * ELBO / B of the pair (for SAC: E[alpha log q - Q])."""
         alpha = self.alpha if temperature is None else temperature
-        args, kwargs = self.actor_args(obs, self.critic.min, alpha)
-        loss = self.actor_elbo.differentiable_loss(self.model, self.guide, *args, **kwargs)
+        with frozen(*self.actor_frozen_modules()):
+            args, kwargs = self.actor_args(obs, self.critic.min, alpha)
+            loss = self.actor_elbo.differentiable_loss(self.model, self.guide, *args, **kwargs)
         return alpha * loss / obs.shape[0], self.actor_elbo.last_terms
+
+    def actor_frozen_modules(self) -> list[nn.Module]:
+        """The modules the actor's loss reads but does not train (:func:`pplrl.nets.frozen`):
+        its backward computes no gradient for their parameters. The critic; an agent whose
+        actor reads a learned model adds it."""
+        return [self.critic]
 
     def dual_loss(self, terms: dict[str, float], batch_size: int) -> torch.Tensor:
         """log_temperature * (target - term / B) (0 without a dual)."""

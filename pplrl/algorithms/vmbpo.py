@@ -79,7 +79,7 @@ from pplrl.algorithms.model_based import EnsembleConfig, elite_holdout_mse, fit_
 from pplrl.algorithms.sac import SAC, SACConfig
 from pplrl.diagnostics import NonFiniteError, importance_weight_diagnostics
 from pplrl.envs.continuous import termination_fn_for
-from pplrl.nets import VNetwork, adam, mlp, polyak_update, target_copy
+from pplrl.nets import VNetwork, adam, frozen, mlp, polyak_update, target_copy
 from pplrl.replay import Batch
 
 
@@ -613,9 +613,10 @@ class VariationalAgent(SAC):
         # entropy bonus takes its own sample from it (one policy forward and backward, not two)
         d = self.policy(obs) if q is None else q
         prior_policy = self.prior_policy if prior is None else (lambda _obs: prior)
-        loss = self.actor_elbo.differentiable_loss(actor_model, actor_guide, obs, prior_policy, self.critic.min,
-                                                   self.scale, policy=lambda _obs: d,
-                                                   sticking_the_landing=self.config.sticking_the_landing)
+        with frozen(*self.actor_frozen_modules()):
+            loss = self.actor_elbo.differentiable_loss(actor_model, actor_guide, obs, prior_policy, self.critic.min,
+                                                       self.scale, policy=lambda _obs: d,
+                                                       sticking_the_landing=self.config.sticking_the_landing)
         loss = loss / (obs.shape[0] * self.scale)
         if self.config.entropy_regularizer:  # + alpha E_q[log q], on its own reparameterised sample
             self._log_q = d.log_prob(d.rsample())
