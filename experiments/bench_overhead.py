@@ -58,6 +58,7 @@ def bench_pair(name: str, pyro_fn, torch_fn, repeats: int, inner: int) -> list[d
 
 def sac_rows(repeats: int, inner: int, batch_size: int) -> list[dict]:
     from pplrl.algorithms import SAC, default_config
+    from pplrl.nets import frozen
 
     agent = SAC(default_config("sac", batch_size=batch_size), 3, 1)
     rng = np.random.default_rng(0)
@@ -67,10 +68,12 @@ def sac_rows(repeats: int, inner: int, batch_size: int) -> list[dict]:
     batch = agent.sample_batch()
 
     def plain_actor_loss(obs, temperature=None):
+        """The same arithmetic as the agent's: the critic read frozen (pplrl.nets.frozen)."""
         alpha = agent.alpha if temperature is None else temperature
         d = agent.policy(obs)
         a = d.rsample()
-        log_q, q = d.log_prob(a), agent.critic.min(obs, a)
+        with frozen(agent.critic):
+            log_q, q = d.log_prob(a), agent.critic.min(obs, a)
         return (alpha * log_q - q).mean(), log_q, q
 
     def step(loss):

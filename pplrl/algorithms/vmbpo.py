@@ -506,7 +506,7 @@ class VariationalAgent(SAC):
         """How many leading rows of a critic batch keep their real transition (``real_ratio``)."""
         return round(self.config.real_ratio * batch_size)
 
-    def model_samples(self, real: Batch) -> tuple[Batch, torch.Tensor]:
+    def model_samples(self, real: Batch, q=None) -> tuple[Batch, torch.Tensor]:
         """x from D_env, a ~ q_c, x' ~ q_d, r ~ p_theta (beta Algorithm 1); the first
         ``real_ratio`` of the rows keep the real (a, r, x', done) of ``real`` instead. Also
         returns p_theta's own x' for the model rows (the same pass as r), which nu's dual reads
@@ -515,10 +515,11 @@ class VariationalAgent(SAC):
         Each model row runs through one sampled elite of each ensemble
         (:meth:`~models.dynamics.GaussianEnsemble.elite_rows`, the batch split over the
         elites), the same per-row distribution as a full pass with a per-row draw at 1 / E of
-        its cost."""
+        its cost. ``q``: q_c's distribution on ``real.obs``, if already computed (the actions are
+        drawn from it, no gradient)."""
         obs = real.obs
         with torch.no_grad():
-            act = self.policy(obs).sample()
+            act = (self.policy(obs) if q is None else q).sample()
             n_real = self.real_rows(obs.shape[0])
             m_obs, m_act = obs[n_real:], act[n_real:]
             next_obs, _, _ = self.q_dynamics.predict(m_obs, m_act)
@@ -706,6 +707,9 @@ class VariationalAgent(SAC):
         c = self.config
         real = self.replay.sample(c.batch_size, self.rng)
         metrics: dict[str, float] = {}
+        # q_c on the batch's states, computed once: the model samples' actions, then (the critic
+        # and nu steps change neither policy) the value target's and the actor's distribution
+        q = self.policy(real.obs)
         # the critic's samples: model samples (model-based) or real data (model-free)
         if c.e_step == "model_based":
             # step 2 (VMBPO): nu by the f-divergence dual, before the critic's target reads it;
@@ -714,7 +718,7 @@ class VariationalAgent(SAC):
             nu = c.log_ratio == "nu"
             if nu and c.nu_actions == "replay":
                 metrics.update(self.nu_update(real, step))
-            batch, prior_next = self.model_samples(real)
+            batch, prior_next = self.model_samples(real, q)
             if nu and c.nu_actions == "policy":
                 metrics.update(self.nu_update(real, step, model=(batch, prior_next)))
             log_ratio = self.batch_log_ratio(batch)
@@ -724,9 +728,8 @@ class VariationalAgent(SAC):
         critic_loss = self.critic_loss(batch, log_ratio, step)
         metrics.update(self.checked(step, critic_loss=critic_loss))
         self.gradient_step(self.critic_opt, critic_loss)
-        # q_c and pi on the batch's states, once for the value target and the actor (the value
-        # step changes neither policy)
-        q = self.policy(batch.obs)
+        # pi on the batch's states (batch.obs is real.obs), once for the value target and the
+        # actor (the value step changes neither policy)
         with torch.no_grad():
             prior = self.prior_policy(batch.obs)
         if c.value_network:
