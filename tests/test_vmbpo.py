@@ -534,3 +534,67 @@ def test_paper_preset_sets_the_papers_schedule_and_other_overrides_win(algo):
     a = agent({"vmbpo": VMBPO, "beta-vmbpo": BetaVMBPO, "vmbpo-mfe": VMBPOMFE}[algo], model_lr=3e-4,
               fit_dynamics=True)  # VMBPO-MFE holds models only with fit_dynamics
     assert a.ensemble.optimizer_state()[0][1] == 3e-4  # (local, lr, weight decay) of p_theta's fit
+    # beta-VMBPO's paper schedule also samples its critic from Algorithm 1's model buffer
+    assert paper.model_samples == ("buffer" if algo == "beta-vmbpo" else "fresh") == \
+        apply_overrides(base, ["preset=paper"]).model_samples
+    assert back.model_samples == "fresh"
+
+
+def test_model_buffer_holds_algorithm_1s_rollouts_and_feeds_the_critic(monkeypatch):
+    """model_samples='buffer' (beta Algorithm 1): each fit adds model_rollouts one-step rollouts
+    x ~ D_env, a ~ q_c, x' ~ q_d, r ~ p_theta to a FIFO buffer of model_buffer_size, and the
+    E-step's critic batch is the real_ratio rows of the real batch, then buffer rows; 'fresh'
+    holds no buffer."""
+    assert agent(BetaVMBPO).model_buffer is None
+    a = agent(BetaVMBPO, model_samples="buffer", model_rollouts=150, model_buffer_size=400, real_ratio=0.25)
+    assert a.model_buffer is not None and len(a.model_buffer) == 0  # agent() fits, filling is update's job
+    # q_d's x' = x + 1 and p_theta's r = 7 (each distinguishable from the other's)
+    monkeypatch.setattr(a.q_dynamics, "predict", lambda obs, act, **kw: (obs + 1.0, torch.zeros(len(obs)), {}))
+    monkeypatch.setattr(a.ensemble, "predict", lambda obs, act, **kw: (obs - 1.0, torch.full((len(obs),), 7.0), {}))
+    assert a.fill_model_buffer(chunk=64) == 150 and len(a.model_buffer) == 150
+    data = a.model_buffer.all()
+    torch.testing.assert_close(data.next_obs, data.obs + 1.0)
+    assert torch.all(data.rew == 7.0) and torch.all(data.act.abs() <= 1.0) and torch.all(data.done == 0)
+    real_obs = a.replay.all().obs
+    assert all(torch.any(torch.all(real_obs == x, -1)) for x in data.obs[:20])  # x from D_env
+    for _ in range(3):  # FIFO: the newest model_buffer_size rows stay
+        a.fill_model_buffer()
+    assert len(a.model_buffer) == 400
+    seen = []
+    original = a.critic_loss
+    monkeypatch.setattr(a, "critic_loss", lambda b, lr, step: seen.append(b) or original(b, lr, step))
+    real = a.replay.sample(32, a.rng)
+    monkeypatch.setattr(a.replay, "sample", lambda n, rng: real)
+    a.e_step_update(0)
+    (b,) = seen
+    torch.testing.assert_close(b.obs[:8], real.obs[:8])
+    torch.testing.assert_close(b.rew[:8], real.rew[:8])
+    assert torch.all(b.rew[8:] == 7.0)  # the model rows come from the buffer
+    torch.testing.assert_close(b.next_obs[8:], b.obs[8:] + 1.0)
+
+
+def test_model_buffer_fills_at_each_fit_checkpoints_and_resumes(tmp_path):
+    """update() refills the buffer after each model fit and logs the rollouts; the buffer is in
+    the checkpoint, so a resumed buffer run equals an uninterrupted one."""
+    from experiments_loader import interrupted_and_resumed, records
+
+    a = agent(VMBPO, model_samples="buffer", model_rollouts=120, model_buffer_size=300)
+    out = a.update(100)
+    assert out["model_rollouts"] == 120 and len(a.model_buffer) == 120
+    b = VMBPO(a.config, 3, 1)
+    b.load_state_dict(a.state_dict())
+    torch.testing.assert_close(b.model_buffer.all().next_obs, a.model_buffer.all().next_obs)
+    cfg = default_config("beta-vmbpo", **{**TINY, "model_samples": "buffer", "model_rollouts": 200})
+    kw = dict(eval_every=300, eval_episodes=1, checkpoint_every=150, progress=False)
+    full = train("beta-vmbpo", cfg, tmp_path / "full", 300, **kw)
+    kept, resumed = interrupted_and_resumed("beta-vmbpo", cfg, tmp_path / "cut", 300, cut_at=250, **kw)
+    assert kept < 250 and len(resumed.model_buffer) == len(full.model_buffer) >= 400  # two fits or more
+    for p1, p2 in zip(full.critic.parameters(), resumed.critic.parameters()):
+        assert torch.equal(p1, p2)
+    assert records(tmp_path / "full" / "metrics.jsonl") == records(tmp_path / "cut" / "metrics.jsonl")
+    with pytest.raises(ValueError, match="earlier fits' q_d: use nu_actions='replay'"):
+        agent(VMBPO, model_samples="buffer", nu_actions="policy")
+    with pytest.raises(ValueError, match="model_samples must be 'fresh' or 'buffer'"):
+        agent(VMBPO, model_samples="stale")
+    with pytest.raises(ValueError, match="model_rollouts must be > 0"):
+        agent(BetaVMBPO, model_samples="buffer", model_rollouts=0)

@@ -80,7 +80,7 @@ from pplrl.algorithms.sac import SAC, SACConfig
 from pplrl.diagnostics import NonFiniteError, importance_weight_diagnostics
 from pplrl.envs.continuous import termination_fn_for
 from pplrl.nets import VNetwork, adam, frozen, mlp, polyak_update, target_copy
-from pplrl.replay import Batch
+from pplrl.replay import Batch, ReplayBuffer, branched_rollouts
 
 
 @dataclass
@@ -186,6 +186,18 @@ class VMBPOConfig(EnsembleConfig, SACConfig):
     real_ratio: float = 0.0
     """share of each critic batch that keeps its real transition instead of the model sample
     (MBPO's real_ratio; the VMBPO papers use model samples only, 0)"""
+    model_samples: str = "fresh"
+    """where the critic's model transitions come from. 'fresh': drawn for every E-step update
+    from the current q_c and q_d (VMBPO Algorithm 1, line 15). 'buffer': beta-VMBPO's Algorithm 1,
+    after each model fit ``model_rollouts`` one-step rollouts (x ~ D_env, a ~ q_c, x' ~ q_d,
+    r ~ p_theta) go into a first-in-first-out model buffer of ``model_buffer_size`` that the
+    updates sample (App. C.2: 100,000 rollouts, 400,000 tuples, so a batch mixes the last four
+    fits' q_c and q_d). 'buffer' draws the model once per fit instead of twice per update
+    (measurements: docs/notes.md, 'VMBPO family: model_samples')"""
+    model_rollouts: int = 100_000
+    """one-step rollouts per model fit with model_samples='buffer' (beta App. C.2)"""
+    model_buffer_size: int = 400_000
+    """the model buffer's capacity with model_samples='buffer' (beta App. C.2)"""
     sticking_the_landing: bool = True
     """actor gradient without the zero-mean score term (guides.actor.StickingTheLanding):
     with pi <- q_c every step the KL term's value is 0 but its score gradient, weighted by
@@ -206,8 +218,9 @@ class VMBPOConfig(EnsembleConfig, SACConfig):
     """'default' (this machine's budget: the settings above) or 'paper', the schedule of both
     VMBPO papers: 20 E-step updates per env step (VMBPO App. C, beta App. C.2), 5,000
     warm-up steps, model learning rate 3e-4, and VMBPO's Table 4 exploration noise N(0, 1)
-    decayed by 0.999 per step to 0.025. ``--set preset=paper`` applies these first; other
-    ``--set`` keys override them"""
+    decayed by 0.999 per step to 0.025; beta-VMBPO's also samples its critic from its Algorithm
+    1's model buffer (``model_samples='buffer'``, App. C.2's 100,000 rollouts and 400,000
+    tuples). ``--set preset=paper`` applies these first; other ``--set`` keys override them"""
 
     presets: ClassVar[dict[str, dict]] = {
         "paper": {"gradient_steps": 20, "learning_starts": 5000, "model_lr": 3e-4, "exploration_noise": 1.0,
@@ -245,6 +258,15 @@ class VMBPOConfig(EnsembleConfig, SACConfig):
             raise ValueError(f"nu_actions must be 'replay' or 'policy', got {self.nu_actions!r}")
         if self.nu_actions == "policy" and self.real_ratio >= 1.0 and self.log_ratio == "nu":
             raise ValueError("nu_actions='policy' fits nu on the critic's model samples; real_ratio=1 leaves none")
+        if self.model_samples not in ("fresh", "buffer"):
+            raise ValueError(f"model_samples must be 'fresh' or 'buffer', got {self.model_samples!r}")
+        if self.model_samples == "buffer" and self.nu_actions == "policy" and self.log_ratio == "nu" \
+                and self.e_step == "model_based":
+            raise ValueError("nu_actions='policy' fits nu on the critic's model samples, and with "
+                             "model_samples='buffer' their x' come from earlier fits' q_d: use nu_actions='replay'")
+        for name in ("model_rollouts", "model_buffer_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.log_ratio not in ("nu", "ensembles"):
             raise ValueError(f"log_ratio must be 'nu' or 'ensembles', got {self.log_ratio!r}")
         if self.e_step not in ("model_based", "model_free"):
@@ -326,6 +348,9 @@ class VariationalAgent(SAC):
         self.log_beta = torch.tensor(float(np.log(c.beta_init)), dtype=torch.float64, requires_grad=True)
         self.beta_opt = adam([self.log_beta], lr=c.beta_lr)
         self.map_opt = adam(self.prior_policy.parameters(), lr=c.lr)
+        # beta Algorithm 1's model buffer (model_samples='buffer'), refilled after each fit
+        self.model_buffer = ReplayBuffer(obs_dim, act_dim, c.model_buffer_size) \
+            if c.model_samples == "buffer" and c.e_step == "model_based" else None
         self.e_steps = 0
         self.last_kl = float("nan")
 
@@ -534,6 +559,39 @@ class VariationalAgent(SAC):
                     (real.rew, rew), (real.next_obs, next_obs), (real.done, done)))
         return Batch(obs, act, rew, next_obs, done), prior_next
 
+    def fill_model_buffer(self, chunk: int = 25_000) -> int:
+        """beta Algorithm 1's rollouts (model_samples='buffer'): ``model_rollouts`` states from
+        D_env, a ~ q_c, x' ~ q_d, r ~ p_theta, one step, into the model buffer (``done`` by the
+        env's termination function where it has one), in chunks of ``chunk`` states; returns
+        how many were added."""
+        def policy_fn(obs):
+            return self.policy.act(torch.as_tensor(obs)).cpu().numpy()
+
+        def model_step(obs, act):
+            obs, act = torch.as_tensor(obs), torch.as_tensor(act)
+            next_obs = self.q_dynamics.predict(obs, act)[0]
+            rew = self.ensemble.predict(obs, act)[1]
+            return next_obs.cpu().numpy(), rew.cpu().numpy()
+
+        added, total = 0, self.config.model_rollouts
+        while added < total:
+            n = min(chunk, total - added)
+            start = self.replay.sample(n, self.rng).obs.cpu().numpy()
+            self.model_buffer.add_batch(**branched_rollouts(start, policy_fn, model_step, 1, self.termination_fn))
+            added += n
+        return added
+
+    def buffer_batch(self, real: Batch) -> Batch:
+        """The critic's batch with model_samples='buffer': the first ``real_ratio`` rows of
+        ``real``, the rest drawn uniformly from the model buffer."""
+        n_real = self.real_rows(real.obs.shape[0])
+        model = self.model_buffer.sample(real.obs.shape[0] - n_real, self.rng).to(real.obs.device)
+        if not n_real:
+            return model
+        return Batch(*(torch.cat([r[:n_real], m]) for r, m in (
+            (real.obs, model.obs), (real.act, model.act), (real.rew, model.rew), (real.next_obs, model.next_obs),
+            (real.done, model.done))))
+
     def batch_log_ratio(self, batch: Batch) -> torch.Tensor | None:
         """log q_d/p on a model batch where the critic uses it (:attr:`critic_needs_log_ratio`;
         None otherwise); the elite mixtures' densities are computed only for the ensembles'."""
@@ -680,6 +738,8 @@ class VariationalAgent(SAC):
             info = self.fit_model()
             out["model_holdout_mse"] = elite_holdout_mse(info)
             out.update(self.fit_variational_dynamics(step))
+            if self.model_buffer is not None:
+                out["model_rollouts"] = self.fill_model_buffer()
         kls = []
         for _ in range(c.gradient_steps):
             metrics = self.e_step_update(step)
@@ -707,29 +767,36 @@ class VariationalAgent(SAC):
         c = self.config
         real = self.replay.sample(c.batch_size, self.rng)
         metrics: dict[str, float] = {}
-        # q_c on the batch's states, computed once: the model samples' actions, then (the critic
-        # and nu steps change neither policy) the value target's and the actor's distribution
-        q = self.policy(real.obs)
-        # the critic's samples: model samples (model-based) or real data (model-free)
+        # the critic's samples: model samples (model-based) or real data (model-free); q is
+        # q_c on the batch's states, computed once: the fresh model samples' actions, then (the
+        # critic and nu steps change neither policy) the value target's and the actor's distribution
         if c.e_step == "model_based":
             # step 2 (VMBPO): nu by the f-divergence dual, before the critic's target reads it;
             # at the real batch's (x, a) before the model samples are drawn (the random streams
             # of 'replay' are those of pplrl before nu_actions existed), or on those samples
             nu = c.log_ratio == "nu"
-            if nu and c.nu_actions == "replay":
-                metrics.update(self.nu_update(real, step))
-            batch, prior_next = self.model_samples(real, q)
-            if nu and c.nu_actions == "policy":
-                metrics.update(self.nu_update(real, step, model=(batch, prior_next)))
+            if self.model_buffer is not None:  # beta Algorithm 1: the batch from the model buffer
+                if nu:
+                    metrics.update(self.nu_update(real, step))
+                batch = self.buffer_batch(real)
+                q = self.policy(batch.obs)
+            else:
+                q = self.policy(real.obs)
+                if nu and c.nu_actions == "replay":
+                    metrics.update(self.nu_update(real, step))
+                batch, prior_next = self.model_samples(real, q)
+                if nu and c.nu_actions == "policy":
+                    metrics.update(self.nu_update(real, step, model=(batch, prior_next)))
             log_ratio = self.batch_log_ratio(batch)
         else:
+            q = self.policy(real.obs)
             batch, log_ratio = real, None
         # step 3: critic
         critic_loss = self.critic_loss(batch, log_ratio, step)
         metrics.update(self.checked(step, critic_loss=critic_loss))
         self.gradient_step(self.critic_opt, critic_loss)
-        # pi on the batch's states (batch.obs is real.obs), once for the value target and the
-        # actor (the value step changes neither policy)
+        # pi on the batch's states, once for the value target and the actor (the value step
+        # changes neither policy)
         with torch.no_grad():
             prior = self.prior_policy(batch.obs)
         if c.value_network:
@@ -772,6 +839,8 @@ class VariationalAgent(SAC):
             "value_target": self.value_target.state_dict(), "value_opt": self.value_opt.state_dict(),
             "log_beta": self.log_beta.detach().clone(), "beta_opt": self.beta_opt.state_dict(),
             "map_opt": self.map_opt.state_dict(), "e_steps": self.e_steps, "last_kl": self.last_kl})
+        if self.model_buffer is not None:
+            state["model_buffer"] = self.model_buffer.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -793,6 +862,8 @@ class VariationalAgent(SAC):
         self.beta_opt.load_state_dict(state["beta_opt"])
         self.map_opt.load_state_dict(state["map_opt"])
         self.e_steps, self.last_kl = state["e_steps"], state["last_kl"]
+        if self.model_buffer is not None:
+            self.model_buffer.load_state_dict(state["model_buffer"])
 
 
 @dataclass
@@ -821,6 +892,9 @@ class BetaVMBPOConfig(VMBPOConfig):
     critic_log_ratio: bool = False
     value_network: bool = False
     entropy_regularizer: bool = True
+
+    #: the paper schedule (VMBPOConfig.preset) and beta Algorithm 1's model buffer (App. C.2)
+    presets: ClassVar[dict[str, dict]] = {"paper": {**VMBPOConfig.presets["paper"], "model_samples": "buffer"}}
 
 
 class VMBPO(VariationalAgent):
