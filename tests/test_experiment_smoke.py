@@ -4,6 +4,7 @@ import json
 import math
 
 import pytest
+import torch
 from experiments_loader import load_experiment
 
 
@@ -106,12 +107,16 @@ def test_bench_update_table_and_json(tmp_path, capsys):
     ratio to SAC (1 for SAC itself), JSON written."""
     bench = load_experiment("bench_update")
     out = tmp_path / "u.json"
-    result = bench.main(["--algos", "sac", "virel", "--transitions", "600", "--repeats", "1", "--out", str(out)])
+    result = bench.main(["--algos", "sac", "virel", "--transitions", "1100", "--repeats", "1", "--out", str(out)])
     rows = {r["algo"]: r for r in result["rows"]}
     assert rows["sac"]["vs_sac"] == 1.0 and rows["virel"]["vs_sac"] > 0
     assert rows["sac"]["update_ms"] == rows["sac"]["env_step_ms"] > 0 and rows["sac"]["fit_ms"] is None
     assert json.loads(out.read_text())["rows"][1]["algo"] == "virel"
     assert "| sac | 1 |" in capsys.readouterr().out
+    # matmul FLOPs per update: SAC's is the ratio's unit; VIREL adds a value network's step
+    assert rows["sac"]["flops_vs_sac"] == 1.0 and rows["virel"]["update_gflop"] > rows["sac"]["update_gflop"] > 0
+    x, w = torch.randn(8, 5), torch.randn(3, 5)
+    assert bench.count_flops(lambda: torch.nn.functional.linear(x, w)) == 2 * 8 * 5 * 3
 
 
 def test_bench_resumed_run_matches_an_uninterrupted_one(tmp_path):
