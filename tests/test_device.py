@@ -92,15 +92,18 @@ def small_config(algo, **kw):
 
 @pytest.mark.skipif(not torch.cuda.is_available(),
                     reason="no CUDA GPU here: the device='cuda' training run needs one (see the meta-device test)")
-@pytest.mark.parametrize("algo", ["sac", "beta-vmbpo", "generative-agent"])
-def test_cuda_training_resumes_bit_for_bit(algo, tmp_path):
+@pytest.mark.parametrize("algo, extra", [("sac", {}), ("beta-vmbpo", {}), ("generative-agent", {}),
+                                         ("beta-vmbpo", {"model_samples": "buffer", "model_rollouts": 500})])
+def test_cuda_training_resumes_bit_for_bit(algo, extra, tmp_path):
     """On a GPU: a short run on device=cuda trains (finite metrics, parameters on the GPU) and
-    a run resumed from its checkpoint ends where the uninterrupted one ends."""
+    a run resumed from its checkpoint ends where the uninterrupted one ends (beta-VMBPO also with
+    its model buffer, whose rollouts go through the GPU and are kept in host memory)."""
     import json
 
     from pplrl.runner import train
 
-    cfg = small_config(algo, device="cuda", **({} if algo == "generative-agent" else {"model_train_freq": 40}))
+    cfg = small_config(algo, device="cuda", **({} if algo == "generative-agent" else {"model_train_freq": 40}),
+                       **extra)
     full, half = tmp_path / "full", tmp_path / "half"
     train(algo, cfg, full, 120, eval_every=60, eval_episodes=1, checkpoint_every=60, progress=False)
     train(algo, cfg, half, 60, eval_every=60, eval_episodes=1, checkpoint_every=60, progress=False)
