@@ -551,7 +551,7 @@ def test_model_buffer_holds_algorithm_1s_rollouts_and_feeds_the_critic(monkeypat
     # q_d's x' = x + 1 and p_theta's r = 7 (each distinguishable from the other's)
     monkeypatch.setattr(a.q_dynamics, "predict", lambda obs, act, **kw: (obs + 1.0, torch.zeros(len(obs)), {}))
     monkeypatch.setattr(a.ensemble, "predict", lambda obs, act, **kw: (obs - 1.0, torch.full((len(obs),), 7.0), {}))
-    assert a.fill_model_buffer(chunk=64) == 150 and len(a.model_buffer) == 150
+    assert a.fill_model_buffer() == 150 and len(a.model_buffer) == 150
     data = a.model_buffer.all()
     torch.testing.assert_close(data.next_obs, data.obs + 1.0)
     assert torch.all(data.rew == 7.0) and torch.all(data.act.abs() <= 1.0) and torch.all(data.done == 0)
@@ -564,7 +564,8 @@ def test_model_buffer_holds_algorithm_1s_rollouts_and_feeds_the_critic(monkeypat
     original = a.critic_loss
     monkeypatch.setattr(a, "critic_loss", lambda b, lr, step: seen.append(b) or original(b, lr, step))
     real = a.replay.sample(32, a.rng)
-    monkeypatch.setattr(a.replay, "sample", lambda n, rng: real)
+    monkeypatch.setattr(a.replay, "sample", lambda n, rng: Batch(*(t[:n] for t in (
+        real.obs, real.act, real.rew, real.next_obs, real.done))))
     a.e_step_update(0)
     (b,) = seen
     torch.testing.assert_close(b.obs[:8], real.obs[:8])

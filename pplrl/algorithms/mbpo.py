@@ -18,12 +18,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-from pplrl.algorithms.model_based import EnsembleConfig, elite_holdout_mse, fit_on_replay
+from pplrl.algorithms.model_based import EnsembleConfig, elite_holdout_mse, fit_on_replay, policy_rollouts
 from pplrl.algorithms.sac import SAC, SACConfig
 from pplrl.envs.continuous import termination_fn_for
-from pplrl.replay import Batch, ReplayBuffer, branched_rollouts, sample_mixed
+from pplrl.replay import Batch, ReplayBuffer, sample_mixed
 
 
 @dataclass
@@ -68,16 +66,9 @@ class MBPO(SAC):
         return self.last_model_fit
 
     def rollout(self) -> int:
-        start = self.replay.sample(self.config.rollout_batch_size, self.rng).obs.cpu().numpy()
-
-        def policy_fn(obs):
-            return self.policy.act(torch.as_tensor(obs)).cpu().numpy()
-
-        def model_step(obs, act):
-            next_obs, rew, _ = self.ensemble.predict(torch.as_tensor(obs), torch.as_tensor(act))
-            return next_obs.cpu().numpy(), rew.cpu().numpy()
-
-        data = branched_rollouts(start, policy_fn, model_step, self.config.rollout_length, self.termination_fn)
+        c = self.config
+        data = policy_rollouts(self.policy, lambda obs, act: self.ensemble.predict(obs, act)[:2], self.replay,
+                               self.rng, c.rollout_batch_size, c.rollout_length, self.termination_fn)
         self.model_replay.add_batch(**data)
         return len(data["obs"])
 

@@ -10,9 +10,10 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from models.dynamics import MAX_LOGVAR, MIN_LOGVAR, GaussianEnsemble
-from pplrl.replay import ReplayBuffer
+from pplrl.replay import ReplayBuffer, branched_rollouts
 
 #: distinct Pyro names for the ensembles of every agent in a process
 _names = itertools.count()
@@ -76,9 +77,27 @@ def fit_on_replay(ensemble: GaussianEnsemble, replay: ReplayBuffer, config: Ense
     return info, seed
 
 
+def policy_rollouts(policy, model_step, replay: ReplayBuffer, rng: np.random.Generator, count: int, length: int,
+                    termination_fn) -> dict:
+    """``count`` start states drawn from ``replay``, rolled ``length`` steps with ``policy``'s
+    sampled actions through ``model_step(obs, act) -> (next_obs, reward)`` (tensors), stopped
+    by ``termination_fn`` (:func:`pplrl.replay.branched_rollouts`): the arrays a model buffer's
+    ``add_batch`` takes. MBPO's branched rollouts and beta-VMBPO's model buffer."""
+    start = replay.sample(count, rng).obs.cpu().numpy()
+
+    def policy_fn(obs):
+        return policy.act(torch.as_tensor(obs)).cpu().numpy()
+
+    def step(obs, act):
+        next_obs, rew = model_step(torch.as_tensor(obs), torch.as_tensor(act))
+        return next_obs.cpu().numpy(), rew.cpu().numpy()
+
+    return branched_rollouts(start, policy_fn, step, length, termination_fn)
+
+
 def elite_holdout_mse(info: dict) -> float:
     """The elites' mean hold-out MSE of a fit report."""
     return float(np.mean([info["holdout_mse"][i] for i in info["elites"]]))
 
 
-__all__ = ["EnsembleConfig", "elite_holdout_mse", "fit_on_replay"]
+__all__ = ["EnsembleConfig", "elite_holdout_mse", "fit_on_replay", "policy_rollouts"]

@@ -75,12 +75,12 @@ import torch.nn.functional as F
 from guides.actor import actor_guide
 from models.actor import actor_model
 from models.dynamics import GaussianEnsemble
-from pplrl.algorithms.model_based import EnsembleConfig, elite_holdout_mse, fit_on_replay
+from pplrl.algorithms.model_based import EnsembleConfig, elite_holdout_mse, fit_on_replay, policy_rollouts
 from pplrl.algorithms.sac import SAC, SACConfig
 from pplrl.diagnostics import NonFiniteError, importance_weight_diagnostics
 from pplrl.envs.continuous import termination_fn_for
 from pplrl.nets import VNetwork, adam, frozen, mlp, polyak_update, target_copy
-from pplrl.replay import Batch, ReplayBuffer, branched_rollouts
+from pplrl.replay import Batch, ReplayBuffer, sample_mixed
 
 
 @dataclass
@@ -559,38 +559,17 @@ class VariationalAgent(SAC):
                     (real.rew, rew), (real.next_obs, next_obs), (real.done, done)))
         return Batch(obs, act, rew, next_obs, done), prior_next
 
-    def fill_model_buffer(self, chunk: int = 25_000) -> int:
+    def fill_model_buffer(self) -> int:
         """beta Algorithm 1's rollouts (model_samples='buffer'): ``model_rollouts`` states from
         D_env, a ~ q_c, x' ~ q_d, r ~ p_theta, one step, into the model buffer (``done`` by the
-        env's termination function where it has one), in chunks of ``chunk`` states; returns
-        how many were added."""
-        def policy_fn(obs):
-            return self.policy.act(torch.as_tensor(obs)).cpu().numpy()
-
+        env's termination function where it has one); returns how many were added."""
         def model_step(obs, act):
-            obs, act = torch.as_tensor(obs), torch.as_tensor(act)
-            next_obs = self.q_dynamics.predict(obs, act)[0]
-            rew = self.ensemble.predict(obs, act)[1]
-            return next_obs.cpu().numpy(), rew.cpu().numpy()
+            return self.q_dynamics.predict(obs, act)[0], self.ensemble.predict(obs, act)[1]
 
-        added, total = 0, self.config.model_rollouts
-        while added < total:
-            n = min(chunk, total - added)
-            start = self.replay.sample(n, self.rng).obs.cpu().numpy()
-            self.model_buffer.add_batch(**branched_rollouts(start, policy_fn, model_step, 1, self.termination_fn))
-            added += n
-        return added
-
-    def buffer_batch(self, real: Batch) -> Batch:
-        """The critic's batch with model_samples='buffer': the first ``real_ratio`` rows of
-        ``real``, the rest drawn uniformly from the model buffer."""
-        n_real = self.real_rows(real.obs.shape[0])
-        model = self.model_buffer.sample(real.obs.shape[0] - n_real, self.rng).to(real.obs.device)
-        if not n_real:
-            return model
-        return Batch(*(torch.cat([r[:n_real], m]) for r, m in (
-            (real.obs, model.obs), (real.act, model.act), (real.rew, model.rew), (real.next_obs, model.next_obs),
-            (real.done, model.done))))
+        data = policy_rollouts(self.policy, model_step, self.replay, self.rng, self.config.model_rollouts, 1,
+                               self.termination_fn)
+        self.model_buffer.add_batch(**data)
+        return len(data["obs"])
 
     def batch_log_ratio(self, batch: Batch) -> torch.Tensor | None:
         """log q_d/p on a model batch where the critic uses it (:attr:`critic_needs_log_ratio`;
@@ -767,30 +746,25 @@ class VariationalAgent(SAC):
         c = self.config
         real = self.replay.sample(c.batch_size, self.rng)
         metrics: dict[str, float] = {}
-        # the critic's samples: model samples (model-based) or real data (model-free); q is
-        # q_c on the batch's states, computed once: the fresh model samples' actions, then (the
-        # critic and nu steps change neither policy) the value target's and the actor's distribution
-        if c.e_step == "model_based":
-            # step 2 (VMBPO): nu by the f-divergence dual, before the critic's target reads it;
-            # at the real batch's (x, a) before the model samples are drawn (the random streams
-            # of 'replay' are those of pplrl before nu_actions existed), or on those samples
-            nu = c.log_ratio == "nu"
-            if self.model_buffer is not None:  # beta Algorithm 1: the batch from the model buffer
-                if nu:
-                    metrics.update(self.nu_update(real, step))
-                batch = self.buffer_batch(real)
-                q = self.policy(batch.obs)
-            else:
-                q = self.policy(real.obs)
-                if nu and c.nu_actions == "replay":
-                    metrics.update(self.nu_update(real, step))
-                batch, prior_next = self.model_samples(real, q)
-                if nu and c.nu_actions == "policy":
-                    metrics.update(self.nu_update(real, step, model=(batch, prior_next)))
-            log_ratio = self.batch_log_ratio(batch)
+        # step 2 (VMBPO): nu by the f-divergence dual, before the critic's target reads it; at the
+        # real batch's (x, a) before the model samples are drawn (the random streams of 'replay'
+        # are those of pplrl before nu_actions existed), or on those samples ('policy')
+        nu = c.e_step == "model_based" and c.log_ratio == "nu"
+        if nu and c.nu_actions == "replay":
+            metrics.update(self.nu_update(real, step))
+        # the critic's samples: the model buffer's (beta Algorithm 1), fresh model samples, or
+        # real data (model-free); q is q_c on their states, computed once: the fresh samples'
+        # actions, then (the critic and nu steps change neither policy) the value target's and
+        # the actor's distribution
+        if self.model_buffer is not None:
+            batch = sample_mixed(self.replay, self.model_buffer, c.batch_size, c.real_ratio, self.rng)
+            q = self.policy(batch.obs)
         else:
             q = self.policy(real.obs)
-            batch, log_ratio = real, None
+            batch, prior_next = self.model_samples(real, q) if c.e_step == "model_based" else (real, None)
+            if nu and c.nu_actions == "policy":
+                metrics.update(self.nu_update(real, step, model=(batch, prior_next)))
+        log_ratio = self.batch_log_ratio(batch)  # None where the critic does not read it
         # step 3: critic
         critic_loss = self.critic_loss(batch, log_ratio, step)
         metrics.update(self.checked(step, critic_loss=critic_loss))
