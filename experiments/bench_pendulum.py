@@ -177,6 +177,17 @@ def table(results: list[dict], checkpoints: list[int]) -> str:
     return "\n".join(lines)
 
 
+def seed_table(results: list[dict], checkpoints: list[int]) -> str:
+    """Every run's evaluation return at each checkpoint, one line per seed and algorithm
+    (``-`` where a run has no evaluation at that checkpoint, e.g. one still going)."""
+    lines = [f"{'seed':>5} {'algorithm':>12} " + " ".join(f"{c:>9d}" for c in checkpoints)]
+    for r in sorted((r for r in results if "error" not in r), key=lambda r: (r["seed"], r["algo"])):
+        curve = dict(zip(r["steps"], r["returns"]))
+        lines.append(f"{r['seed']:>5} {r['algo']:>12} "
+                     + " ".join(f"{curve[c]:9.1f}" if c in curve else f"{'-':>9}" for c in checkpoints))
+    return "\n".join(lines)
+
+
 def paired(results: list[dict], a: str, b: str) -> list[dict]:
     """Paired comparison of algorithm ``a`` against ``b`` over the seeds both ran: at each
     checkpoint the mean of the per-seed differences (a − b) of the evaluation return, its
@@ -222,7 +233,7 @@ def paired_table(rows: list[dict], a: str, b: str) -> str:
     return "\n".join(lines)
 
 
-def merge(paths: list[Path], out_path: Path, compare: list[str] | None = None) -> dict:
+def merge(paths: list[Path], out_path: Path, compare: list[str] | None = None, per_seed: bool = False) -> dict:
     """One table of several benchmark files' runs (e.g. the same script run in parts, on
     different machines: compare their returns, not their wall-clock). A run of the same
     algorithm and seed in a later file replaces the earlier one (a rerun after a change)."""
@@ -241,6 +252,8 @@ def merge(paths: list[Path], out_path: Path, compare: list[str] | None = None) -
     print(f"{files[0]['env']}: evaluation return mean/median over seeds, merged from {', '.join(map(str, paths))} "
           "(wall-clock comparable only within one file)")
     print(table(results, steps))
+    if per_seed:
+        print(seed_table(results, steps))
     out = {"env": files[0]["env"], "merged_from": [str(f) for f in paths], "results": results}
     add_paired(out, compare)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -279,9 +292,11 @@ def main(argv=None) -> dict:
     p.add_argument("--paired", nargs=2, default=None, metavar=("A", "B"),
                    help="also print the per-seed paired difference A − B at each checkpoint (mean, standard "
                         "error, 95%% interval, seeds with A ≥ B)")
+    p.add_argument("--per-seed", action="store_true",
+                   help="also print every run's evaluation return at each checkpoint, one line per seed and algorithm")
     args = p.parse_args(argv)
     if args.merge:
-        return merge(args.merge, args.out, args.paired)
+        return merge(args.merge, args.out, args.paired, args.per_seed)
     if args.plugin:  # fail here, in one line, rather than in every worker
         from pplrl.plugins import PluginError, load_plugin
         try:
@@ -355,6 +370,8 @@ def main(argv=None) -> dict:
     print(f"\n{args.env}: evaluation return mean/median over seeds {args.seeds} ({args.eval_episodes} episodes "
           f"each) at env steps; {args.jobs} runs in parallel, 1 torch thread each")
     print(table(results, checkpoints))
+    if args.per_seed:
+        print(seed_table(results, checkpoints))
     out = save(results)
     if args.paired:
         add_paired(out, args.paired)

@@ -93,9 +93,15 @@ def test_bench_paired_difference_by_hand(tmp_path, capsys):
     # step 2000: seed 2 of b stopped early, so diffs -10, 0 over 2 seeds
     assert rows[1]["seeds"] == 2 and rows[1]["mean_diff"] == pytest.approx(-5.0) and rows[1]["a_at_least_b"] == 1
     (tmp_path / "r.json").write_text(json.dumps({"env": "Pendulum-v1", "results": results}))
-    out = bench.main(["--merge", str(tmp_path / "r.json"), "--out", str(tmp_path / "m.json"), "--paired", "a", "b"])
+    out = bench.main(["--merge", str(tmp_path / "r.json"), "--out", str(tmp_path / "m.json"), "--paired", "a", "b",
+                      "--per-seed"])
     assert out["paired"]["rows"] == rows and json.loads((tmp_path / "m.json").read_text())["paired"]["a"] == "a"
-    assert "paired difference a − b" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "paired difference a − b" in printed
+    per_seed = {tuple(line.split()[:2]): line.split()[2:] for line in printed.splitlines()
+                if line.split()[:1] in (["0"], ["1"], ["2"], ["3"])}
+    assert per_seed[("1", "a")] == ["-200.0", "-60.0"] and per_seed[("2", "b")] == ["-300.0", "-"]
+    assert ("4", "a") not in per_seed  # a failed run has no line
     with pytest.raises(SystemExit, match="no finished runs of 'c'"):
         bench.paired(results, "a", "c")
     with pytest.raises(SystemExit):
