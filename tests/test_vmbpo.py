@@ -518,7 +518,9 @@ def test_copy_from_takes_weights_in_place_and_checks_shapes():
 def test_paper_preset_sets_the_papers_schedule_and_other_overrides_win(algo):
     """``--set preset=paper``: 20 updates per env step, 5,000 warm-up steps, model lr 3e-4 and
     VMBPO's Table 4 exploration noise, applied before the other overrides wherever it stands;
-    ``preset=default`` puts the class's own values back; the fits use the model lr."""
+    VMBPO's Table 4 mini-batch 64 and 200-unit networks for VMBPO and VMBPO-MFE (beta-VMBPO's
+    App. C.2 keeps 256 units); ``preset=default`` puts the class's own values back; the fits use
+    the model lr."""
     from pplrl.algorithms import apply_overrides
 
     base = default_config(algo)
@@ -526,6 +528,14 @@ def test_paper_preset_sets_the_papers_schedule_and_other_overrides_win(algo):
     assert (paper.preset, paper.gradient_steps, paper.learning_starts, paper.model_lr) == ("paper", 7, 5000, 3e-4)
     assert (paper.exploration_noise, paper.exploration_decay, paper.exploration_min) == (1.0, 0.999, 0.025)
     assert paper.beta_init == base.beta_init and paper.e_step == base.e_step  # the variant is kept
+    table_4 = algo != "beta-vmbpo"
+    assert (paper.batch_size, paper.hidden) == ((64, (200, 200)) if table_4 else (256, (256, 256)))
+    assert (base.batch_size, base.hidden) == (256, (256, 256))
+    if table_4:  # every actor-critic network takes the preset's width
+        a = {"vmbpo": VMBPO, "vmbpo-mfe": VMBPOMFE}[algo](paper, 3, 1)
+        widths = {m.out_features for net in (a.policy, a.critic, a.value, a.nu) for m in net.modules()
+                  if isinstance(m, torch.nn.Linear) and m.out_features > 6}
+        assert widths == {200}
     back = apply_overrides(paper, ["preset=default"])
     assert back == dataclasses.replace(base, gradient_steps=base.gradient_steps)
     assert default_config(algo, preset="paper", learning_starts=10).learning_starts == 10

@@ -83,6 +83,12 @@ from pplrl.nets import VNetwork, adam, frozen, mlp, polyak_update, target_copy
 from pplrl.replay import Batch, ReplayBuffer, sample_mixed
 
 
+#: what both VMBPO papers' schedules share (VMBPO App. C and Table 4, beta App. C.2): the
+#: ``preset=paper`` settings of every VMBPO-family config (VMBPOConfig.preset)
+PAPER_SCHEDULE = {"gradient_steps": 20, "learning_starts": 5000, "model_lr": 3e-4, "exploration_noise": 1.0,
+                  "exploration_decay": 0.999, "exploration_min": 0.025}
+
+
 @dataclass
 class VMBPOConfig(EnsembleConfig, SACConfig):
     """Shared settings; the presets (:class:`VMBPOMFEConfig`, :class:`BetaVMBPOConfig`) fix the variant."""
@@ -218,13 +224,17 @@ class VMBPOConfig(EnsembleConfig, SACConfig):
     """'default' (this machine's budget: the settings above) or 'paper', the schedule of both
     VMBPO papers: 20 E-step updates per env step (VMBPO App. C, beta App. C.2), 5,000
     warm-up steps, model learning rate 3e-4, and VMBPO's Table 4 exploration noise N(0, 1)
-    decayed by 0.999 per step to 0.025; beta-VMBPO's also samples its critic from its Algorithm
+    decayed by 0.999 per step to 0.025. VMBPO's and VMBPO-MFE's also take Table 4's
+    actor-critic mini-batch of 64 and networks of 2 hidden layers of 200 (actor, critic, and
+    here nu and V, which Table 4 does not list); beta-VMBPO's keeps its App. C.2 networks of 256
+    (the batch is 256, MBPO's: App. C.2 gives none) and samples its critic from its Algorithm
     1's model buffer (``model_samples='buffer'``, App. C.2's 100,000 rollouts and 400,000
-    tuples). ``--set preset=paper`` applies these first; other ``--set`` keys override them"""
+    tuples). Not taken from Table 4: its learning rates, swept per environment (critic 1e-3,
+    5e-4, 2e-4; actor 5e-4, 2e-4, 1e-4) without saying which won where, so ``lr`` stays 3e-4;
+    its "Number of Expert Networks 2" and "Temperature 0.99995", which the text does not
+    define. ``--set preset=paper`` applies these first; other ``--set`` keys override them"""
 
-    presets: ClassVar[dict[str, dict]] = {
-        "paper": {"gradient_steps": 20, "learning_starts": 5000, "model_lr": 3e-4, "exploration_noise": 1.0,
-                  "exploration_decay": 0.999, "exploration_min": 0.025}}
+    presets: ClassVar[dict[str, dict]] = {"paper": {**PAPER_SCHEDULE, "batch_size": 64, "hidden": (200, 200)}}
 
     def validate(self) -> None:
         super().validate()
@@ -867,8 +877,8 @@ class BetaVMBPOConfig(VMBPOConfig):
     value_network: bool = False
     entropy_regularizer: bool = True
 
-    #: the paper schedule (VMBPOConfig.preset) and beta Algorithm 1's model buffer (App. C.2)
-    presets: ClassVar[dict[str, dict]] = {"paper": {**VMBPOConfig.presets["paper"], "model_samples": "buffer"}}
+    #: the papers' schedule (VMBPOConfig.preset) with App. C.2's networks, and Algorithm 1's model buffer
+    presets: ClassVar[dict[str, dict]] = {"paper": {**PAPER_SCHEDULE, "model_samples": "buffer"}}
 
 
 class VMBPO(VariationalAgent):
