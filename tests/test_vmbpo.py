@@ -242,6 +242,27 @@ def test_step4_actor_elbo_by_hand():
     assert terms["reward"] == pytest.approx(float(2.0 * a.critic.min(b.obs, act).sum().detach()), rel=1e-5)
 
 
+def test_actor_critic_reads_the_online_or_the_target_critic():
+    """actor_critic='online' (default, VMBPO eq. 25) reads Q, 'target' (beta-VMBPO eq. 13) Q'; both
+    train only q_c; anything else is refused."""
+    a, b = agent(BetaVMBPO, entropy_regularizer=False), batch()
+    with torch.no_grad():  # make Q' differ from Q
+        for p in a.critic_target.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    for reading, critic in (("online", a.critic), ("target", a.critic_target)):
+        a.config = dataclasses.replace(a.config, actor_critic=reading)
+        pyro.set_rng_seed(3)
+        loss, terms = a.actor_loss(b.obs)
+        pyro.set_rng_seed(3)
+        act = a.policy(b.obs).rsample()
+        assert terms["reward"] == pytest.approx(float(a.scale * critic.min(b.obs, act).sum().detach()), rel=1e-5)
+        loss.backward()
+        assert all(p.grad is None for p in [*a.critic.parameters(), *a.critic_target.parameters()])
+        assert all(p.requires_grad for p in a.critic.parameters())
+    with pytest.raises(ValueError, match="actor_critic must be 'online' or 'target'"):
+        default_config("beta-vmbpo", actor_critic="Q'").validate()
+
+
 def test_dual_descent_on_beta():
     a = agent(BetaVMBPO, beta_init=1.0, epsilon_kl=0.5, beta_lr=0.1)
     a.update_beta(kl=2.0)  # KL above epsilon: beta goes up

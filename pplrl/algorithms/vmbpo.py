@@ -31,7 +31,9 @@ dynamics q_d; they differ in how the E-step estimates its pieces. The shared cod
   (``fit_dynamics=True`` refits p_theta and q_d every ``model_train_freq`` steps, for the log).
 * **step 4, actor**: the ELBO of :func:`models.actor.actor_model` with the prior
   policy pi and optimality factor ``scale * Q`` against the guide q_c (eq. 25 /
-  eq. 13), computed by Pyro (:class:`pplrl.elbo.ReparamOptimalityELBO`).
+  eq. 13), computed by Pyro (:class:`pplrl.elbo.ReparamOptimalityELBO`). Q is the online
+  critic, as in VMBPO's eq. 25, for every agent by default; beta's eq. 13 reads the
+  target Q' (``actor_critic='target'``).
 * **M-step**: pi <- q_c (eq. 26 solved by copying; beta eq. 14's hard update), or the
   regularised MAP of eq. (27) (``m_step="map"``).
 * **dual beta** (beta eq. 9): ``J(beta) = beta (epsilon - KL(q_d || p))``, KL the
@@ -81,7 +83,6 @@ from pplrl.diagnostics import NonFiniteError, importance_weight_diagnostics
 from pplrl.envs.continuous import termination_fn_for
 from pplrl.nets import VNetwork, adam, frozen, mlp, polyak_update, target_copy
 from pplrl.replay import Batch, ReplayBuffer, sample_mixed
-
 
 #: what both VMBPO papers' schedules share (VMBPO App. C and Table 4, beta App. C.2): the
 #: ``preset=paper`` settings of every VMBPO-family config (VMBPOConfig.preset)
@@ -204,6 +205,15 @@ class VMBPOConfig(EnsembleConfig, SACConfig):
     """one-step rollouts per model fit with model_samples='buffer' (beta App. C.2)"""
     model_buffer_size: int = 400_000
     """the model buffer's capacity with model_samples='buffer' (beta App. C.2)"""
+    actor_critic: str = "online"
+    """the critic the actor's ELBO reads (step 4): 'online', Q_psi (VMBPO eq. 25), or 'target', the
+    Polyak-averaged Q' (beta-VMBPO eq. 13). The default is VMBPO's reading for every agent of the
+    family, beta-VMBPO included: a deviation from beta's eq. 13, kept because the option came after
+    the runs. On six trained beta-VMBPO agents (5k steps) the two readings' actor gradients have
+    median cosine 0.90 (0.27 at worst over 20 batches; experiments/beta_critic_roles.py); what that
+    does to learning is not measured. q_d's weights (step 1) read the target Q' for every agent
+    (VMBPO eq. 19), where beta's eq. 11 has the online Q_psi; there the readings agree (log-weights
+    correlate 0.97, 0.02 nats apart on average, the same ESS), so no option"""
     sticking_the_landing: bool = True
     """actor gradient without the zero-mean score term (guides.actor.StickingTheLanding):
     with pi <- q_c every step the KL term's value is 0 but its score gradient, weighted by
@@ -277,6 +287,8 @@ class VMBPOConfig(EnsembleConfig, SACConfig):
         for name in ("model_rollouts", "model_buffer_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.actor_critic not in ("online", "target"):
+            raise ValueError(f"actor_critic must be 'online' or 'target', got {self.actor_critic!r}")
         if self.log_ratio not in ("nu", "ensembles"):
             raise ValueError(f"log_ratio must be 'nu' or 'ensembles', got {self.log_ratio!r}")
         if self.e_step not in ("model_based", "model_free"):
@@ -438,7 +450,9 @@ class VariationalAgent(SAC):
 
     # -- step 1: variational dynamics ------------------------------------------------------
     def dynamics_log_weights(self, batch: Batch) -> torch.Tensor:
-        """scale (r + gamma (1 - d) V'(x') - Q'(x, a)), clamped to (-td_clamp, td_clamp) if set."""
+        """scale (r + gamma (1 - d) V'(x') - Q'(x, a)), clamped to (-td_clamp, td_clamp) if set.
+        The target Q' as in VMBPO eq. (19), for beta-VMBPO too, whose eq. (11) has the online
+        Q_psi: a deviation, measured to change nothing here (VMBPOConfig.actor_critic)."""
         with torch.no_grad():
             td = batch.rew + self.config.gamma * (1 - batch.done) * self.soft_value_target(batch.next_obs) \
                 - self.critic_target.min(batch.obs, batch.act)
@@ -661,8 +675,9 @@ class VariationalAgent(SAC):
         # entropy bonus takes its own sample from it (one policy forward and backward, not two)
         d = self.policy(obs) if q is None else q
         prior_policy = self.prior_policy if prior is None else (lambda _obs: prior)
-        with frozen(*self.actor_frozen_modules()):
-            loss = self.actor_elbo.differentiable_loss(actor_model, actor_guide, obs, prior_policy, self.critic.min,
+        critic = self.critic_target if self.config.actor_critic == "target" else self.critic  # eq. 13's Q' / eq. 25's Q
+        with frozen(*self.actor_frozen_modules()):  # (the target critic never requires gradients)
+            loss = self.actor_elbo.differentiable_loss(actor_model, actor_guide, obs, prior_policy, critic.min,
                                                        self.scale, policy=lambda _obs: d,
                                                        sticking_the_landing=self.config.sticking_the_landing)
         loss = loss / (obs.shape[0] * self.scale)
