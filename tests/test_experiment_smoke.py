@@ -167,3 +167,21 @@ def test_bench_resume_keeps_finished_runs_and_reruns_the_rest(tmp_path, monkeypa
     with pytest.raises(SystemExit):  # other settings: refused, the file untouched
         bench.main([*argv[:-2], "--set", "batch_size=8", "--out", str(out), "--resume"])
     assert json.loads(out.read_text())["results"] == res["results"]
+
+
+def test_beta_critic_roles_on_a_tiny_run(tmp_path, capsys):
+    """experiments/beta_critic_roles.py on a short beta-VMBPO run: the two readings of q_d's
+    weights and of the actor's critic are compared on the run's own replay (a correlation and a
+    cosine, each within [-1, 1], the same number of transitions as the replay); a SAC run is refused."""
+    bench, roles = load_experiment("bench_pendulum"), load_experiment("beta_critic_roles")
+    tiny = ["hidden=(8,8)", "batch_size=8", "learning_starts=10", "model_hidden=(8,)", "model_train_freq=20",
+            "gradient_steps=1", "model_min_updates=5", "model_epochs=1"]
+    bench.run_pplrl("beta-vmbpo", "Pendulum-v1", 0, 40, 40, 1, tiny, run_dir=str(tmp_path / "b"))
+    out = roles.main([str(tmp_path / "b"), "--batches", "2", "--out", str(tmp_path / "r.json")])
+    (row,) = out["runs"]
+    assert row["transitions"] == 40 and row["step"] == 40
+    assert -1 <= row["correlation"] <= 1 and -1 <= row["cosine"] <= 1 and row["relative_diff"] >= 0
+    assert json.loads((tmp_path / "r.json").read_text())["mean"]["cosine"] == row["cosine"]
+    bench.run_pplrl("sac", "Pendulum-v1", 0, 20, 20, 1, tiny[:3], run_dir=str(tmp_path / "s"))
+    with pytest.raises(SystemExit, match="not beta-VMBPO"):
+        roles.main([str(tmp_path / "s"), "--out", str(tmp_path / "r2.json")])
