@@ -569,6 +569,8 @@ def test_paper_preset_sets_the_papers_schedule_and_other_overrides_win(algo):
     assert paper.model_samples == ("buffer" if algo == "beta-vmbpo" else "fresh") == \
         apply_overrides(base, ["preset=paper"]).model_samples
     assert back.model_samples == "fresh"
+    assert paper.actor_critic == ("target" if algo == "beta-vmbpo" else "online")  # beta eq. 13's Q'
+    assert back.actor_critic == "online"
 
 
 def test_model_buffer_holds_algorithm_1s_rollouts_and_feeds_the_critic(monkeypatch):

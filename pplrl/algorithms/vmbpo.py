@@ -207,11 +207,12 @@ class VMBPOConfig(EnsembleConfig, SACConfig):
     """the model buffer's capacity with model_samples='buffer' (beta App. C.2)"""
     actor_critic: str = "online"
     """the critic the actor's ELBO reads (step 4): 'online', Q_psi (VMBPO eq. 25), or 'target', the
-    Polyak-averaged Q' (beta-VMBPO eq. 13). The default is VMBPO's reading for every agent of the
-    family, beta-VMBPO included: a deviation from beta's eq. 13, kept because the option came after
-    the runs. On six trained beta-VMBPO agents (5k steps) the two readings' actor gradients have
-    median cosine 0.90 (0.27 at worst over 20 batches; experiments/beta_critic_roles.py); what that
-    does to learning is not measured. q_d's weights (step 1) read the target Q' for every agent
+    Polyak-averaged Q' (beta-VMBPO eq. 13; beta-VMBPO's ``preset=paper`` takes it). The default is
+    VMBPO's reading for every agent of the family, beta-VMBPO included: a deviation from beta's
+    eq. 13, and the behaviour before this option (the rule for new config fields). On six trained
+    beta-VMBPO agents (5k steps) the two readings' actor gradients have median cosine 0.90 (0.27
+    at worst over 20 batches; experiments/beta_critic_roles.py); what that does to learning is
+    not measured. q_d's weights (step 1) read the target Q' for every agent
     (VMBPO eq. 19), where beta's eq. 11 has the online Q_psi; there the readings agree (log-weights
     correlate 0.97, 0.02 nats apart on average, the same ESS), so no option"""
     sticking_the_landing: bool = True
@@ -237,10 +238,11 @@ class VMBPOConfig(EnsembleConfig, SACConfig):
     decayed by 0.999 per step to 0.025. VMBPO's and VMBPO-MFE's also take Table 4's
     actor-critic mini-batch of 64 and networks of 2 hidden layers of 200 (actor, critic, and
     here nu and V, which Table 4 does not list); beta-VMBPO's keeps its App. C.2 networks of 256
-    (the batch is 256, MBPO's: App. C.2 gives none) and samples its critic from its Algorithm
+    (the batch is 256, MBPO's: App. C.2 gives none), samples its critic from its Algorithm
     1's model buffer (``model_samples='buffer'``, App. C.2's 100,000 rollouts and 400,000
-    tuples). Not taken from Table 4: its learning rates, swept per environment (critic 1e-3,
-    5e-4, 2e-4; actor 5e-4, 2e-4, 1e-4) without saying which won where, so ``lr`` stays 3e-4;
+    tuples) and its actor reads the target critic (eq. 13, ``actor_critic='target'``). Not
+    taken from Table 4: its learning rates, swept per environment (critic 1e-3, 5e-4, 2e-4;
+    actor 5e-4, 2e-4, 1e-4) without saying which won where, so ``lr`` stays 3e-4;
     its "Number of Expert Networks 2" and "Temperature 0.99995", which the text does not
     define. ``--set preset=paper`` applies these first; other ``--set`` keys override them"""
 
@@ -892,8 +894,10 @@ class BetaVMBPOConfig(VMBPOConfig):
     value_network: bool = False
     entropy_regularizer: bool = True
 
-    #: the papers' schedule (VMBPOConfig.preset) with App. C.2's networks, and Algorithm 1's model buffer
-    presets: ClassVar[dict[str, dict]] = {"paper": {**PAPER_SCHEDULE, "model_samples": "buffer"}}
+    #: the papers' schedule (VMBPOConfig.preset) with App. C.2's networks, Algorithm 1's model buffer
+    #: and eq. 13's target critic in the actor
+    presets: ClassVar[dict[str, dict]] = {"paper": {**PAPER_SCHEDULE, "model_samples": "buffer",
+                                                    "actor_critic": "target"}}
 
 
 class VMBPO(VariationalAgent):
