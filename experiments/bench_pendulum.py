@@ -216,20 +216,48 @@ def paired(results: list[dict], a: str, b: str) -> list[dict]:
     return rows
 
 
+def paired_over_curve(results: list[dict], a: str, b: str) -> dict | None:
+    """One paired comparison of the whole learning curve: per seed, the mean over the
+    checkpoints both runs of that seed have all of (the checkpoints every pair shares) of
+    a − b, then its mean over seeds, standard error, 95% t-interval and the seeds with a ≥ b.
+    A single test, so no correction for looking at several checkpoints is needed (the area
+    between the curves, up to the checkpoint spacing). None when fewer than two seeds pair."""
+    from scipy import stats
+
+    from pplrl.diagnostics import standard_error
+
+    curves = {algo: {r["seed"]: dict(zip(r["steps"], r["returns"])) for r in results
+                     if r["algo"] == algo and "error" not in r} for algo in (a, b)}
+    seeds = sorted(curves[a].keys() & curves[b].keys())
+    steps = sorted(set.intersection(*(set(curves[a][s]) & set(curves[b][s]) for s in seeds))) if seeds else []
+    if len(seeds) < 2 or not steps:
+        return None
+    diffs = np.array([np.mean([curves[a][s][t] - curves[b][s][t] for t in steps]) for s in seeds])
+    mean, se = float(diffs.mean()), standard_error(diffs)
+    half = float(stats.t.ppf(0.975, len(diffs) - 1) * se)
+    return {"steps": steps, "seeds": len(diffs), "mean_diff": mean, "se": se, "ci95": [mean - half, mean + half],
+            "a_at_least_b": int((diffs >= 0).sum())}
+
+
 def add_paired(out: dict, compare: list[str] | None) -> None:
     """``out["paired"]`` for ``--paired A B`` (if given), and print its table."""
     if compare:
-        out["paired"] = {"a": compare[0], "b": compare[1], "rows": paired(out["results"], *compare)}
-        print(paired_table(out["paired"]["rows"], *compare))
+        curve = paired_over_curve(out["results"], *compare)
+        out["paired"] = {"a": compare[0], "b": compare[1], "rows": paired(out["results"], *compare),
+                         "over_curve": curve}
+        print(paired_table(out["paired"]["rows"], *compare, curve))
 
 
-def paired_table(rows: list[dict], a: str, b: str) -> str:
+def paired_table(rows: list[dict], a: str, b: str, curve: dict | None = None) -> str:
     lines = [f"paired difference {a} − {b} over seeds (mean ± standard error, 95% t-interval, seeds with {a} ≥ {b})",
              f"{'step':>7} {'seeds':>5} {'mean ± se':>17} {'95% interval':>20} {'a ≥ b':>6}"]
-    for r in rows:
+    for r in [*rows, *([dict(curve, step="curve")] if curve else [])]:
         lo, hi = r["ci95"]
-        lines.append(f"{r['step']:>7d} {r['seeds']:>5d} {r['mean_diff']:>8.1f} ± {r['se']:<6.1f} "
+        lines.append(f"{r['step']:>7} {r['seeds']:>5d} {r['mean_diff']:>8.1f} ± {r['se']:<6.1f} "
                      f"[{lo:>8.1f}, {hi:>8.1f}] {r['a_at_least_b']:>3d}/{r['seeds']}")
+    if curve:
+        lines.append(f"(curve: each seed's mean over the checkpoints {curve['steps'][0]}…{curve['steps'][-1]} that "
+                     "every pair has, one test for the whole curve)")
     return "\n".join(lines)
 
 
@@ -291,7 +319,8 @@ def main(argv=None) -> dict:
                    help="run nothing: print one table of these benchmark files' runs (and write it to --out)")
     p.add_argument("--paired", nargs=2, default=None, metavar=("A", "B"),
                    help="also print the per-seed paired difference A − B at each checkpoint (mean, standard "
-                        "error, 95%% interval, seeds with A ≥ B)")
+                        "error, 95%% interval, seeds with A ≥ B) and over the whole curve (each seed's mean over "
+                        "the checkpoints: one test, no correction for many checkpoints needed)")
     p.add_argument("--per-seed", action="store_true",
                    help="also print every run's evaluation return at each checkpoint, one line per seed and algorithm")
     args = p.parse_args(argv)

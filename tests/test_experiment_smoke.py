@@ -102,6 +102,15 @@ def test_bench_paired_difference_by_hand(tmp_path, capsys):
                 if line.split()[:1] in (["0"], ["1"], ["2"], ["3"])}
     assert per_seed[("1", "a")] == ["-200.0", "-60.0"] and per_seed[("2", "b")] == ["-300.0", "-"]
     assert ("4", "a") not in per_seed  # a failed run has no line
+    # the whole curve: seed 2's b stopped after 1000, so only 1000 is shared by every pair
+    curve = bench.paired_over_curve(results, "a", "b")
+    assert curve["steps"] == [1000] and curve["seeds"] == 3 and curve["mean_diff"] == pytest.approx(40 / 3)
+    assert out["paired"]["over_curve"] == curve and "  curve " in printed
+    two = [run("a", 0, [0.0, 10.0]), run("b", 0, [0.0, 0.0]), run("a", 1, [-10.0, 0.0]), run("b", 1, [0.0, 0.0])]
+    curve = bench.paired_over_curve(two, "a", "b")  # per-seed means +5 and -5
+    assert curve["steps"] == [1000, 2000] and curve["mean_diff"] == 0.0 and curve["se"] == pytest.approx(5.0)
+    assert curve["ci95"] == pytest.approx([-12.7062047 * 5, 12.7062047 * 5]) and curve["a_at_least_b"] == 1
+    assert bench.paired_over_curve(two[:2], "a", "b") is None  # one seed: no interval
     with pytest.raises(SystemExit, match="no finished runs of 'c'"):
         bench.paired(results, "a", "c")
     with pytest.raises(SystemExit):
