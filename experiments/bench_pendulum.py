@@ -261,11 +261,22 @@ def paired_table(rows: list[dict], a: str, b: str, curve: dict | None = None) ->
     return "\n".join(lines)
 
 
-def merge(paths: list[Path], out_path: Path, compare: list[str] | None = None, per_seed: bool = False) -> dict:
+def merge(paths: list[Path], out_path: Path, compare: list[str] | None = None, per_seed: bool = False,
+          rename: list[list[str]] | None = None) -> dict:
     """One table of several benchmark files' runs (e.g. the same script run in parts, on
     different machines: compare their returns, not their wall-clock). A run of the same
-    algorithm and seed in a later file replaces the earlier one (a rerun after a change)."""
+    algorithm and seed in a later file replaces the earlier one (a rerun after a change).
+    ``rename``: [FILE, ALGO, NAME] triples, the runs of ALGO in FILE listed as NAME (a variant
+    run under the same algorithm, e.g. with other --set overrides, to compare with --paired)."""
     files = [json.loads(Path(f).read_text()) for f in paths]
+    for file, algo, name in rename or []:
+        matches = [i for i, f in enumerate(paths) if Path(f) == Path(file)]
+        if not matches:
+            raise SystemExit(f"error: --rename {file}: not among the --merge files")
+        for i in matches:
+            if not any(r["algo"] == algo for r in files[i]["results"]):
+                raise SystemExit(f"error: --rename: {file} has no runs of {algo!r}")
+            files[i]["results"] = [dict(r, algo=name) if r["algo"] == algo else r for r in files[i]["results"]]
     if len({f["env"] for f in files}) != 1:
         raise SystemExit(f"error: the files benchmark different envs: {sorted({f['env'] for f in files})}")
     runs: dict[tuple[str, int], dict] = {}
@@ -323,9 +334,14 @@ def main(argv=None) -> dict:
                         "the checkpoints: one test, no correction for many checkpoints needed)")
     p.add_argument("--per-seed", action="store_true",
                    help="also print every run's evaluation return at each checkpoint, one line per seed and algorithm")
+    p.add_argument("--rename", nargs=3, action="append", default=None, metavar=("JSON", "ALGO", "NAME"),
+                   help="with --merge: list the runs of ALGO in JSON as NAME (a variant run under the same "
+                        "algorithm); repeatable")
     args = p.parse_args(argv)
+    if args.rename and not args.merge:
+        p.error("--rename needs --merge")
     if args.merge:
-        return merge(args.merge, args.out, args.paired, args.per_seed)
+        return merge(args.merge, args.out, args.paired, args.per_seed, args.rename)
     if args.plugin:  # fail here, in one line, rather than in every worker
         from pplrl.plugins import PluginError, load_plugin
         try:

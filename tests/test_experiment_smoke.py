@@ -111,6 +111,15 @@ def test_bench_paired_difference_by_hand(tmp_path, capsys):
     assert curve["steps"] == [1000, 2000] and curve["mean_diff"] == 0.0 and curve["se"] == pytest.approx(5.0)
     assert curve["ci95"] == pytest.approx([-12.7062047 * 5, 12.7062047 * 5]) and curve["a_at_least_b"] == 1
     assert bench.paired_over_curve(two[:2], "a", "b") is None  # one seed: no interval
+    # a variant run under the same algorithm name, compared through --rename
+    (tmp_path / "v.json").write_text(json.dumps({"env": "Pendulum-v1", "results": [run("b", 0, [-90.0, -30.0])]}))
+    v = str(tmp_path / "v.json")
+    out = bench.main(["--merge", str(tmp_path / "r.json"), v, "--rename", v, "b", "b2", "--paired", "b2", "b",
+                      "--out", str(tmp_path / "m.json")])
+    assert out["paired"]["rows"][0]["mean_diff"] == pytest.approx(20.0)  # -90 - (-110), seed 0 only
+    with pytest.raises(SystemExit, match="has no runs of 'zz'"):
+        bench.main(["--merge", str(tmp_path / "v.json"), "--rename", str(tmp_path / "v.json"), "zz", "y",
+                    "--out", str(tmp_path / "m.json")])
     with pytest.raises(SystemExit, match="no finished runs of 'c'"):
         bench.paired(results, "a", "c")
     with pytest.raises(SystemExit):
