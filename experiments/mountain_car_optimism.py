@@ -148,12 +148,28 @@ def summarise(pos: np.ndarray, ret: np.ndarray, goal: np.ndarray) -> dict:
             "goal_rate": float(goal.mean()), "mean_position": pos.mean(0).tolist(), "std_position": pos.std(0).tolist()}
 
 
+def exact_kl(agent, seed: int, batches: int = 8, batch_size: int = 256) -> float:
+    """KL(q_d || p_theta) of the agent's two ensembles (their elite mixtures' log-densities, exact
+    for the models it holds) at x ~ D_env, a ~ q_c, x' ~ q_d, over ``batches`` replay batches:
+    the same number for both agents, whatever their own log-ratio estimator (VMBPO's nu
+    estimates about 0; docs/notes.md)."""
+    rng = np.random.default_rng(seed)
+    kls = []
+    with torch.no_grad():
+        for _ in range(batches):
+            obs = agent.replay.sample(batch_size, rng).obs
+            kls.append(agent.batch_kl(obs, agent.policy(obs).sample(), ensembles=True))
+    return float(np.mean(kls))
+
+
 def evaluate_dynamics(agent, rollouts: int, horizon: int, seed: int) -> dict:
     starts = start_states(rollouts)
     out = {"real": summarise(*rollout_real(agent, rollouts, horizon)),
            "variational": summarise(*rollout_model(agent, agent.q_dynamics, starts, horizon, seed)),
            "prior": summarise(*rollout_model(agent, agent.ensemble, starts, horizon, seed))}
     out["prior_gap_return"] = out["prior"]["mean_return"] - out["real"]["mean_return"]
+    torch.manual_seed(seed)  # q_c's and q_d's samples in the KL
+    out["kl_exact"] = exact_kl(agent, seed)
     return add_gaps(out)
 
 
@@ -215,7 +231,7 @@ def table(results: dict) -> str:
     lines = [f"{'algorithm':>11} {'seed':>4} {'beta':>8} | {'return real':>11} {'q_d':>8} {'prior':>8} | "
              f"{'final pos real':>14} {'q_d':>6} | {'goal real':>9} {'q_d':>5} | "
              f"{'optimism (return)':>17} {'(final pos)':>11} "
-             f"{'q_d - prior':>11}"]
+             f"{'q_d - prior':>11} {'KL(q_d||p)':>10}"]
     for algo, res in results.items():
         rows = list(res["seeds"].items()) + [("mean", res["mean"])]
         for seed, r in rows:
@@ -224,7 +240,8 @@ def table(results: dict) -> str:
                          f"{r['real']['final_position']:14.3f} {r['variational']['final_position']:6.3f} | "
                          f"{r['real']['goal_rate']:9.2f} {r['variational']['goal_rate']:5.2f} | "
                          f"{r['optimism_return']:17.2f} {r['optimism_final_position']:11.3f} "
-                         f"{r['tilt_optimism_return']:11.2f}")
+                         f"{r['tilt_optimism_return']:11.2f} "
+                         + (f"{r['kl_exact']:10.3f}" if "kl_exact" in r else f"{'-':>10}"))
     return "\n".join(lines)
 
 
@@ -232,6 +249,8 @@ def _mean_over_seeds(per_seed: dict) -> dict:
     keys = ("mean_return", "final_position", "max_position", "goal_rate")
     out = {dyn: {k: float(np.mean([r[dyn][k] for r in per_seed.values()])) for k in keys} for dyn in DYNAMICS}
     out["beta"] = float(np.mean([r["beta"] for r in per_seed.values()]))
+    if all("kl_exact" in r for r in per_seed.values()):  # (results written before it have none)
+        out["kl_exact"] = float(np.mean([r["kl_exact"] for r in per_seed.values()]))
     # means of differences = differences of means: the optimism is exactly q_d minus real
     return add_gaps(out)
 
@@ -320,11 +339,16 @@ def main(argv=None) -> dict:
     p.add_argument("--resume", action="store_true",
                    help="keep the (algorithm, seed) results already in OUT's JSON (same settings) and continue "
                         "the runs an interrupted call left in OUT/runs from their last checkpoint")
+    p.add_argument("--reevaluate", action="store_true",
+                   help="with --resume: evaluate every run again from its folder in OUT/runs (finished runs are "
+                        "read back, not retrained), e.g. after this script learned to report something new")
     p.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
                    help="run nothing: one table and plot of these files' seeds, written to --out")
     args = p.parse_args(argv)
     if args.merge:
         return merge(args.merge, args.out)
+    if args.reevaluate and not args.resume:
+        raise SystemExit("error: --reevaluate needs --resume (it reads the runs back from OUT/runs)")
     if min(args.steps, args.rollouts, args.horizon, args.jobs, args.checkpoint_every) <= 0:
         raise SystemExit("error: --steps, --rollouts, --horizon, --jobs and --checkpoint-every must be > 0")
     torch.set_num_threads(args.threads)
@@ -333,6 +357,7 @@ def main(argv=None) -> dict:
     saved = {"env": ENV_ID, "steps": args.steps, "seeds": args.seeds, "rollouts": args.rollouts,
              "horizon": args.horizon, "overrides": [*DEFAULT_SET, *args.set]}
     earlier = args.out / "mountain_car_optimism.json"
+    trained_wall: dict[tuple[str, str], float] = {}  # --reevaluate keeps the training times
     if args.resume and earlier.exists():
         data = json.loads(earlier.read_text())
         differing = [k for k in ("steps", "rollouts", "horizon", "overrides") if data.get(k) != saved[k]]
@@ -341,7 +366,11 @@ def main(argv=None) -> dict:
                              + ", ".join(f"{k} {data.get(k)!r} vs {saved[k]!r}" for k in differing) + ")")
         for algo, res in data.get("results", {}).items():
             if algo in per_algo:
-                per_algo[algo].update({s: r for s, r in res["seeds"].items() if int(s) in args.seeds})
+                kept = {s: r for s, r in res["seeds"].items() if int(s) in args.seeds}
+                if args.reevaluate:
+                    trained_wall.update({(algo, s): r["train_wall_s"] for s, r in kept.items()})
+                else:
+                    per_algo[algo].update(kept)
     jobs = [(algo, seed, args.steps, args.set, args.out / "runs" / f"{algo}-seed{seed}", args.rollouts, args.horizon,
              args.threads, args.resume, args.checkpoint_every)
             for seed in args.seeds for algo in args.algos if str(seed) not in per_algo[algo]]  # seed-major: pairs first
@@ -354,6 +383,8 @@ def main(argv=None) -> dict:
         else:
             done = map(_job, jobs)
         for algo, seed, r in done:
+            if (algo, str(seed)) in trained_wall:  # read back, not trained: keep the training time
+                r["train_wall_s"] = trained_wall[(algo, str(seed))]
             per_algo[algo][str(seed)] = r
             # after every finished run: an interrupted call keeps the runs it finished (--merge them later)
             saved["results"] = summarize(per_algo)

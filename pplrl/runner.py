@@ -473,14 +473,18 @@ def train(algo: str | type[Agent], config, out: Path | str, total_steps: int | N
             state = load_checkpoint(out, algo) if (out / CHECKPOINT).exists() else None  # checksum first
             saved = _as_json(recorded["config"])
             where = f"the config in {out / CONFIG}"
-            if state is not None:
-                details = _differences(saved, _as_json(state["config"]), CONFIG, "checkpoint")
-                if details:
-                    raise RunError(f"{out / CONFIG} differs from the checkpoint's config ({details}); a run's "
-                                   f"config cannot change (restore {CONFIG}, or train into a new folder)")
             # loaded through the class, so fields added since the run was made take their defaults
             # (a new field defaults to the behaviour before it: older run folders resume)
             recorded_config = config_from_dict(cls, saved, where)
+            if state is not None:
+                # compared as the class reads them: a checkpoint written by a later version than
+                # config.json (a resumed run) records fields config.json lacks, at their defaults
+                checkpointed = config_from_dict(cls, _as_json(state["config"]), f"the checkpoint's config in {out}")
+                details = _differences(_as_json(dataclasses.asdict(recorded_config)),
+                                       _as_json(dataclasses.asdict(checkpointed)), CONFIG, "checkpoint")
+                if details:
+                    raise RunError(f"{out / CONFIG} differs from the checkpoint's config ({details}); a run's "
+                                   f"config cannot change (restore {CONFIG}, or train into a new folder)")
             if config is not None:
                 details = _differences(_as_json(dataclasses.asdict(recorded_config)),
                                        _as_json(dataclasses.asdict(config)), "saved", "given")

@@ -29,6 +29,9 @@ def test_mountain_car_optimism_runs(tmp_path, capsys):
         assert r["tilt_optimism_return"] == r["variational"]["mean_return"] - r["prior"]["mean_return"]
         assert res["optimism_return"] == res["mean"]["variational"]["mean_return"] - res["mean"]["real"]["mean_return"]
         assert math.isfinite(r["beta"]) and r["beta"] > 0
+        # the exact KL(q_d || p_theta) of the two ensembles, on the run's replay
+        agent_kl = r["kl_exact"]
+        assert math.isfinite(agent_kl) and res["mean"]["kl_exact"] == agent_kl
     out = capsys.readouterr().out
     assert "optimism" in out and "beta-vmbpo" in out
     # --merge: a second file's seed joins the first's; the mean and standard error are over both
@@ -74,6 +77,14 @@ def test_mountain_car_optimism_resume(tmp_path, capsys):
     again = mc.main([*args, "--out", str(tmp_path / "cut"), "--resume"])
     assert again["results"]["vmbpo"]["seeds"]["0"] == b
     assert "1 finished runs kept, 0 to go" in capsys.readouterr().out
+    # --reevaluate reads the finished run back and evaluates it again: the same rollouts and KL,
+    # the training time kept
+    again = mc.main([*args, "--out", str(tmp_path / "cut"), "--resume", "--reevaluate"])
+    c = again["results"]["vmbpo"]["seeds"]["0"]
+    assert c["real"]["mean_return"] == b["real"]["mean_return"] and c["kl_exact"] == b["kl_exact"]
+    assert c["train_wall_s"] == b["train_wall_s"]
+    with pytest.raises(SystemExit, match="--reevaluate needs --resume"):
+        mc.main([*args, "--out", str(tmp_path / "cut"), "--reevaluate"])
     with pytest.raises(SystemExit, match="other settings.*horizon"):
         mc.main([*args[:-len(TINY) - 1], "--horizon", "11", "--set", *TINY, "--out", str(tmp_path / "cut"),
                  "--resume"])

@@ -165,6 +165,16 @@ def test_a_run_from_before_a_config_field_existed_resumes(tmp_path):
               progress=False)
     agent = train("sac", tiny(), tmp_path, 300, resume=True, eval_every=200, eval_episodes=1, progress=False)
     assert agent.config == tiny() and load_checkpoint(tmp_path, "sac")["step"] == 300
+    # that resume's checkpoint records the field, config.json still lacks it: they still agree
+    assert "pyro_validation" in load_checkpoint(tmp_path, "sac")["config"]
+    train("sac", None, tmp_path, 400, resume=True, eval_every=200, eval_episodes=1, progress=False)
+    assert load_checkpoint(tmp_path, "sac")["step"] == 400
+    # ... but a field that config.json lacks and the checkpoint sets otherwise than its default is refused
+    state = load_checkpoint(tmp_path, "sac")
+    state["config"]["pyro_validation"] = "never"
+    write_checkpoint(tmp_path, state)
+    with pytest.raises(RunError, match=r"differs from the checkpoint's config \(pyro_validation"):
+        train("sac", None, tmp_path, 500, resume=True, eval_every=200, eval_episodes=1, progress=False)
 
 
 def test_nan_loss_stops_with_step_and_name_and_keeps_checkpoint(tmp_path, monkeypatch):
