@@ -188,55 +188,57 @@ def seed_table(results: list[dict], checkpoints: list[int]) -> str:
     return "\n".join(lines)
 
 
-def paired(results: list[dict], a: str, b: str) -> list[dict]:
-    """Paired comparison of algorithm ``a`` against ``b`` over the seeds both ran: at each
-    checkpoint the mean of the per-seed differences (a − b) of the evaluation return, its
-    standard error, a 95% Student-t interval, and how many seeds have a ≥ b. Pairing by
-    seed removes what the seed shares across algorithms (the evaluation start states)."""
-    from scipy import stats
-
-    from pplrl.diagnostics import standard_error
-
+def paired_curves(results: list[dict], a: str, b: str) -> dict[int, tuple[dict, dict]]:
+    """``{seed: (a's curve, b's curve)}`` over the seeds both finished, each curve ``{step:
+    return}``; a SystemExit naming the algorithm that has no finished run."""
     curves = {algo: {r["seed"]: dict(zip(r["steps"], r["returns"])) for r in results
                      if r["algo"] == algo and "error" not in r} for algo in (a, b)}
     for algo in (a, b):
         if not curves[algo]:
             have = sorted({r['algo'] for r in results})
             raise SystemExit(f"error: --paired: no finished runs of {algo!r} (have {have})")
-    pairs = [(curves[a][seed], curves[b][seed]) for seed in sorted(curves[a].keys() & curves[b].keys())]
-    rows = []
-    for step in sorted({s for ca, _ in pairs for s in ca}):
-        diffs = np.array([ca[step] - cb[step] for ca, cb in pairs if step in ca and step in cb])
-        if len(diffs) == 0:
-            continue
-        n, mean, se = len(diffs), float(diffs.mean()), standard_error(diffs)
-        half = float(stats.t.ppf(0.975, n - 1) * se) if n > 1 else float("nan")
-        rows.append({"step": step, "seeds": n, "mean_diff": mean, "se": se, "ci95": [mean - half, mean + half],
-                     "a_at_least_b": int((diffs >= 0).sum())})
-    return rows
+    return {seed: (curves[a][seed], curves[b][seed]) for seed in sorted(curves[a].keys() & curves[b].keys())}
 
 
-def paired_over_curve(results: list[dict], a: str, b: str) -> dict | None:
-    """One paired comparison of the whole learning curve: per seed, the mean over the
-    checkpoints both runs of that seed have all of (the checkpoints every pair shares) of
-    a − b, then its mean over seeds, standard error, 95% t-interval and the seeds with a ≥ b.
-    A single test, so no correction for looking at several checkpoints is needed (the area
-    between the curves, up to the checkpoint spacing). None when fewer than two seeds pair."""
+def difference_summary(diffs) -> dict:
+    """Mean of per-seed differences a − b, its standard error, a 95% Student-t interval (NaN
+    for one seed) and how many seeds have a ≥ b."""
     from scipy import stats
 
     from pplrl.diagnostics import standard_error
 
-    curves = {algo: {r["seed"]: dict(zip(r["steps"], r["returns"])) for r in results
-                     if r["algo"] == algo and "error" not in r} for algo in (a, b)}
-    seeds = sorted(curves[a].keys() & curves[b].keys())
-    steps = sorted(set.intersection(*(set(curves[a][s]) & set(curves[b][s]) for s in seeds))) if seeds else []
-    if len(seeds) < 2 or not steps:
-        return None
-    diffs = np.array([np.mean([curves[a][s][t] - curves[b][s][t] for t in steps]) for s in seeds])
-    mean, se = float(diffs.mean()), standard_error(diffs)
-    half = float(stats.t.ppf(0.975, len(diffs) - 1) * se)
-    return {"steps": steps, "seeds": len(diffs), "mean_diff": mean, "se": se, "ci95": [mean - half, mean + half],
+    diffs = np.asarray(diffs, dtype=float)
+    n, mean, se = len(diffs), float(diffs.mean()), standard_error(diffs)
+    half = float(stats.t.ppf(0.975, n - 1) * se) if n > 1 else float("nan")
+    return {"seeds": n, "mean_diff": mean, "se": se, "ci95": [mean - half, mean + half],
             "a_at_least_b": int((diffs >= 0).sum())}
+
+
+def paired(results: list[dict], a: str, b: str) -> list[dict]:
+    """Paired comparison of algorithm ``a`` against ``b`` over the seeds both ran: at each
+    checkpoint the mean of the per-seed differences (a − b) of the evaluation return, its
+    standard error, a 95% Student-t interval, and how many seeds have a ≥ b. Pairing by
+    seed removes what the seed shares across algorithms (the evaluation start states)."""
+    pairs = list(paired_curves(results, a, b).values())
+    rows = []
+    for step in sorted({s for ca, _ in pairs for s in ca}):
+        diffs = [ca[step] - cb[step] for ca, cb in pairs if step in ca and step in cb]
+        if diffs:
+            rows.append({"step": step, **difference_summary(diffs)})
+    return rows
+
+
+def paired_over_curve(results: list[dict], a: str, b: str) -> dict | None:
+    """One paired comparison of the whole learning curve: per seed, the mean of a − b over the
+    checkpoints every pair has, then :func:`difference_summary` over seeds. A single test, so
+    no correction for looking at several checkpoints is needed (the area between the curves,
+    up to the checkpoint spacing). None when fewer than two seeds pair."""
+    pairs = paired_curves(results, a, b)
+    steps = sorted(set.intersection(*(set(ca) & set(cb) for ca, cb in pairs.values()))) if pairs else []
+    if len(pairs) < 2 or not steps:
+        return None
+    return {"steps": steps, **difference_summary([np.mean([ca[t] - cb[t] for t in steps])
+                                                  for ca, cb in pairs.values()])}
 
 
 def add_paired(out: dict, compare: list[str] | None) -> None:

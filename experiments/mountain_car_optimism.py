@@ -154,6 +154,7 @@ def exact_kl(agent, seed: int, batches: int = 8, batch_size: int = 256) -> float
     the same number for both agents, whatever their own log-ratio estimator (VMBPO's nu
     estimates about 0; docs/notes.md)."""
     rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)  # q_c's and q_d's samples
     kls = []
     with torch.no_grad():
         for _ in range(batches):
@@ -168,7 +169,6 @@ def evaluate_dynamics(agent, rollouts: int, horizon: int, seed: int) -> dict:
            "variational": summarise(*rollout_model(agent, agent.q_dynamics, starts, horizon, seed)),
            "prior": summarise(*rollout_model(agent, agent.ensemble, starts, horizon, seed))}
     out["prior_gap_return"] = out["prior"]["mean_return"] - out["real"]["mean_return"]
-    torch.manual_seed(seed)  # q_c's and q_d's samples in the KL
     out["kl_exact"] = exact_kl(agent, seed)
     return add_gaps(out)
 

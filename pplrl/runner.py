@@ -476,18 +476,18 @@ def train(algo: str | type[Agent], config, out: Path | str, total_steps: int | N
             # loaded through the class, so fields added since the run was made take their defaults
             # (a new field defaults to the behaviour before it: older run folders resume)
             recorded_config = config_from_dict(cls, saved, where)
+            recorded_fields = _as_json(dataclasses.asdict(recorded_config))
             if state is not None:
                 # compared as the class reads them: a checkpoint written by a later version than
                 # config.json (a resumed run) records fields config.json lacks, at their defaults
                 checkpointed = config_from_dict(cls, _as_json(state["config"]), f"the checkpoint's config in {out}")
-                details = _differences(_as_json(dataclasses.asdict(recorded_config)),
-                                       _as_json(dataclasses.asdict(checkpointed)), CONFIG, "checkpoint")
+                details = _differences(recorded_fields, _as_json(dataclasses.asdict(checkpointed)),
+                                       CONFIG, "checkpoint")
                 if details:
                     raise RunError(f"{out / CONFIG} differs from the checkpoint's config ({details}); a run's "
                                    f"config cannot change (restore {CONFIG}, or train into a new folder)")
             if config is not None:
-                details = _differences(_as_json(dataclasses.asdict(recorded_config)),
-                                       _as_json(dataclasses.asdict(config)), "saved", "given")
+                details = _differences(recorded_fields, _as_json(dataclasses.asdict(config)), "saved", "given")
                 if details:
                     raise ValueError(f"cannot resume {out} with a different config ({details}); pass the saved "
                                      f"config (or None) to resume, or train into a new folder")
