@@ -62,6 +62,7 @@ from tqdm import tqdm
 
 from pplrl.algorithms import make_agent
 from pplrl.algorithms.base import Agent
+from pplrl.device import flushing_denormals
 from pplrl.diagnostics import NonFiniteError
 from pplrl.envs.continuous import make_continuous_env
 from pplrl.plugins import PluginError, plugin_of, record_spec, resolve
@@ -429,7 +430,9 @@ def train(algo: str | type[Agent], config, out: Path | str, total_steps: int | N
 
     ``threads`` (default 1, saved with the run) is torch's intra-op thread count while the run
     trains (restored afterwards): one per run keeps concurrent runs from oversubscribing the
-    cores, and a run resumes with the count it began with (float sums depend on it).
+    cores, and a run resumes with the count it began with (float sums depend on it). The run
+    trains with subnormal floats flushed to zero (:func:`pplrl.device.flushing_denormals`:
+    model-based runs collect subnormal weights, which an x86 CPU multiplies many times slower).
 
     ``metrics.jsonl`` gets a "train" record every ``LOG_EVERY`` env steps (the mean of each
     logged value over the updates since the previous record, with ``wall_s``, the training
@@ -557,8 +560,9 @@ def train(algo: str | type[Agent], config, out: Path | str, total_steps: int | N
         threads_before = torch.get_num_threads()
         torch.set_num_threads(settings["threads"])
         try:
-            return _loop(agent, env, config, out, algo, plugin, settings, state, progress, callback, tensorboard,
-                         commit)
+            with flushing_denormals():
+                return _loop(agent, env, config, out, algo, plugin, settings, state, progress, callback, tensorboard,
+                             commit)
         finally:
             torch.set_num_threads(threads_before)
     finally:

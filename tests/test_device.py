@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pplrl.algorithms import default_config, make_agent
-from pplrl.device import device_context, resolve_device
+from pplrl.device import denormals_flushed, device_context, flushing_denormals, resolve_device
 
 TINY = {"hidden": (16, 16), "batch_size": 8, "learning_starts": 8}
 MODEL = {"model_hidden": (8,), "ensemble_size": 3, "num_elites": 2, "model_train_freq": 50,
@@ -145,3 +145,17 @@ def test_pomdp_agents_create_their_tensors_on_their_device(algo, monkeypatch):
     monkeypatch.undo()
     with pytest.raises(ValueError, match="device must be one of"):
         make_agent(algo, dataclasses.replace(default_config(algo), device="tpu"), 4, 1)
+
+
+def test_flushing_denormals_reads_subnormal_operands_as_zero_and_restores_the_flag():
+    tiny = torch.finfo(torch.float32).tiny
+    w = torch.full((4, 4), tiny / 8)  # subnormal, as weight decay leaves a dead unit's weights
+    assert 0 < w[0, 0].item() < tiny and not denormals_flushed()
+    assert (w @ torch.ones(4, 4)).abs().sum().item() > 0
+    with flushing_denormals():
+        assert denormals_flushed()
+        assert (w @ torch.ones(4, 4)).abs().sum().item() == 0.0
+        with flushing_denormals():  # nested: the inner block restores the outer block's flag
+            pass
+        assert denormals_flushed()
+    assert not denormals_flushed() and (w @ torch.ones(4, 4)).abs().sum().item() > 0

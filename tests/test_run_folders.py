@@ -502,6 +502,15 @@ def test_threads_are_set_for_the_run_saved_and_restored(tmp_path):
     assert set(during) == {2}
 
 
+def test_a_run_trains_with_subnormals_flushed_and_restores_the_flag(tmp_path):
+    from pplrl.device import denormals_flushed
+
+    assert not denormals_flushed()
+    during = []
+    train("sac", tiny(), tmp_path, 120, callback=lambda step, m: during.append(denormals_flushed()), **RUN)
+    assert during and all(during) and not denormals_flushed()
+
+
 def test_tensorboard_mirrors_the_records_or_says_what_to_install(tmp_path):
     try:
         import tensorboard  # noqa: F401
