@@ -143,6 +143,43 @@ def test_bench_update_table_and_json(tmp_path, capsys):
     assert bench.count_flops(lambda: torch.nn.functional.linear(x, w)) == 2 * 8 * 5 * 3
 
 
+def test_bench_update_flushes_subnormals_as_the_runner_does_and_restores_the_flag(tmp_path):
+    from pplrl.device import denormals_flushed
+
+    bench = load_experiment("bench_update")
+    argv = ["--algos", "sac", "--transitions", "300", "--repeats", "1", "--no-flops", "--out", str(tmp_path / "u.json")]
+    assert bench.main(argv)["denormals"] == "flushed" and not denormals_flushed()
+    assert bench.main([*argv, "--keep-denormals"])["denormals"] == "kept"
+
+
+def test_bench_denormals_counts_subnormals_and_times_a_checkpoint_both_ways(tmp_path, capsys):
+    import numpy as np
+
+    from pplrl.runner import train
+
+    bench = load_experiment("bench_denormals")
+    tiny = torch.finfo(torch.float32).tiny
+    state = {"w": torch.tensor([tiny / 8, 0.0, 1.0, -tiny / 2]), "opt": [np.array([tiny / 4, 2.0], np.float32)],
+             "d": np.array([1e-310]), "step": 3}  # float64's subnormals are not float32's: not counted
+    assert bench.subnormal_counts(state) == (3, 6)
+
+    from pplrl.algorithms import default_config
+
+    config = default_config("mbpo", hidden=(8, 8), batch_size=8, learning_starts=20, model_hidden=(8,),
+                            ensemble_size=3, num_elites=2, model_train_freq=25, model_min_updates=5,
+                            rollout_batch_size=16, gradient_steps=1)
+    train("mbpo", config, tmp_path / "run", 60, eval_every=60, eval_episodes=1, checkpoint_every=60, progress=False)
+    out = tmp_path / "d.json"
+    result = bench.main([str(tmp_path / "run"), "--updates", "2", "--repeats", "1", "--out", str(out)])
+    (row,) = result["rows"]
+    assert row["algo"] == "mbpo" and row["step"] == 60 and row["floats"] > 0 and row["model_train_freq"] == 25
+    assert row["step_ms_off"] > 0 and row["step_ms_on"] > 0 and row["fit_ms_off"] > 0 and row["fit_ms_on"] > 0
+    assert json.loads(out.read_text())["rows"][0]["run"] == str(tmp_path / "run")
+    assert "mbpo" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench.main([str(tmp_path / "run"), "--repeats", "0"])
+
+
 def test_bench_resumed_run_matches_an_uninterrupted_one(tmp_path):
     bench = load_experiment("bench_pendulum")
     tiny = ["hidden=(8,8)", "batch_size=8", "learning_starts=10"]
