@@ -228,23 +228,27 @@ def paired(results: list[dict], a: str, b: str) -> list[dict]:
     return rows
 
 
-def paired_over_curve(results: list[dict], a: str, b: str) -> dict | None:
+def paired_over_curve(results: list[dict], a: str, b: str, start: int = 0) -> dict | None:
     """One paired comparison of the whole learning curve: per seed, the mean of a − b over the
-    checkpoints every pair has, then :func:`difference_summary` over seeds. A single test, so
-    no correction for looking at several checkpoints is needed (the area between the curves,
-    up to the checkpoint spacing). None when fewer than two seeds pair."""
+    checkpoints from ``start`` on that every pair has, then :func:`difference_summary` over
+    seeds. A single test, so no correction for looking at several checkpoints is needed (the
+    area between the curves, up to the checkpoint spacing). ``start``: leave out checkpoints
+    before it, e.g. those inside a warm-up that evaluate untrained policies. None when fewer
+    than two seeds pair."""
     pairs = paired_curves(results, a, b)
-    steps = sorted(set.intersection(*(set(ca) & set(cb) for ca, cb in pairs.values()))) if pairs else []
+    steps = sorted(t for t in set.intersection(*(set(ca) & set(cb) for ca, cb in pairs.values()))
+                   if t >= start) if pairs else []
     if len(pairs) < 2 or not steps:
         return None
     return {"steps": steps, **difference_summary([np.mean([ca[t] - cb[t] for t in steps])
                                                   for ca, cb in pairs.values()])}
 
 
-def add_paired(out: dict, compare: list[str] | None) -> None:
-    """``out["paired"]`` for ``--paired A B`` (if given), and print its table."""
+def add_paired(out: dict, compare: list[str] | None, curve_from: int = 0) -> None:
+    """``out["paired"]`` for ``--paired A B`` (if given), and print its table; the whole-curve
+    test from checkpoint ``curve_from`` on."""
     if compare:
-        curve = paired_over_curve(out["results"], *compare)
+        curve = paired_over_curve(out["results"], *compare, start=curve_from)
         out["paired"] = {"a": compare[0], "b": compare[1], "rows": paired(out["results"], *compare),
                          "over_curve": curve}
         print(paired_table(out["paired"]["rows"], *compare, curve))
@@ -264,7 +268,7 @@ def paired_table(rows: list[dict], a: str, b: str, curve: dict | None = None) ->
 
 
 def merge(paths: list[Path], out_path: Path, compare: list[str] | None = None, per_seed: bool = False,
-          rename: list[list[str]] | None = None) -> dict:
+          rename: list[list[str]] | None = None, curve_from: int = 0) -> dict:
     """One table of several benchmark files' runs (e.g. the same script run in parts, on
     different machines: compare their returns, not their wall-clock). A run of the same
     algorithm and seed in a later file replaces the earlier one (a rerun after a change).
@@ -296,7 +300,7 @@ def merge(paths: list[Path], out_path: Path, compare: list[str] | None = None, p
     if per_seed:
         print(seed_table(results, steps))
     out = {"env": files[0]["env"], "merged_from": [str(f) for f in paths], "results": results}
-    add_paired(out, compare)
+    add_paired(out, compare, curve_from)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(out, indent=1))
     print(f"wrote {out_path}")
@@ -334,6 +338,9 @@ def main(argv=None) -> dict:
                    help="also print the per-seed paired difference A − B at each checkpoint (mean, standard "
                         "error, 95%% interval, seeds with A ≥ B) and over the whole curve (each seed's mean over "
                         "the checkpoints: one test, no correction for many checkpoints needed)")
+    p.add_argument("--curve-from", type=int, default=0, metavar="STEP",
+                   help="with --paired: the whole-curve test over the checkpoints from STEP on (e.g. the end of "
+                        "a warm-up, before which both agents' policies are untrained)")
     p.add_argument("--per-seed", action="store_true",
                    help="also print every run's evaluation return at each checkpoint, one line per seed and algorithm")
     p.add_argument("--rename", nargs=3, action="append", default=None, metavar=("JSON", "ALGO", "NAME"),
@@ -343,7 +350,7 @@ def main(argv=None) -> dict:
     if args.rename and not args.merge:
         p.error("--rename needs --merge")
     if args.merge:
-        return merge(args.merge, args.out, args.paired, args.per_seed, args.rename)
+        return merge(args.merge, args.out, args.paired, args.per_seed, args.rename, args.curve_from)
     if args.plugin:  # fail here, in one line, rather than in every worker
         from pplrl.plugins import PluginError, load_plugin
         try:
@@ -421,7 +428,7 @@ def main(argv=None) -> dict:
         print(seed_table(results, checkpoints))
     out = save(results)
     if args.paired:
-        add_paired(out, args.paired)
+        add_paired(out, args.paired, args.curve_from)
         args.out.write_text(json.dumps(out, indent=1))
     print(f"wrote {args.out}")
     return out

@@ -111,6 +111,13 @@ def test_bench_paired_difference_by_hand(tmp_path, capsys):
     assert curve["steps"] == [1000, 2000] and curve["mean_diff"] == 0.0 and curve["se"] == pytest.approx(5.0)
     assert curve["ci95"] == pytest.approx([-12.7062047 * 5, 12.7062047 * 5]) and curve["a_at_least_b"] == 1
     assert bench.paired_over_curve(two[:2], "a", "b") is None  # one seed: no interval
+    curve = bench.paired_over_curve(two, "a", "b", start=2000)  # only 2000: per-seed +10 and 0
+    assert curve["steps"] == [2000] and curve["mean_diff"] == 5.0 and curve["a_at_least_b"] == 2
+    assert bench.paired_over_curve(two, "a", "b", start=3000) is None  # no checkpoint left
+    (tmp_path / "two.json").write_text(json.dumps({"env": "Pendulum-v1", "results": two}))
+    out = bench.main(["--merge", str(tmp_path / "two.json"), "--paired", "a", "b", "--curve-from", "2000",
+                      "--out", str(tmp_path / "m.json")])
+    assert out["paired"]["over_curve"]["steps"] == [2000]
     # a variant run under the same algorithm name, compared through --rename
     (tmp_path / "v.json").write_text(json.dumps({"env": "Pendulum-v1", "results": [run("b", 0, [-90.0, -30.0])]}))
     v = str(tmp_path / "v.json")
