@@ -61,9 +61,10 @@ def flushing_denormals():
     Why the runner trains inside it: weights that weight decay pulls towards zero, and Adam's
     moments of their tiny gradients, end up subnormal, and an x86 CPU multiplies subnormal
     operands many times slower. A model-based run's ensembles collect them: after 10k Hopper-v5
-    steps 6–9 % of MBPO's deeper model weights were subnormal and a model fit ran 3x slower
-    than with them flushed (``experiments/bench_denormals.py``). What flushing changes is below
-    1.2e-38: numbers that contribute nothing at float32's precision next to the others."""
+    steps about 5 % of MBPO's model weights (1–9 % by layer) were subnormal, and an update at
+    a model-fit step ran 10x slower than with them flushed (``experiments/bench_denormals.py``;
+    README, Status, Speed). What flushing changes is below 1.2e-38: numbers that vanish beside
+    any normal float they are added to."""
     before = denormals_flushed()
     torch.set_flush_denormal(True)
     try:
