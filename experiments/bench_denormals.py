@@ -29,7 +29,7 @@ import argparse
 import contextlib
 import copy
 import statistics
-import time
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +38,9 @@ import torch
 from pplrl.device import flushing_denormals
 from pplrl.runfiles import write_result
 from pplrl.runner import agent_from_checkpoint
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_update import times_ms  # noqa: E402
 
 TINY = float(torch.finfo(torch.float32).tiny)
 
@@ -59,12 +62,6 @@ def subnormal_counts(state) -> tuple[int, int]:
     return sum(p[0] for p in parts), sum(p[1] for p in parts)
 
 
-def timed_ms(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t) * 1e3
-
-
 def measure(agent, step: int, freq: int | None, updates: int, repeats: int) -> dict:
     """Median over ``repeats`` rounds of the mean ms of ``updates`` non-fit updates and of
     one update at a fit step, each round on fresh copies, the flag off then on (on then off
@@ -77,9 +74,9 @@ def measure(agent, step: int, freq: int | None, updates: int, repeats: int) -> d
             a = copy.deepcopy(agent)
             ctx = flushing_denormals() if flush else contextlib.nullcontext()
             with ctx:
-                times[flush]["step"].append(timed_ms(lambda: [a.update(s) for s in free]) / len(free))
+                times[flush]["step"].append(times_ms(lambda: [a.update(s) for s in free], 1)[0] / len(free))
                 if fit_step is not None:
-                    times[flush]["fit"].append(timed_ms(lambda: a.update(fit_step)))
+                    times[flush]["fit"] += times_ms(lambda: a.update(fit_step), 1)
     out = {}
     for flush, key in ((False, "off"), (True, "on")):
         out[f"step_ms_{key}"] = statistics.median(times[flush]["step"])
@@ -103,7 +100,7 @@ def main(argv=None) -> dict:
         agent, state = agent_from_checkpoint(run)
         agent_state = agent.state_dict()
         parts = {k: subnormal_counts(v) for k, v in agent_state.items()}
-        sub, total = subnormal_counts(agent_state)
+        sub, total = (sum(c) for c in zip(*parts.values()))
         freq = getattr(agent.config, "model_train_freq", None)
         row = {"run": str(run), "algo": state["algo"], "env_id": state["config"]["env_id"], "step": state["step"],
                "subnormal": sub, "floats": total, "subnormal_share": sub / max(total, 1),
