@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from pplrl.device import flushing_denormals
-from pplrl.runfiles import write_result
+from pplrl.runfiles import RunFileError, write_result
 from pplrl.runner import agent_from_checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -97,7 +97,10 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     rows = []
     for run in args.runs:
-        agent, state = agent_from_checkpoint(run)
+        try:
+            agent, state = agent_from_checkpoint(run)
+        except RunFileError as e:
+            raise SystemExit(f"error: {e}") from None
         agent_state = agent.state_dict()
         parts = {k: subnormal_counts(v) for k, v in agent_state.items()}
         sub, total = (sum(c) for c in zip(*parts.values()))

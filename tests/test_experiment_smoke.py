@@ -185,6 +185,8 @@ def test_bench_denormals_counts_subnormals_and_times_a_checkpoint_both_ways(tmp_
     assert "mbpo" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         bench.main([str(tmp_path / "run"), "--repeats", "0"])
+    with pytest.raises(SystemExit, match="no checkpoint at"):
+        bench.main([str(tmp_path / "nowhere")])
 
 
 def test_bench_resumed_run_matches_an_uninterrupted_one(tmp_path):
