@@ -116,7 +116,8 @@ def nu_reference_effect(agent, steps: int, seed: int) -> dict:
 
     saved_actions = c.nu_actions
     try:
-        out["agent"] = score(saved_nu)  # the nu the run trained (nu_reference as configured)
+        if saved_nu is not None:  # the nu the run trained (nu_reference as configured); none with log_ratio='ensembles'
+            out["agent"] = score(saved_nu)
         for actions, ref in NU_VARIANTS:
             torch.manual_seed(seed)
             c.nu_actions = actions

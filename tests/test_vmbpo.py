@@ -1,6 +1,7 @@
 """VMBPO, VMBPO-MFE, beta-VMBPO: each step's loss against a hand computation, the
 weighted q_d fit against the closed form (14), the dual on beta, and beta = 1."""
 
+import copy
 import dataclasses
 
 import numpy as np
@@ -434,6 +435,31 @@ def test_vmbpo_mfe_fits_no_dynamics_by_default(tmp_path):
         VMBPOConfig(fit_dynamics=False).validate()
 
 
+def test_only_vmbpo_holds_nu_and_older_checkpoints_with_nu_still_load():
+    """nu (eq. 21) exists where it is the log-ratio: VMBPO's, not beta-VMBPO's (the ensembles'
+    ratio) or VMBPO-MFE's (no q_d). Checkpoints written before held an untrained nu in those
+    agents; loading one drops it and restores everything else."""
+    assert agent(VMBPO).nu is not None and {"nu", "nu_opt"} <= set(agent(VMBPO).state_dict())
+    assert agent(VMBPO, log_ratio="ensembles").nu is None
+    for cls in (BetaVMBPO, VMBPOMFE):
+        a = agent(cls)
+        assert a.nu is None and a.nu_opt is None and not {"nu", "nu_opt"} & set(a.state_dict())
+        old = copy.deepcopy(a.state_dict())
+        stale = torch.nn.Linear(7, 1)
+        old["nu"], old["nu_opt"] = stale.state_dict(), torch.optim.Adam(stale.parameters()).state_dict()
+        b = cls(dataclasses.replace(a.config, seed=1), 3, 1)  # other initial weights
+        assert not torch.equal(next(b.value.parameters()), next(a.value.parameters()))
+        b.load_state_dict(old)
+        assert b.nu is None
+        for net in ("value", "critic", "policy"):
+            for p, q in zip(getattr(a, net).parameters(), getattr(b, net).parameters()):
+                assert torch.equal(p, q)
+    a = agent(VMBPO)
+    missing = {k: v for k, v in a.state_dict().items() if k != "nu"}
+    with pytest.raises(KeyError, match="nu"):
+        VMBPO(a.config, 3, 1).load_state_dict(missing)
+
+
 def test_sticking_the_landing_keeps_the_value_and_drops_the_score_noise():
     """Same ELBO value; with pi = q_c the KL gradient is exactly zero under STL."""
     a, b = agent(VMBPO, eta=0.01, sticking_the_landing=True, entropy_regularizer=False), batch(64)
@@ -554,7 +580,8 @@ def test_paper_preset_sets_the_papers_schedule_and_other_overrides_win(algo):
     assert (base.batch_size, base.hidden) == (256, (256, 256))
     if table_4:  # every actor-critic network takes the preset's width
         a = {"vmbpo": VMBPO, "vmbpo-mfe": VMBPOMFE}[algo](paper, 3, 1)
-        widths = {m.out_features for net in (a.policy, a.critic, a.value, a.nu) for m in net.modules()
+        nets = [n for n in (a.policy, a.critic, a.value, a.nu) if n is not None]  # VMBPO-MFE holds no nu
+        widths = {m.out_features for net in nets for m in net.modules()
                   if isinstance(m, torch.nn.Linear) and m.out_features > 6}
         assert widths == {200}
     back = apply_overrides(paper, ["preset=default"])

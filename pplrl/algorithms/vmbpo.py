@@ -363,8 +363,11 @@ class VariationalAgent(SAC):
             p.requires_grad_(False)
         self.q_dynamics = c.make_ensemble(obs_dim, act_dim, "vmbpo.q_d") if c.fit_dynamics else None
         self.q_dynamics_fitted = False
-        self.nu = mlp(2 * obs_dim + act_dim, 1, c.hidden)
-        self.nu_opt = adam(self.nu.parameters(), lr=c.lr)
+        # nu (eq. 21) only where it is the log-ratio (VMBPO); beta-VMBPO reads the ensembles and
+        # VMBPO-MFE has no q_d. Checkpoints from before this held an untrained nu there; loading
+        # drops it (it never entered a loss, so resuming is unchanged).
+        self.nu = mlp(2 * obs_dim + act_dim, 1, c.hidden) if self.uses_nu else None
+        self.nu_opt = adam(self.nu.parameters(), lr=c.lr) if self.uses_nu else None
         self.value = VNetwork(obs_dim, c.hidden)
         self.value_target = target_copy(self.value)
         self.value_opt = adam(self.value.parameters(), lr=c.lr)
@@ -606,6 +609,11 @@ class VariationalAgent(SAC):
             return self.log_ratio(batch.obs, batch.act, batch.next_obs)
 
     @property
+    def uses_nu(self) -> bool:
+        """Whether the agent holds and trains nu: VMBPO's model-based E-step with ``log_ratio='nu'``."""
+        return self.config.e_step == "model_based" and self.config.log_ratio == "nu"
+
+    @property
     def critic_needs_log_ratio(self) -> bool:
         """Whether every E-step update needs log q_d/p on its model batch: the critic's target has
         it (eq. 23), or the dual on beta steps after every update ('adam_log')."""
@@ -776,7 +784,7 @@ class VariationalAgent(SAC):
         # step 2 (VMBPO): nu by the f-divergence dual, before the critic's target reads it; at the
         # real batch's (x, a) before the model samples are drawn (the random streams of 'replay'
         # are those of pplrl before nu_actions existed), or on those samples ('policy')
-        nu = c.e_step == "model_based" and c.log_ratio == "nu"
+        nu = self.uses_nu
         if nu and c.nu_actions == "replay":
             metrics.update(self.nu_update(real, step))
         # the critic's samples: the model buffer's (beta Algorithm 1), fresh model samples, or
@@ -835,11 +843,12 @@ class VariationalAgent(SAC):
                           "q_dynamics_optim": self.q_dynamics.optimizer_state()})
         state.update({
             "prior_policy": self.prior_policy.state_dict(),
-            "q_dynamics_fitted": self.q_dynamics_fitted, "nu": self.nu.state_dict(),
-            "nu_opt": self.nu_opt.state_dict(), "value": self.value.state_dict(),
+            "q_dynamics_fitted": self.q_dynamics_fitted, "value": self.value.state_dict(),
             "value_target": self.value_target.state_dict(), "value_opt": self.value_opt.state_dict(),
             "log_beta": self.log_beta.detach().clone(), "beta_opt": self.beta_opt.state_dict(),
             "map_opt": self.map_opt.state_dict(), "e_steps": self.e_steps, "last_kl": self.last_kl})
+        if self.nu is not None:
+            state.update({"nu": self.nu.state_dict(), "nu_opt": self.nu_opt.state_dict()})
         if self.model_buffer is not None:
             state["model_buffer"] = self.model_buffer.state_dict()
         return state
@@ -853,8 +862,9 @@ class VariationalAgent(SAC):
             self.q_dynamics.load_optimizer_state(state["q_dynamics_optim"])
         self.prior_policy.load_state_dict(state["prior_policy"])
         self.q_dynamics_fitted = state["q_dynamics_fitted"]
-        self.nu.load_state_dict(state["nu"])
-        self.nu_opt.load_state_dict(state["nu_opt"])
+        if self.nu is not None:
+            self.nu.load_state_dict(state["nu"])
+            self.nu_opt.load_state_dict(state["nu_opt"])
         self.value.load_state_dict(state["value"])
         self.value_target.load_state_dict(state["value_target"])
         self.value_opt.load_state_dict(state["value_opt"])
