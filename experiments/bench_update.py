@@ -113,7 +113,7 @@ def update_flops(agent, freq: int | None) -> dict[str, int]:
     return {"step": step, "fit": fit}
 
 
-def main(argv=None) -> dict:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--algos", nargs="+", default=list(ALGOS), choices=ALGOS)
     p.add_argument("--transitions", type=int, default=5000)
@@ -127,105 +127,128 @@ def main(argv=None) -> dict:
     p.add_argument("--keep-denormals", action="store_true",
                    help="time with subnormal floats kept (the runner flushes them; bench_denormals.py)")
     p.add_argument("--out", type=Path, default=Path("runs/bench_update.json"))
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def variant_rows(specs: list[str]) -> dict[str, tuple[str, list[str]]]:
+    """``--variant`` entries as {label: (algo, overrides)}; a malformed one is one error line."""
     variants = {}
-    for v in args.variant:
+    for v in specs:
         algo, _, sets = v.partition(":")
         if algo not in ALGOS or not sets:
             raise SystemExit(f"error: --variant {v!r}: expected ALGO:KEY=VALUE with ALGO one of {', '.join(ALGOS)}")
         variants[f"{algo} ({sets})"] = (algo, sets.split(","))
+    return variants
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """Every timing, FLOP count and ratio of one benchmark (``args`` from :func:`parse_args`);
+    the caller sets threads and the subnormal-float mode."""
+    variants = variant_rows(args.variant)
+    torch.manual_seed(0)
+
+    data = pendulum_transitions(args.transitions)
+    agents = {a: make(a, data, args.device) for a in args.algos}
+    agents.update({label: make(algo, data, args.device, sets) for label, (algo, sets) in variants.items()})
+    step = {a: 1 for a in agents}
+
+    def one_step(a):
+        def fn():
+            freq = agents[a][1]
+            step[a] += 1
+            if freq and step[a] % freq == 0:
+                step[a] += 1
+            agents[a][0].update(step[a])
+        return fn
+
+    fns = {a: one_step(a) for a in agents}
+    sb3 = sb3_step(256)
+    if sb3 is not None:
+        fns["sb3"] = sb3
+    inner = {}
+    for k, fn in fns.items():  # warm-up; each round times >= ~0.3 s of each agent's steps
+        inner[k] = max(1, round(300.0 / max(statistics.median(times_ms(fn, 2)), 1e-3)))
+    times = {k: [] for k in fns}
+    for _ in range(args.repeats):
+        for k, fn in fns.items():
+            times[k].append(sum(times_ms(fn, inner[k])) / inner[k])
+    step_ms = {k: statistics.median(v) for k, v in times.items()}
+
+    fit_ms = {}
+    for a, (agent, freq) in agents.items():
+        if not freq:
+            continue
+        costs = []
+        for i in range(args.fit_repeats):
+            s = freq * (1000 + i)
+            costs += times_ms(lambda: agent.update(s), 1)
+        fit_ms[a] = max(statistics.median(costs) - step_ms[a], 0.0)
+
+    # after the timings (counting runs updates through a dispatch mode, which is slow)
+    flops = {} if args.no_flops else {a: update_flops(agent, freq) for a, (agent, freq) in agents.items()}
+    if flops and sb3 is not None:
+        flops["sb3"] = {"step": count_flops(sb3), "fit": 0}
+
+    rows = []
+    for a, (agent, freq) in agents.items():
+        n = agent.updates_per_step()
+        env_step = step_ms[a] + (fit_ms[a] / freq if a in fit_ms else 0.0)
+        row = {"algo": a, "updates_per_step": n, "step_ms": step_ms[a], "fit_ms": fit_ms.get(a),
+               "model_train_freq": freq, "env_step_ms": env_step, "update_ms": env_step / n}
+        if a in flops:  # matmul GFLOP per update, the fit amortised as its time is
+            f = flops[a]
+            row.update(step_gflop=f["step"] / 1e9, fit_gflop=f["fit"] / 1e9,
+                       update_gflop=(f["step"] + (f["fit"] / freq if freq else 0)) / n / 1e9)
+        rows.append(row)
+    sac = next((r["update_ms"] for r in rows if r["algo"] == "sac"), None)
+    sac_gflop = next((r.get("update_gflop") for r in rows if r["algo"] == "sac"), None)
+    for r in rows:
+        r["vs_sac"] = r["update_ms"] / sac if sac else None
+        r["flops_vs_sac"] = r["update_gflop"] / sac_gflop if sac_gflop and "update_gflop" in r else None
+        r["target_vs_sac"] = TARGETS.get(r["algo"].split(" (")[0])
+    result = {"threads": args.threads, "device": args.device, "transitions": args.transitions,
+              "denormals": "kept" if args.keep_denormals else "flushed",
+              "repeats": args.repeats, "fit_repeats": args.fit_repeats, "rows": rows,
+              "sb3_update_ms": step_ms.get("sb3"),
+              "sac_over_sb3": sac / step_ms["sb3"] if sac and "sb3" in step_ms else None,
+              "sb3_update_gflop": flops["sb3"]["step"] / 1e9 if "sb3" in flops else None}
+
+    return result
+
+
+def report(result: dict) -> None:
+    """Print :func:`measure`'s table."""
+    r = result
+    print(f"ms per update, {r['threads']} thread(s), device {r['device']}, {r['transitions']} Pendulum-v1 "
+          f"transitions, median of {r['repeats']} interleaved rounds ({r['fit_repeats']} per fit):")
+    print("| algorithm | updates / step | ms / env step | fit ms (every N steps) | ms / update | vs SAC | target "
+          "| GFLOP / update | FLOPs vs SAC |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in result["rows"]:
+        fit = f"{r['fit_ms']:.0f} ({r['model_train_freq']})" if r["fit_ms"] is not None else "-"
+        vs = f"{r['vs_sac']:.2f}" if r["vs_sac"] is not None else "-"
+        target = f"<= {r['target_vs_sac']}" if r["target_vs_sac"] else "-"
+        gflop = f"{r['update_gflop']:.3f}" if "update_gflop" in r else "-"
+        fvs = f"{r['flops_vs_sac']:.2f}" if r["flops_vs_sac"] is not None else "-"
+        print(f"| {r['algo']} | {r['updates_per_step']} | {r['env_step_ms']:.1f} | {fit} | {r['update_ms']:.1f} "
+              f"| {vs} | {target} | {gflop} | {fvs} |")
+    if result["sb3_update_ms"] is not None:
+        print(f"stable-baselines3 SAC gradient step: {result['sb3_update_ms']:.1f} ms; "
+              f"pplrl SAC / SB3 = {result['sac_over_sb3']:.2f} (target <= 1.0)"
+              + (f"; matmul GFLOP {result['sb3_update_gflop']:.3f}" if result["sb3_update_gflop"] else ""))
+    else:
+        print("stable-baselines3 not installed: no SB3 row (pip install stable-baselines3)")
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    variant_rows(args.variant)  # bad input stops before any agent is built
     torch.set_num_threads(args.threads)
     # as pplrl.runner.train runs (subnormal floats flushed), unless --keep-denormals
     with contextlib.nullcontext() if args.keep_denormals else flushing_denormals():
-        torch.manual_seed(0)
-
-        data = pendulum_transitions(args.transitions)
-        agents = {a: make(a, data, args.device) for a in args.algos}
-        agents.update({label: make(algo, data, args.device, sets) for label, (algo, sets) in variants.items()})
-        step = {a: 1 for a in agents}
-
-        def one_step(a):
-            def fn():
-                freq = agents[a][1]
-                step[a] += 1
-                if freq and step[a] % freq == 0:
-                    step[a] += 1
-                agents[a][0].update(step[a])
-            return fn
-
-        fns = {a: one_step(a) for a in agents}
-        sb3 = sb3_step(256)
-        if sb3 is not None:
-            fns["sb3"] = sb3
-        inner = {}
-        for k, fn in fns.items():  # warm-up; each round times >= ~0.3 s of each agent's steps
-            inner[k] = max(1, round(300.0 / max(statistics.median(times_ms(fn, 2)), 1e-3)))
-        times = {k: [] for k in fns}
-        for _ in range(args.repeats):
-            for k, fn in fns.items():
-                times[k].append(sum(times_ms(fn, inner[k])) / inner[k])
-        step_ms = {k: statistics.median(v) for k, v in times.items()}
-
-        fit_ms = {}
-        for a, (agent, freq) in agents.items():
-            if not freq:
-                continue
-            costs = []
-            for i in range(args.fit_repeats):
-                s = freq * (1000 + i)
-                costs += times_ms(lambda: agent.update(s), 1)
-            fit_ms[a] = max(statistics.median(costs) - step_ms[a], 0.0)
-
-        # after the timings (counting runs updates through a dispatch mode, which is slow)
-        flops = {} if args.no_flops else {a: update_flops(agent, freq) for a, (agent, freq) in agents.items()}
-        if flops and sb3 is not None:
-            flops["sb3"] = {"step": count_flops(sb3), "fit": 0}
-
-        rows = []
-        for a, (agent, freq) in agents.items():
-            n = agent.updates_per_step()
-            env_step = step_ms[a] + (fit_ms[a] / freq if a in fit_ms else 0.0)
-            row = {"algo": a, "updates_per_step": n, "step_ms": step_ms[a], "fit_ms": fit_ms.get(a),
-                   "model_train_freq": freq, "env_step_ms": env_step, "update_ms": env_step / n}
-            if a in flops:  # matmul GFLOP per update, the fit amortised as its time is
-                f = flops[a]
-                row.update(step_gflop=f["step"] / 1e9, fit_gflop=f["fit"] / 1e9,
-                           update_gflop=(f["step"] + (f["fit"] / freq if freq else 0)) / n / 1e9)
-            rows.append(row)
-        sac = next((r["update_ms"] for r in rows if r["algo"] == "sac"), None)
-        sac_gflop = next((r.get("update_gflop") for r in rows if r["algo"] == "sac"), None)
-        for r in rows:
-            r["vs_sac"] = r["update_ms"] / sac if sac else None
-            r["flops_vs_sac"] = r["update_gflop"] / sac_gflop if sac_gflop and "update_gflop" in r else None
-            r["target_vs_sac"] = TARGETS.get(r["algo"].split(" (")[0])
-        result = {"threads": args.threads, "device": args.device, "transitions": args.transitions,
-                  "denormals": "kept" if args.keep_denormals else "flushed",
-                  "repeats": args.repeats, "fit_repeats": args.fit_repeats, "rows": rows,
-                  "sb3_update_ms": step_ms.get("sb3"),
-                  "sac_over_sb3": sac / step_ms["sb3"] if sac and "sb3" in step_ms else None,
-                  "sb3_update_gflop": flops["sb3"]["step"] / 1e9 if "sb3" in flops else None}
-
-        print(f"ms per update, {args.threads} thread(s), device {args.device}, {args.transitions} Pendulum-v1 "
-              f"transitions, median of {args.repeats} interleaved rounds ({args.fit_repeats} per fit):")
-        print("| algorithm | updates / step | ms / env step | fit ms (every N steps) | ms / update | vs SAC | target "
-              "| GFLOP / update | FLOPs vs SAC |")
-        print("|---|---|---|---|---|---|---|---|---|")
-        for r in rows:
-            fit = f"{r['fit_ms']:.0f} ({r['model_train_freq']})" if r["fit_ms"] is not None else "-"
-            vs = f"{r['vs_sac']:.2f}" if r["vs_sac"] is not None else "-"
-            target = f"<= {r['target_vs_sac']}" if r["target_vs_sac"] else "-"
-            gflop = f"{r['update_gflop']:.3f}" if "update_gflop" in r else "-"
-            fvs = f"{r['flops_vs_sac']:.2f}" if r["flops_vs_sac"] is not None else "-"
-            print(f"| {r['algo']} | {r['updates_per_step']} | {r['env_step_ms']:.1f} | {fit} | {r['update_ms']:.1f} "
-                  f"| {vs} | {target} | {gflop} | {fvs} |")
-        if result["sb3_update_ms"] is not None:
-            print(f"stable-baselines3 SAC gradient step: {result['sb3_update_ms']:.1f} ms; "
-                  f"pplrl SAC / SB3 = {result['sac_over_sb3']:.2f} (target <= 1.0)"
-                  + (f"; matmul GFLOP {result['sb3_update_gflop']:.3f}" if result["sb3_update_gflop"] else ""))
-        else:
-            print("stable-baselines3 not installed: no SB3 row (pip install stable-baselines3)")
-        return write_result(args.out, result)
-
+        result = measure(args)
+    report(result)
+    return write_result(args.out, result)
 
 if __name__ == "__main__":
     main()

@@ -148,6 +148,9 @@ def test_bench_update_table_and_json(tmp_path, capsys):
     assert rows["sac"]["flops_vs_sac"] == 1.0 and rows["virel"]["update_gflop"] > rows["sac"]["update_gflop"] > 0
     x, w = torch.randn(8, 5), torch.randn(3, 5)
     assert bench.count_flops(lambda: torch.nn.functional.linear(x, w)) == 2 * 8 * 5 * 3
+    with pytest.raises(SystemExit, match="--variant 'vmbpo': expected ALGO:KEY=VALUE"):
+        bench.main(["--variant", "vmbpo", "--out", str(tmp_path / "bad.json")])
+    assert not (tmp_path / "bad.json").exists()
 
 
 def test_bench_update_flushes_subnormals_as_the_runner_does_and_restores_the_flag(tmp_path):
