@@ -12,6 +12,8 @@ from torch.distributions.transforms import TanhTransform as _TorchTanhTransform
 from torch.distributions.utils import _standard_normal
 
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+#: attribute of a TanhNormal sample: (u, low, high, the sample's version when drawn)
+_PRE_SQUASH = "_pplrl_pre_squash"
 
 
 class ClampedTanhTransform(_TorchTanhTransform):
@@ -33,16 +35,23 @@ class TanhNormal(dist.TorchDistribution):
     squashed into the box [low, high] (per dimension; ``mid, half = (high + low) / 2,
     (high - low) / 2``). Reparameterised (``rsample``); the event is the action vector.
 
-    ``log_prob(y) = sum_i [log N(u_i; loc_i, scale_i) - log half_i - log(1 - tanh(u_i)^2)]``
-    with ``u = atanh((y - mid) / half)`` recomputed from ``y`` for *every* value, its own
-    samples included; ``(y - mid) / half`` is clamped into [-1 + eps, 1 - eps] first, so
-    an action on the bounds (a saturated float32 sample) has a finite density, and
-    ``log(1 - tanh(u)^2)`` is computed as ``2 (log 2 - u - softplus(-2u))``, finite for
-    any ``u`` (torch's TanhTransform's form). No pre-squash cache: torch's cached
-    transforms hand back the exact ``u`` of the last sample, so log q(a) of a sample and
-    log pi(a) of the same action under another TanhNormal (which re-inverts tanh in float
-    precision) disagreed badly for a saturated sample (docs/notes.md, 'distributions:
-    TanhNormal cache'). A density is a function of the action alone.
+    ``log_prob(y) = sum_i [log N(u_i; loc_i, scale_i) - log half_i - log(1 - tanh(u_i)^2)]``.
+    For a sample of any TanhNormal with the same bounds, ``u`` is the sample's exact pre-squash
+    value, kept on the sample tensor (:func:`pre_squash`); for any other action (from replay, a
+    copy, a sample changed in place) it is ``atanh((y - mid) / half)``, with ``(y - mid) / half``
+    clamped into [-1 + eps, 1 - eps] so that an action on the bounds has a finite density.
+    ``log(1 - tanh(u)^2)`` is computed as ``2 (log 2 - u - softplus(-2u))``, finite for any ``u``
+    (torch's TanhTransform's form).
+
+    Why the exact ``u``: float32 cannot invert tanh where it saturates (every ``|u|`` above about
+    8.3 reads back as 8.3), and a policy whose scale has reached the log-std floor (e^-20) prices the
+    recomputed ``u``'s error at ``(du / scale)^2 / 2`` nats: a HalfCheetah-v5 MBPO run with
+    ``loc = 67`` found log q(a) = -4e20 and stopped with an infinite critic loss
+    (docs/notes.md, 'distributions: TanhNormal cache'). SAC's reference code, stable-baselines3
+    and CleanRL all score a sample at its own ``u``. Why on the sample rather than in the
+    distribution (torch's transform cache): log q(a) of q's sample and log pi(a) of the same
+    action under another policy pi must use the same ``u``, or q = pi gives log q/pi of 1e4
+    nats instead of 0 (VMBPO's ratio).
 
     Written out rather than as a ``TransformedDistribution`` of two transforms: the same
     numbers (tests/test_continuous_guides.py checks them against the hand formula), at
@@ -95,16 +104,40 @@ class TanhNormal(dist.TorchDistribution):
     def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
         eps = _standard_normal(self._extended_shape(sample_shape), dtype=self.loc.dtype, device=self.loc.device)
         mid, half = self._mid_half()
-        return mid + half * torch.tanh(self.loc + eps * self.scale)
+        u = self.loc + eps * self.scale
+        y = mid + half * torch.tanh(u)
+        setattr(y, _PRE_SQUASH, (u, self.low, self.high, y._version))
+        return y
 
     def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
         with torch.no_grad():
             return self.rsample(sample_shape)
 
-    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+    def _same_bounds(self, low: torch.Tensor, high: torch.Tensor) -> bool:
+        """The same bound tensors (one policy's), or equal ones (a copy's: a host sync)."""
+        if low is self.low and high is self.high:
+            return True
+        try:
+            torch.broadcast_shapes(low.shape, self.low.shape, high.shape, self.high.shape)
+        except RuntimeError:
+            return False
+        return low.device == self.low.device and bool(torch.all(low == self.low) & torch.all(high == self.high))
+
+    def _pre_squash(self, value: torch.Tensor) -> torch.Tensor:
+        """``u`` with ``value = mid + half tanh(u)``: the sample's own (:func:`pre_squash`) where
+        it was drawn under these bounds, else recomputed by a clamped atanh."""
+        u = pre_squash(value)
+        if u is not None:
+            low, high = getattr(value, _PRE_SQUASH)[1:3]
+            if self._same_bounds(low, high):
+                return u
         mid, half = self._mid_half()
         eps = torch.finfo(value.dtype).eps
-        u = torch.atanh(((value - mid) / half).clamp(-1.0 + eps, 1.0 - eps))
+        return torch.atanh(((value - mid) / half).clamp(-1.0 + eps, 1.0 - eps))
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        mid, half = self._mid_half()
+        u = self._pre_squash(value)
         normal = -((u - self.loc) ** 2) / (2 * self.scale ** 2) - self.scale.log() - _LOG_SQRT_2PI
         log_dtanh = 2.0 * (math.log(2.0) - u - F.softplus(-2.0 * u))
         return (normal - log_dtanh - half.log()).sum(-1)
@@ -117,6 +150,15 @@ class TanhNormal(dist.TorchDistribution):
     def mean_action(self) -> torch.Tensor:
         """The deterministic action ``mid + half * tanh(loc)`` (same as :attr:`mode`)."""
         return self.mode
+
+
+def pre_squash(value: torch.Tensor) -> torch.Tensor | None:
+    """The exact pre-squash ``u`` of a :class:`TanhNormal` sample, or None for any other tensor
+    (or a sample changed in place since it was drawn; copies and ``detach()`` do not keep it)."""
+    kept = getattr(value, _PRE_SQUASH, None)
+    if kept is None or kept[3] != value._version or kept[0].shape != value.shape:
+        return None
+    return kept[0]
 
 
 def gaussian_mode(d) -> torch.Tensor:
@@ -136,4 +178,4 @@ def detached(d):
     raise TypeError(f"no detached copy for {type(d).__name__}")
 
 
-__all__ = ["ClampedTanhTransform", "TanhNormal", "detached", "gaussian_mode"]
+__all__ = ["ClampedTanhTransform", "TanhNormal", "detached", "gaussian_mode", "pre_squash"]

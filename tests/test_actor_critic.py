@@ -53,6 +53,29 @@ def test_sac_soft_value_is_q_minus_alpha_log_q_from_the_pair():
     assert torch.equal(v, by_hand)
 
 
+def test_a_saturated_policy_at_its_log_std_floor_keeps_every_loss_finite():
+    """A policy whose pre-squash mean is far past tanh's float32 range (loc 67) with its scale at
+    the floor e^-20 (a HalfCheetah-v5 MBPO run reached both): each sample is scored at its own u,
+    so -alpha log q stays ~alpha * 6 nats a dimension above 150 and the critic's target, its
+    loss and the actor's loss are finite; read back from the action alone, log q was -4e20 and
+    the target 5e18."""
+    agent = fill(SAC(default_config("sac", **TINY), 3, 2))
+    with torch.no_grad():
+        last = agent.policy.net.layers[-1]
+        last.weight.zero_()
+        last.bias.copy_(torch.tensor([67.0, -67.0, -25.0, -25.0]))  # mean, log-std (clamped to -20)
+    b = batch(obs_dim=3)
+    b = Batch(b.obs, b.act.expand(-1, 2).contiguous(), b.rew, b.next_obs, b.done)
+    y = agent.critic_target_value(b)
+    with torch.no_grad():
+        q_next = agent.critic_target.min(b.next_obs, torch.tensor([[1.0, -1.0]]).expand(16, 2))
+    # log q(a) = sum over 2 dims of log N(u; loc, e^-20) - log(1 - tanh(u)^2), u = loc + e^-20 eps:
+    # (20 - log sqrt(2 pi) - eps^2 / 2) + (2 * 67 - 2 log 2) = 151.7 - eps^2 / 2 a dimension
+    log_q = (q_next - (y - b.rew) / agent.config.gamma) / agent.alpha
+    assert ((log_q > 2 * 151.7 - 12) & (log_q <= 2 * 151.7 + 0.01)).all()
+    assert torch.isfinite(agent.critic_loss(b)) and torch.isfinite(agent.actor_loss(b.obs)[0])
+
+
 def test_soft_value_with_a_prior_subtracts_the_log_ratio_and_is_the_per_state_elbo():
     """With a TanhNormal prior pi, V = Q' - alpha (log q - log pi); and the sum over states
     of V / alpha is the ELBO Pyro computes for the same sample (the critic target and the

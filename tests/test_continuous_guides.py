@@ -21,7 +21,7 @@ from torch import nn
 from guides.continuous import LOG_STD_MAX, LOG_STD_MIN, ContinuousGuide, GaussianDynamics, GaussianPolicy
 from models.sites import site
 from models.trajectory import AgentEnvironment, trajectory_model
-from pplrl.distributions import TanhNormal
+from pplrl.distributions import TanhNormal, pre_squash
 from pplrl.elbo import OptimalityELBO, ReparamOptimalityELBO
 from pplrl.nets import MLP, soft_clamp
 
@@ -90,30 +90,51 @@ def test_tanh_normal_log_prob_finite_at_bounds():
     assert torch.isfinite(lp).all()
     lp.sum().backward()
     assert torch.isfinite(loc.grad).all()
-    # a sample and the same value given from outside have one density
-    assert torch.equal(lp.detach(), d.log_prob(y.detach().clone()))
+    # a sample is scored at its own pre-squash u (|u| ~ 10); the same value given from outside
+    # reads back as atanh(1 - eps) = 8.3, finite but 2.8e6 nats lower at this scale
+    u = pre_squash(y)
+    assert u is not None and u.abs().min() > 9.9
+    torch.testing.assert_close(lp.detach().double(), reference_log_prob(u.detach().double(), loc.detach().double(),
+                                                                         torch.full((2, 2), 1e-3, dtype=torch.float64),
+                                                                         low.double(), high.double()))
+    outside = d.log_prob(y.detach().clone())
+    assert torch.isfinite(outside).all() and (outside < lp - 1e6).all()
     assert torch.isfinite(d.log_prob(torch.stack([low, high]))).all()
 
 
-def test_tanh_normal_own_samples_and_outside_values_agree():
-    """log_prob of a sample equals log_prob of the same action under another TanhNormal
-    with the same parameters (no pre-squash cache), for |a| < 1 - 1e-6; with torch's
-    cached transforms the two differed by up to 1.7e4 nats (saturated samples)."""
+def test_tanh_normal_scores_a_sample_at_its_own_pre_squash_value():
+    """log_prob of a sample uses its exact pre-squash u, under the distribution that drew it and
+    under any other TanhNormal with the same bounds (so log q/pi = 0 for pi = q: with torch's
+    cached transforms it reached 1.7e4 nats for saturated samples); an action without one
+    (a copy, from replay, changed in place, other bounds) is read back by atanh, which agrees
+    where float32 can invert tanh."""
     torch.manual_seed(0)
     loc = torch.randn(4096, 3) * 4
     scale = torch.rand(4096, 3) * 0.5 + 0.05
     q = TanhNormal(loc, scale)
     a = q.rsample()
-    inside = (a.abs() < 1 - 1e-6).all(-1)
-    assert inside.sum() > 1000
-    other = TanhNormal(loc.clone(), scale.clone())
-    torch.testing.assert_close(q.log_prob(a)[inside], other.log_prob(a.detach().clone())[inside], rtol=1e-6, atol=1e-5)
-    # and against the float64 density at u = atanh(a)
-    u = torch.atanh(a.double())
-    expected = reference_log_prob(u, loc.double(), scale.double(), -torch.ones(3, dtype=torch.float64),
+    lp = q.log_prob(a)
+    u = pre_squash(a)
+    assert u is not None and pre_squash(a.detach().clone()) is None and pre_squash(torch.zeros(3)) is None
+    # against the float64 density at the exact u, saturated samples included
+    assert (u.abs() > 8.4).any(-1).sum() > 100
+    expected = reference_log_prob(u.double(), loc.double(), scale.double(), -torch.ones(3, dtype=torch.float64),
                                   torch.ones(3, dtype=torch.float64))
-    ok = inside & (a.abs() < 0.999).all(-1)
-    torch.testing.assert_close(q.log_prob(a)[ok].double(), expected[ok], rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(lp.double(), expected, rtol=1e-5, atol=1e-3)
+    # another TanhNormal with the same parameters and bounds: the same numbers
+    assert torch.equal(TanhNormal(loc.clone(), scale.clone()).log_prob(a), lp)
+    # read back from the value alone: close where atanh is precise, far off where tanh saturates
+    outside = TanhNormal(loc.clone(), scale.clone()).log_prob(a.detach().clone())
+    precise = (a.abs() < 0.999).all(-1)
+    torch.testing.assert_close(outside[precise], lp[precise], rtol=1e-4, atol=1e-2)
+    assert (outside - lp).abs().max() > 10.0
+    # changed in place since drawn, or scored under other bounds: read back by atanh
+    b = q.rsample()
+    b.mul_(0.5)
+    assert pre_squash(b) is None
+    torch.testing.assert_close(q.log_prob(b), q.log_prob(b.clone()))
+    wide = TanhNormal(loc, scale, -2.0 * torch.ones(3), 2.0 * torch.ones(3))
+    torch.testing.assert_close(wide.log_prob(a), wide.log_prob(a.clone()))
 
 
 def test_tanh_normal_shapes_expand_and_mode():

@@ -425,9 +425,9 @@ class VariationalAgent(SAC):
     def policy_log_ratio(self, obs: torch.Tensor, q=None,
                          prior=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A sample a ~ q_c(.|x), log q_c(a|x) / pi(a|x) and log q_c(a|x); ``q`` and ``prior`` are
-        q_c's and pi's distributions on ``obs`` where the caller has them. (Both densities are
-        functions of the action alone: :class:`pplrl.distributions.TanhNormal` keeps no
-        pre-squash cache, which once made this ratio far from 0 with pi = q_c; docs/notes.md,
+        q_c's and pi's distributions on ``obs`` where the caller has them. (Both densities read
+        the sample's own pre-squash value, :class:`pplrl.distributions.TanhNormal`, so pi = q_c
+        gives 0; a cache in q_c alone once made this ratio 1.7e4 nats; docs/notes.md,
         'distributions: TanhNormal cache'.)"""
         d = self.policy(obs) if q is None else q
         a = d.sample()
