@@ -212,15 +212,14 @@ def measure(args: argparse.Namespace) -> dict:
               "sb3_update_ms": step_ms.get("sb3"),
               "sac_over_sb3": sac / step_ms["sb3"] if sac and "sb3" in step_ms else None,
               "sb3_update_gflop": flops["sb3"]["step"] / 1e9 if "sb3" in flops else None}
-
     return result
 
 
 def report(result: dict) -> None:
     """Print :func:`measure`'s table."""
-    r = result
-    print(f"ms per update, {r['threads']} thread(s), device {r['device']}, {r['transitions']} Pendulum-v1 "
-          f"transitions, median of {r['repeats']} interleaved rounds ({r['fit_repeats']} per fit):")
+    res = result
+    print(f"ms per update, {res['threads']} thread(s), device {res['device']}, {res['transitions']} Pendulum-v1 "
+          f"transitions, median of {res['repeats']} interleaved rounds ({res['fit_repeats']} per fit):")
     print("| algorithm | updates / step | ms / env step | fit ms (every N steps) | ms / update | vs SAC | target "
           "| GFLOP / update | FLOPs vs SAC |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -249,6 +248,7 @@ def main(argv=None) -> dict:
         result = measure(args)
     report(result)
     return write_result(args.out, result)
+
 
 if __name__ == "__main__":
     main()
