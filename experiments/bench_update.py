@@ -142,8 +142,9 @@ def variant_rows(specs: list[str]) -> dict[str, tuple[str, list[str]]]:
 
 
 def measure(args: argparse.Namespace) -> dict:
-    """Every timing, FLOP count and ratio of one benchmark (``args`` from :func:`parse_args`);
-    the caller sets threads and the subnormal-float mode."""
+    """Every timing, FLOP count and ratio of one benchmark (``args`` from :func:`parse_args`;
+    a malformed ``--variant`` stops it before any agent is built); the caller sets threads and
+    the subnormal-float mode."""
     variants = variant_rows(args.variant)
     torch.manual_seed(0)
 
@@ -241,7 +242,6 @@ def report(result: dict) -> None:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    variant_rows(args.variant)  # bad input stops before any agent is built
     torch.set_num_threads(args.threads)
     # as pplrl.runner.train runs (subnormal floats flushed), unless --keep-denormals
     with contextlib.nullcontext() if args.keep_denormals else flushing_denormals():

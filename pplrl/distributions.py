@@ -126,11 +126,9 @@ class TanhNormal(dist.TorchDistribution):
     def _pre_squash(self, value: torch.Tensor) -> torch.Tensor:
         """``u`` with ``value = mid + half tanh(u)``: the sample's own (:func:`pre_squash`) where
         it was drawn under these bounds, else recomputed by a clamped atanh."""
-        u = pre_squash(value)
-        if u is not None:
-            low, high = getattr(value, _PRE_SQUASH)[1:3]
-            if self._same_bounds(low, high):
-                return u
+        kept = _kept(value)
+        if kept is not None and self._same_bounds(kept[1], kept[2]):
+            return kept[0]
         mid, half = self._mid_half()
         eps = torch.finfo(value.dtype).eps
         return torch.atanh(((value - mid) / half).clamp(-1.0 + eps, 1.0 - eps))
@@ -152,13 +150,19 @@ class TanhNormal(dist.TorchDistribution):
         return self.mode
 
 
-def pre_squash(value: torch.Tensor) -> torch.Tensor | None:
-    """The exact pre-squash ``u`` of a :class:`TanhNormal` sample, or None for any other tensor
-    (or a sample changed in place since it was drawn; copies and ``detach()`` do not keep it)."""
+def _kept(value: torch.Tensor) -> tuple | None:
+    """A sample's (u, low, high, version) while it is unchanged since drawn, else None."""
     kept = getattr(value, _PRE_SQUASH, None)
     if kept is None or kept[3] != value._version or kept[0].shape != value.shape:
         return None
-    return kept[0]
+    return kept
+
+
+def pre_squash(value: torch.Tensor) -> torch.Tensor | None:
+    """The exact pre-squash ``u`` of a :class:`TanhNormal` sample, or None for any other tensor
+    (or a sample changed in place since it was drawn; copies and ``detach()`` do not keep it)."""
+    kept = _kept(value)
+    return None if kept is None else kept[0]
 
 
 def gaussian_mode(d) -> torch.Tensor:
